@@ -1,0 +1,75 @@
+"""``mffzoo zoo``, ``mffzoo convert``, ``mffzoo data demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    """Plain aligned text table (what every mffzoo listing and report prints)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    click.echo(line)
+    click.echo("  ".join("-" * w for w in widths))
+    for r in rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@click.command("zoo")
+@click.option("--all", "show_all", is_flag=True, help="Show full URLs / paths.")
+def zoo(show_all: bool) -> None:
+    """List every architecture/tag: source, whether it is present locally, reported metric."""
+    from ..zoo.catalog import zoo_rows
+    from ..zoo.home import zoo_home
+
+    rows = []
+    for r in zoo_rows():
+        loc = r.location if show_all or len(r.location) < 60 else "..." + r.location[-57:]
+        rows.append([f"{r.arch}.{r.tag}", r.source, "yes" if r.present else "no", r.metric, loc])
+    print_table(rows, ["model", "source", "local", "metric", "location"])
+    click.echo(f"\nzoo home: {zoo_home()} (set MFFZOO_HOME to change)")
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--arch", default=None, help="Target architecture (default: inferred from the weights).")
+@click.option("--keep-extras", is_flag=True, help="Also save fusion + decoder weights (pretrain_extras.safetensors).")
+def convert(src: Path, dst: Path, arch: str | None, keep_extras: bool) -> None:
+    """Convert an mmpretrain / MAE / mffzoo checkpoint into a timm model folder.
+
+    DST gets model.safetensors + config.json (+ mffzoo.json); load it with
+    timm.create_model("local-dir:DST") or copy it into the zoo home as <arch>.<tag>/.
+    """
+    from ..zoo.convert import convert_checkpoint
+
+    out = convert_checkpoint(src, dst, arch=arch, keep_extras=keep_extras)
+    click.echo(f"wrote {out} (load with timm.create_model('local-dir:{out}'))")
+
+
+@click.group("data")
+def data() -> None:
+    """Datasets that need no download."""
+
+
+@data.command("demo")
+@click.argument("root", type=click.Path(path_type=Path), required=False)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--image-size", default=64, show_default=True)
+@click.option("--train-per-class", default=200, show_default=True)
+@click.option("--val-per-class", default=40, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def demo(root: Path | None, seed: int, image_size: int, train_per_class: int, val_per_class: int,
+         overwrite: bool) -> None:
+    """Write the procedural demo dataset as an ImageNet-style folder (ROOT/train, ROOT/val)."""
+    from ..data.demo import default_demo_root, write_demo_dataset
+    from ..errors import DataError
+
+    try:
+        out = write_demo_dataset(root or default_demo_root(), seed=seed, image_size=image_size,
+                                 train_per_class=train_per_class, val_per_class=val_per_class, overwrite=overwrite)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    click.echo(str(out))

@@ -1,0 +1,233 @@
+"""MFF-pretrained Vision Transformers as timm models.
+
+The backbones are unmodified ``timm.models.vision_transformer.VisionTransformer`` instances; what MFF changes is
+how they were pretrained (see :mod:`mffzoo.models.pretrain`). This module holds the architectures, the pretrained
+tags and their metadata as data, the checkpoint filter that lets timm load every supported checkpoint format,
+and the registrations at the bottom. Registration happens on ``import mffzoo`` (timm has no plugin discovery).
+
+Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu et al., ICCV 2023
+(arXiv 2308.00261). Official code and weights: open-mmlab/mmpretrain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from ..zoo.home import WEIGHTS_NAME, entry_dir
+
+__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "canonical_arch", "checkpoint_filter_fn"]
+
+# --- architectures (timm kwargs); LayerNorm eps 1e-6, qkv bias and MLP ratio 4 are timm's ViT defaults ---
+ARCHS: dict[str, dict[str, Any]] = {
+    "mff_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "mff_vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "mff_vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+}
+ALIASES = {
+    "mff_vit_small": "mff_vit_small_patch16_224",
+    "mff_vit_base": "mff_vit_base_patch16_224",
+    "mff_vit_large": "mff_vit_large_patch16_224",
+}
+
+# --- pretraining heads per size (reference: mff-method.md) ---
+# ViT-B fusion levels are the official config's. ViT-S reuses them (same depth). ViT-L was not published:
+# [0, 4, 8, 12, 16, 23] keeps the same relative depths; it is mffzoo's choice, not the paper's.
+PRETRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mff_vit_small_patch16_224": dict(fusion_layers=[0, 2, 4, 6, 8, 11], decoder_dim=512, decoder_depth=8,
+                                      decoder_heads=16),
+    "mff_vit_base_patch16_224": dict(fusion_layers=[0, 2, 4, 6, 8, 11], decoder_dim=512, decoder_depth=8,
+                                     decoder_heads=16),
+    "mff_vit_large_patch16_224": dict(fusion_layers=[0, 4, 8, 12, 16, 23], decoder_dim=512, decoder_depth=8,
+                                      decoder_heads=16),
+}
+
+_MMPRETRAIN = "https://download.openmmlab.com/mmpretrain/v1.0/mff"
+_PAPER = dict(
+    paper_name="Improving Pixel-based MIM by Reducing Wasted Modeling Capability",
+    paper_ids="arXiv:2308.00261",
+)
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 0,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **_PAPER,
+        **kwargs,
+    }
+
+
+def _official(url: str, *, description: str, notes: tuple[str, ...], **kwargs: Any) -> dict[str, Any]:
+    return _cfg(
+        url=url,
+        license="apache-2.0",
+        origin_url="https://github.com/open-mmlab/mmpretrain/tree/main/configs/mff",
+        description=description,
+        notes=("source: official mmpretrain checkpoint, converted on load", *notes),
+        **kwargs,
+    )
+
+
+def _local(recipe: str, description: str) -> dict[str, Any]:
+    # No download exists: the weights come from the user's own `mffzoo train` run, resolved from the zoo home
+    # (MFFZOO_HOME) at creation time by mffzoo.zoo.weights. `notes` marks the tag as local for that resolver.
+    return _cfg(
+        license="apache-2.0",
+        description=description,
+        notes=("source: local", f"recipe: {recipe}", f"produce with: mffzoo train {recipe}"),
+    )
+
+
+def is_local_cfg(cfg: Any) -> bool:
+    """True for tags whose weights come from the user's own runs in the zoo home."""
+    notes = cfg.get("notes") if isinstance(cfg, dict) else getattr(cfg, "notes", None)
+    return bool(notes) and "source: local" in notes
+
+
+# ZOO_TAGS: arch -> tag -> pretrained cfg. The first tag of each arch is its default (timm convention).
+ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
+    "mff_vit_small_patch16_224": {
+        "mff_in1k_300e": _local("recipes/vits.yaml", "MFF ViT-S/16, 300 ep ImageNet-1k pretraining (trained locally)"),
+        "mff_in1k_800e": _local("recipes/vits_800e.yaml", "MFF ViT-S/16, 800 ep pretraining (trained locally)"),
+        "mae_in1k_300e": _local("recipes/vits_mae.yaml", "MAE baseline ViT-S/16, 300 ep (trained locally)"),
+        "demo": _local("recipes/demo.yaml", "tiny-budget demo run on the built-in demo data"),
+    },
+    "mff_vit_base_patch16_224": {
+        "mff_in1k_800e": _official(
+            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/"
+            "mff_vit-base-p16_8xb512-amp-coslr-800e_in1k_20230801-3af7cd9d.pth",
+            description="MFF ViT-B/16 encoder, 800 ep ImageNet-1k pretraining (official)",
+            notes=("reported: 83.7 top-1 fine-tuned (100 ep), 68.3 linear probe (90 ep)",),
+        ),
+        "mff_in1k_300e": _official(
+            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/"
+            "mff_vit-base-p16_8xb512-amp-coslr-300e_in1k_20230801-3c1bcce4.pth",
+            description="MFF ViT-B/16 encoder, 300 ep ImageNet-1k pretraining (official)",
+            notes=("reported: 83.0 top-1 fine-tuned (100 ep), 64.2 linear probe (90 ep)",),
+        ),
+        "mff_ft_in1k_800e": _official(
+            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/vit-base-p16_8xb128-coslr-100e/"
+            "vit-base-p16_8xb128-coslr-100e_20230802-6780e47d.pth",
+            description="MFF ViT-B/16 800 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.7 top-1",
+            notes=("reported: 83.7 top-1 ImageNet-1k val",),
+            num_classes=1000,
+        ),
+        "mff_ft_in1k_300e": _official(
+            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/vit-base-p16_8xb128-coslr-100e_in1k/"
+            "vit-base-p16_8xb128-coslr-100e_in1k_20230802-d746fdb7.pth",
+            description="MFF ViT-B/16 300 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.0 top-1",
+            notes=("reported: 83.0 top-1 ImageNet-1k val",),
+            num_classes=1000,
+        ),
+        "mff_local": _local("recipes/vitb.yaml", "MFF ViT-B/16 pretrained locally with recipes/vitb.yaml"),
+        "mae_local": _local("recipes/vitb_mae.yaml", "MAE baseline ViT-B/16 pretrained locally"),
+    },
+    "mff_vit_large_patch16_224": {
+        "mff_in1k_300e": _local("recipes/vitl.yaml", "MFF ViT-L/16, 300 ep pretraining (trained locally)"),
+        "mff_in1k_800e": _local("recipes/vitl_800e.yaml", "MFF ViT-L/16, 800 ep pretraining (trained locally)"),
+        "mae_in1k_300e": _local("recipes/vitl_mae.yaml", "MAE baseline ViT-L/16, 300 ep (trained locally)"),
+    },
+}
+
+# Local tags point at their folder in the zoo home so timm lists them as pretrained; the path is resolved
+# again at creation time (MFFZOO_HOME may change after import).
+for _arch, _tags in ZOO_TAGS.items():
+    for _tag, _c in _tags.items():
+        if is_local_cfg(_c):
+            _c["file"] = str(entry_dir(_arch, _tag) / WEIGHTS_NAME)
+
+# Fine-tuned classifiers were trained with global average pooling + fc_norm (mmpretrain's ln2); timm builds
+# the same structure from these kwargs.
+CLASSIFIER_TAG_KWARGS = dict(global_pool="avg", fc_norm=True)
+
+default_cfgs = generate_default_cfgs(
+    {f"{arch}.{tag}": cfg for arch, tags in ZOO_TAGS.items() for tag, cfg in tags.items()}
+)
+
+
+def canonical_arch(name: str) -> str:
+    """Long registered name for an alias or long name (tag stripped)."""
+    base = name.split(".", 1)[0]
+    return ALIASES.get(base, base)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -> dict[str, Any]:
+    """timm ``pretrained_filter_fn``: any supported checkpoint format -> this backbone's keys."""
+    from ..zoo.convert import convert_state_dict
+
+    return convert_state_dict(state_dict, target=model).backbone
+
+
+def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    from ..zoo.weights import resolve_pretrained
+
+    out_indices = kwargs.pop("out_indices", 3)
+    tag = kwargs.get("pretrained_cfg")
+    if pretrained and isinstance(tag, str) and tag.startswith("mff_ft_"):
+        for k, v in CLASSIFIER_TAG_KWARGS.items():
+            kwargs.setdefault(k, v)
+    if pretrained:
+        kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"] = resolve_pretrained(
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        )
+    return build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
+    return _create_mff_vit(variant, pretrained=pretrained, **dict(ARCHS[variant], **kwargs))
+
+
+@register_model
+def mff_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-S/16 (22M) pretrained with MFF; weights come from the user's own runs (no official release)."""
+    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def mff_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 (86M) pretrained with MFF; official mmpretrain weights (300/800 ep, and fine-tuned)."""
+    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def mff_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-L/16 (304M) pretrained with MFF; weights come from the user's own runs (no official release)."""
+    return _build("mff_vit_large_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def mff_vit_small(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Alias of ``mff_vit_small_patch16_224``."""
+    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def mff_vit_base(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Alias of ``mff_vit_base_patch16_224``."""
+    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def mff_vit_large(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Alias of ``mff_vit_large_patch16_224``."""
+    return _build("mff_vit_large_patch16_224", pretrained, kwargs)

@@ -1,0 +1,12 @@
+"""The zoo: where weights live (home), where they come from (weights), and how foreign formats map (convert)."""
+
+from .checkpoint_io import atomic_torch_save, load_checkpoint_file
+from .convert import Converted, convert_checkpoint, convert_state_dict
+from .home import ZooEntry, entry_dir, list_local, write_model_folder, zoo_home
+from .weights import load_model, parse_model_spec, resolve_pretrained
+
+__all__ = [
+    "atomic_torch_save", "load_checkpoint_file", "Converted", "convert_checkpoint", "convert_state_dict",
+    "ZooEntry", "entry_dir", "list_local", "write_model_folder", "zoo_home",
+    "load_model", "parse_model_spec", "resolve_pretrained",
+]

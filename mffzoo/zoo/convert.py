@@ -1,0 +1,281 @@
+"""Checkpoint conversion: every supported format -> a timm ``VisionTransformer`` state dict.
+
+Formats:
+- ``mmpretrain``: official MFF checkpoints (``state_dict`` with ``backbone.*``/``neck.*``; fine-tuned ones with
+  ``backbone.ln2`` and ``head.fc``);
+- ``mae``: the original MAE release (``model`` with timm names, optionally with decoder keys);
+- ``mffzoo``: our training checkpoints (``model`` with ``encoder.*``, ``fusion.*`` and decoder keys);
+- ``timm``: a plain backbone state dict (what the zoo stores).
+
+Keys are mapped by anchored patterns, never by string replacement (``ln1`` means the per-block norm1 inside a
+layer but the final norm at the top, and ``proj_layers`` must not become ``proj``). Every source key is mapped
+or deliberately dropped; any leftover is an error that lists it, so a new format cannot half-load silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["Converted", "convert_state_dict", "convert_checkpoint", "unwrap_checkpoint", "detect_format"]
+
+_WB = r"(weight|bias)"
+# Block internals shared by mmpretrain encoder layers and decoder blocks (mmcv TransformerEncoderLayer -> timm Block).
+_MM_BLOCK = [
+    (rf"ln1\.{_WB}", r"norm1.\1"),
+    (rf"ln2\.{_WB}", r"norm2.\1"),
+    (rf"attn\.(qkv|proj)\.{_WB}", r"attn.\1.\2"),
+    (rf"ffn\.layers\.0\.0\.{_WB}", r"mlp.fc1.\1"),
+    (rf"ffn\.layers\.1\.{_WB}", r"mlp.fc2.\1"),
+]
+
+Rule = tuple[str, str, str]  # (pattern, replacement, destination: "backbone" | "extras")
+
+
+def _mm_rules() -> list[Rule]:
+    rules: list[Rule] = [
+        (r"backbone\.cls_token", "cls_token", "backbone"),
+        (r"backbone\.pos_embed", "pos_embed", "backbone"),
+        (rf"backbone\.patch_embed\.projection\.{_WB}", r"patch_embed.proj.\1", "backbone"),
+        (rf"backbone\.ln1\.{_WB}", r"norm.\1", "backbone"),  # final norm (pretraining checkpoints)
+        (rf"backbone\.ln2\.{_WB}", r"fc_norm.\1", "backbone"),  # avg-pool norm (fine-tuned checkpoints)
+        (rf"head\.fc\.{_WB}", r"head.\1", "backbone"),
+        (rf"head\.layers\.head\.{_WB}", r"head.\1", "backbone"),
+        (rf"backbone\.proj_layers\.(\d+)\.{_WB}", r"fusion.proj.\1.\2", "extras"),
+        (r"backbone\.proj_weights", "fusion.weights", "extras"),
+        (r"neck\.mask_token", "mask_token", "extras"),
+        (r"neck\.decoder_pos_embed", "decoder_pos_embed", "extras"),
+        (rf"neck\.decoder_embed\.{_WB}", r"decoder_embed.\1", "extras"),
+        (rf"neck\.ln1\.{_WB}", r"decoder_norm.\1", "extras"),
+        (rf"neck\.decoder_pred\.{_WB}", r"decoder_pred.\1", "extras"),
+    ]
+    for src, dst in _MM_BLOCK:
+        rules.append((rf"backbone\.layers\.(\d+)\.{src}", "blocks.\\1." + _shift(dst), "backbone"))
+        rules.append((rf"neck\.decoder_blocks\.(\d+)\.{src}", "decoder_blocks.\\1." + _shift(dst), "extras"))
+    return rules
+
+
+def _shift(repl: str) -> str:
+    """Renumber groups by one: the block index takes group 1."""
+    return re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + 1), repl)
+
+
+_DECODER = r"(mask_token|decoder_pos_embed|decoder_embed\..+|decoder_blocks\..+|decoder_norm\..+|decoder_pred\..+)"
+_BACKBONE = r"(cls_token|pos_embed|reg_token|patch_embed\..+|blocks\..+|norm\..+|fc_norm\..+|head\..+)"
+
+RULES: dict[str, list[Rule]] = {
+    "mmpretrain": _mm_rules(),
+    "mae": [(_BACKBONE, r"\1", "backbone"), (_DECODER, r"\1", "extras")],
+    "mffzoo": [(rf"encoder\.{_BACKBONE}", r"\1", "backbone"), (r"(fusion\..+)", r"\1", "extras"),
+               (_DECODER, r"\1", "extras")],
+    "timm": [(_BACKBONE, r"\1", "backbone")],
+}
+# Keys each format carries that are deliberately not part of any model.
+DROPPED: dict[str, list[str]] = {
+    "mmpretrain": [r"data_preprocessor\..+", r"target_generator\..+"],
+    "mae": [],
+    "mffzoo": [],
+    "timm": [],
+}
+
+_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "fusion.weights": lambda t: t.reshape(-1),  # mmpretrain stores (K, 1, 1, 1)
+}
+
+
+@dataclass
+class Converted:
+    """A checkpoint split into the timm backbone and the pretraining-only parts (fusion, decoder)."""
+
+    backbone: dict[str, torch.Tensor]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_format: str = "timm"
+    dropped: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_classifier(self) -> bool:
+        return "head.weight" in self.backbone
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        """timm kwargs this backbone needs, read from tensor shapes (num_heads assumes 64-dim heads)."""
+        from ..models.mff_vision_transformer import ARCHS
+
+        sd = self.backbone
+        try:
+            proj = sd["patch_embed.proj.weight"]
+        except KeyError:
+            raise CheckpointError("checkpoint has no patch_embed.proj.weight: not a ViT backbone") from None
+        embed_dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        n_prefix = 1 if "cls_token" in sd else 0
+        grid = int(round((sd["pos_embed"].shape[1] - n_prefix) ** 0.5))
+        known = {(a["embed_dim"], a["depth"]): a["num_heads"] for a in ARCHS.values()}
+        kwargs: dict[str, Any] = dict(
+            patch_size=int(patch), embed_dim=int(embed_dim), depth=int(depth),
+            num_heads=int(self.meta.get("num_heads") or known.get((embed_dim, depth), max(1, embed_dim // 64))),
+            img_size=int(grid * patch), in_chans=int(in_chans),
+        )
+        if self.is_classifier:
+            kwargs["num_classes"] = int(sd["head.weight"].shape[0])
+            if "fc_norm.weight" in sd:
+                kwargs.update(global_pool="avg", fc_norm=True)
+        else:
+            kwargs["num_classes"] = 0
+        return kwargs
+
+    def arch_name(self) -> str:
+        """Registered architecture with the same width and depth (the closest for custom sizes)."""
+        from ..models.mff_vision_transformer import ARCHS
+
+        kw = self.arch_kwargs()
+        for name, a in ARCHS.items():
+            if (a["embed_dim"], a["depth"], a["patch_size"]) == (kw["embed_dim"], kw["depth"], kw["patch_size"]):
+                return name
+        return min(ARCHS, key=lambda n: abs(ARCHS[n]["embed_dim"] - kw["embed_dim"]))
+
+
+def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state_dict, meta) from a checkpoint dict of any of the supported wrappers."""
+    meta: dict[str, Any] = {}
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        meta = dict(obj.get("meta") or {})
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        for k in ("model_args", "recipe", "arch"):
+            if k in obj:
+                meta[k] = obj[k]
+        if isinstance(obj.get("model_args"), Mapping) and "num_heads" in obj["model_args"]:
+            meta["num_heads"] = obj["model_args"]["num_heads"]
+        obj = obj["model"]
+    sd: dict[str, Any] = {}
+    for k, v in obj.items():
+        k = re.sub(r"(^|\.)_orig_mod\.", r"\1", k)  # torch.compile wrapper
+        k = k[len("module."):] if k.startswith("module.") else k  # DDP wrapper
+        sd[k] = v
+    return sd, meta
+
+
+def detect_format(sd: Mapping[str, Any]) -> str:
+    keys = list(sd)
+    if any(k.startswith(("backbone.", "neck.")) for k in keys):
+        return "mmpretrain"
+    if any(k.startswith("encoder.") for k in keys):
+        return "mffzoo"
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys):
+        return "mae"
+    if any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
+        return "timm"
+    raise CheckpointError(
+        f"unrecognised checkpoint format (first keys: {', '.join(keys[:4]) or 'none'}); supported: mmpretrain, "
+        "MAE release, mffzoo training checkpoints and timm ViT state dicts"
+    )
+
+
+def convert_state_dict(
+    checkpoint: Mapping[str, Any], target: torch.nn.Module | None = None, fmt: str | None = None
+) -> Converted:
+    """Map a loaded checkpoint (wrapped or not) to timm keys; check against ``target`` if given."""
+    sd, meta = unwrap_checkpoint(checkpoint)
+    fmt = fmt or detect_format(sd)
+    rules = [(re.compile(p + r"\Z"), r, d) for p, r, d in RULES[fmt]]
+    dropped_rx = [re.compile(p + r"\Z") for p in DROPPED[fmt]]
+    out = Converted({}, {}, fmt, [], meta)
+    leftovers: list[str] = []
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            leftovers.append(f"{key} (not a tensor)")
+            continue
+        for rx, repl, dest in rules:
+            m = rx.match(key)
+            if m:
+                new = m.expand(repl)
+                value = _TRANSFORMS.get(new, lambda t: t)(value)
+                getattr(out, dest)[new] = value
+                break
+        else:
+            if any(rx.match(key) for rx in dropped_rx):
+                out.dropped.append(key)
+            else:
+                leftovers.append(key)
+    if leftovers:
+        shown = ", ".join(leftovers[:8]) + (f" (+{len(leftovers) - 8} more)" if len(leftovers) > 8 else "")
+        raise CheckpointError(f"{fmt} checkpoint has keys with no mapping: {shown}; this is not a supported MFF/MAE ViT")
+    if not out.backbone:
+        raise CheckpointError(f"{fmt} checkpoint holds no encoder weights; nothing to convert")
+    if target is not None:
+        _resample_pos_embed(out.backbone, target)
+        _check_against(out.backbone, target)
+    return out
+
+
+def _resample_pos_embed(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Fit the position embedding to the model's grid (e.g. 224 weights into a 384 model), as timm does."""
+    want = getattr(model, "pos_embed", None)
+    have = sd.get("pos_embed")
+    if want is None or have is None or have.shape == want.shape:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    sd["pos_embed"] = resample_abs_pos_embed(
+        have, new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix, verbose=False
+    )
+
+
+def _check_against(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Shape check with a one-line error instead of torch's multi-page load_state_dict report."""
+    expected = model.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in sd.items()
+        if k in expected and tuple(expected[k].shape) != tuple(v.shape) and k != "pos_embed"
+    ]
+    head_only = [b for b in bad if b.startswith("head.")]
+    if bad and len(head_only) != len(bad):
+        raise CheckpointError(
+            f"checkpoint does not match the model: {'; '.join(bad[:3])}; pick the architecture that produced it "
+            "(`mffzoo convert` infers it from the weights)"
+        )
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    keep_extras: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Convert a checkpoint file into a zoo/timm model folder (``model.safetensors`` + ``config.json``)."""
+    import timm
+
+    from .checkpoint_io import load_checkpoint_file
+    from .home import write_model_folder
+
+    conv = convert_state_dict(load_checkpoint_file(src))
+    kwargs = conv.arch_kwargs()
+    arch = arch or conv.arch_name()
+    from ..models.mff_vision_transformer import canonical_arch
+
+    arch = canonical_arch(arch)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    _check_against(conv.backbone, model)
+    try:
+        model.load_state_dict(conv.backbone, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"converted weights do not load into {arch}: {str(exc).splitlines()[0]}") from None
+    model_args = {k: v for k, v in kwargs.items() if k != "num_classes"}
+    info = {"source": str(src), "source_format": conv.source_format, "dropped_keys": len(conv.dropped),
+            "fusion_levels": int(conv.extras["fusion.weights"].numel()) if "fusion.weights" in conv.extras else None,
+            **dict(meta or {})}
+    return write_model_folder(dst, arch, model, model_args=model_args, meta=info,
+                              extras=conv.extras if keep_extras and conv.extras else None)

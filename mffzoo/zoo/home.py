@@ -1,0 +1,151 @@
+"""The zoo home: where weights produced by ``mffzoo train`` (or ``mffzoo convert``) live.
+
+Layout, one folder per ``<arch>.<tag>``, each a timm-compatible model folder (the same layout a Hugging Face
+Hub repo uses, so ``local-dir:``/``hf-hub:`` loading and publishing need no conversion)::
+
+    $MFFZOO_HOME/mff_vit_small_patch16_224.mff_in1k_300e/
+        config.json          # timm: architecture, num_classes, model_args, pretrained_cfg
+        model.safetensors    # backbone weights (timm VisionTransformer keys)
+        mffzoo.json          # provenance: recipe, epochs, data, final loss, mffzoo version, git commit
+        pretrain_extras.safetensors   # optional: fusion + decoder weights, to resume or visualise
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+META_NAME = "mffzoo.json"
+EXTRAS_NAME = "pretrain_extras.safetensors"
+
+__all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "write_model_folder", "git_commit"]
+
+
+def zoo_home() -> Path:
+    """``$MFFZOO_HOME``, else ``$XDG_CACHE_HOME/mffzoo/zoo`` (``~/.cache/mffzoo/zoo``)."""
+    env = os.environ.get("MFFZOO_HOME")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mffzoo" / "zoo"
+
+
+def entry_dir(arch: str, tag: str, home: Path | None = None) -> Path:
+    return (home or zoo_home()) / f"{arch}.{tag}"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    arch: str
+    tag: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+
+def list_local(arch: str | None = None, home: Path | None = None) -> list[ZooEntry]:
+    """Complete local entries (weights present), newest first."""
+    root = home or zoo_home()
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        if not d.is_dir() or "." not in d.name or not (d / WEIGHTS_NAME).is_file():
+            continue
+        a, t = d.name.split(".", 1)
+        if arch and a != arch:
+            continue
+        meta: dict[str, Any] = {}
+        if (d / META_NAME).is_file():
+            try:
+                meta = json.loads((d / META_NAME).read_text())
+            except (OSError, ValueError):
+                meta = {}
+        out.append(ZooEntry(a, t, d, meta))
+    out.sort(key=lambda e: e.weights.stat().st_mtime, reverse=True)
+    return out
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """Commit of the code that produced weights, for provenance; None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """timm's ``config.json`` for a backbone (what ``hf-hub:``/``local-dir:`` loading reads)."""
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag"):
+        cfg.pop(k, None)
+    cfg["num_classes"] = getattr(model, "num_classes", 0)
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        cfg["input_size"] = [3, int(img[0]), int(img[1])]
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if v is not None}
+    return {
+        "architecture": arch,
+        "num_classes": getattr(model, "num_classes", 0),
+        "num_features": getattr(model, "num_features", None),
+        "global_pool": getattr(model, "global_pool", "token"),
+        "model_args": dict(model_args or {}),
+        "pretrained_cfg": cfg,
+    }
+
+
+def write_model_folder(
+    folder: str | os.PathLike[str],
+    arch: str,
+    model: torch.nn.Module,
+    *,
+    model_args: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a timm-compatible model folder atomically (a reader never sees a half-written entry)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": arch})
+        (tmp / CONFIG_NAME).write_text(json.dumps(timm_config(arch, model, model_args), indent=2) + "\n")
+        from .. import __version__
+
+        (tmp / META_NAME).write_text(
+            json.dumps({"arch": arch, "mffzoo_version": __version__, **dict(meta or {})}, indent=2, default=str)
+            + "\n"
+        )
+        if extras:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / EXTRAS_NAME))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

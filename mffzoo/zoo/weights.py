@@ -1,0 +1,131 @@
+"""The one place that decides where a model's weights come from.
+
+``timm.create_model(name, pretrained=True)`` reaches :func:`resolve_pretrained` through our entrypoints;
+:func:`load_model` is the front door for the CLI and every other tool (export, eval, bench): it accepts a
+registered name with or without tag, ``hf-hub:org/name``, ``local-dir:PATH``, a model folder, or a checkpoint
+file of any supported format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import WeightsNotFoundError
+from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
+
+_logger = logging.getLogger("mffzoo")
+
+__all__ = ["resolve_pretrained", "load_model", "parse_model_spec"]
+
+_SOURCE_KEYS = ("file", "url", "hf_hub_id", "state_dict")
+
+
+def _zoo_tags(arch: str) -> dict[str, dict[str, Any]]:
+    from ..models.mff_vision_transformer import ZOO_TAGS
+
+    return ZOO_TAGS.get(arch, {})
+
+
+def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
+    tags = _zoo_tags(arch)
+    notes = tags.get(tag or "", {}).get("notes") or ()
+    produce = next((n.split(": ", 1)[1] for n in notes if n.startswith("produce with: ")), None)
+    if produce is None:
+        short = arch.replace("mff_vit_", "vit").split("_")[0].replace("small", "s").replace("base", "b")
+        produce = f"mffzoo train recipes/{short.replace('large', 'l')}.yaml"
+    what = f"{arch}.{tag}" if tag else arch
+    return WeightsNotFoundError(
+        f"no local weights for {what} in {zoo_home()} (set MFFZOO_HOME to use another zoo); produce them with "
+        f"`{produce}` (or `mffzoo train recipes/demo.yaml` for a 5-minute demo), or pass pretrained=False"
+    )
+
+
+def resolve_pretrained(
+    arch: str, pretrained_cfg: Any = None, overlay: Mapping[str, Any] | None = None
+) -> tuple[Any, dict[str, Any] | None]:
+    """Point a local tag at its folder in the *current* zoo home; leave downloads and explicit sources to timm."""
+    overlay = dict(overlay or {})
+    if any(overlay.get(k) for k in _SOURCE_KEYS) or (pretrained_cfg is not None and not isinstance(pretrained_cfg, str)):
+        return pretrained_cfg, overlay or None  # explicit file/url/hub, or a full cfg from hf-hub:/local-dir:
+    from ..models.mff_vision_transformer import is_local_cfg
+
+    tags = _zoo_tags(arch)
+    tag = pretrained_cfg
+    if tag is None:
+        default = next(iter(tags), None)
+        if default is not None and not is_local_cfg(tags[default]):
+            return None, overlay or None  # default is an official download
+        entries = list_local(arch)
+        if not entries:
+            raise _missing(arch, default)
+        order = list(tags)
+        entries.sort(key=lambda e: order.index(e.tag) if e.tag in order else len(order))
+        best = entries[0]
+        _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
+        overlay.update(file=str(best.weights))
+        return best.tag if best.tag in tags else None, overlay
+    if tag in tags and not is_local_cfg(tags[tag]):
+        return tag, overlay or None
+    path = entry_dir(arch, tag) / WEIGHTS_NAME
+    if not path.is_file():
+        raise _missing(arch, tag)
+    _logger.info("mffzoo: %s.%s -> %s", arch, tag, path)
+    overlay.update(file=str(path))
+    return (tag if tag in tags else None), overlay
+
+
+def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """Map a user's MODEL argument to ``(timm name, create_model kwargs)``."""
+    s = str(spec)
+    if s.startswith(("hf-hub:", "local-dir:")):
+        return s, {"pretrained": True}
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if not (p / CONFIG_NAME).is_file():
+            raise WeightsNotFoundError(
+                f"folder '{p}' has no {CONFIG_NAME}; pass a zoo/model folder (mffzoo convert writes one) or a name"
+            )
+        return f"local-dir:{p}", {"pretrained": True}
+    if p.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or p.is_file():
+        from .checkpoint_io import load_checkpoint_file
+        from .convert import convert_state_dict
+
+        conv = convert_state_dict(load_checkpoint_file(p))
+        return conv.arch_name(), {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": conv.backbone},
+                                   **conv.arch_kwargs()}
+    return s, {"pretrained": True}
+
+
+def load_model(
+    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, **kwargs: Any
+) -> torch.nn.Module:
+    """Create a backbone from any MODEL spec; ``random_init`` builds the architecture without weights."""
+    import timm
+
+    from .. import models  # noqa: F401  (registers the mff_* architectures)
+    from ..errors import MffzooError
+
+    if random_init:
+        pretrained = False
+    name, extra = parse_model_spec(spec) if pretrained else (str(spec), {})
+    extra.update(kwargs)
+    extra["pretrained"] = pretrained
+    try:
+        return timm.create_model(name, **extra)
+    except MffzooError:
+        raise
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if msg.startswith("Unknown model"):
+            raise WeightsNotFoundError(
+                f"unknown model '{spec}'; see `mffzoo zoo` for names, or pass a model folder / checkpoint file"
+            ) from None
+        raise
+    except FileNotFoundError as exc:
+        raise WeightsNotFoundError(f"model '{spec}': {exc}; check the path") from None
