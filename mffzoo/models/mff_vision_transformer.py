@@ -172,17 +172,19 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -
 
 
 def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Build a backbone; precedence of model kwargs: caller > the local weights' config.json > ``ARCHS``."""
     from ..zoo.weights import resolve_pretrained
 
     out_indices = kwargs.pop("out_indices", 3)
     tag = kwargs.get("pretrained_cfg")
-    if pretrained and isinstance(tag, str) and tag.startswith("mff_ft_"):
-        for k, v in CLASSIFIER_TAG_KWARGS.items():
-            kwargs.setdefault(k, v)
+    saved_args: dict[str, Any] = {}
     if pretrained:
-        kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"] = resolve_pretrained(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        if isinstance(tag, str) and tag.startswith("mff_ft_"):
+            kwargs = {**CLASSIFIER_TAG_KWARGS, **kwargs}
+        kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"], saved_args = resolve_pretrained(
+            variant, tag, kwargs.get("pretrained_cfg_overlay")
         )
+    kwargs = {**ARCHS[variant], **saved_args, **kwargs}
     return build_model_with_cfg(
         VisionTransformer,
         variant,
@@ -194,7 +196,7 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
-    return _create_mff_vit(variant, pretrained=pretrained, **dict(ARCHS[variant], **kwargs))
+    return _create_mff_vit(variant, pretrained=pretrained, **kwargs)
 
 
 @register_model

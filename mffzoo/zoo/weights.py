@@ -8,6 +8,7 @@ file of any supported format.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -46,13 +47,28 @@ def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
     )
 
 
+def _saved_model_args(weights: Path) -> dict[str, Any]:
+    """model_args recorded next to local weights (a demo-sized ViT-S differs from the registered one)."""
+    cfg = weights.parent / CONFIG_NAME
+    if not cfg.is_file():
+        return {}
+    try:
+        return dict(json.loads(cfg.read_text()).get("model_args") or {})
+    except (OSError, ValueError):
+        return {}
+
+
 def resolve_pretrained(
     arch: str, pretrained_cfg: Any = None, overlay: Mapping[str, Any] | None = None
-) -> tuple[Any, dict[str, Any] | None]:
-    """Point a local tag at its folder in the *current* zoo home; leave downloads and explicit sources to timm."""
+) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
+    """Point a local tag at its folder in the *current* zoo home; leave downloads and explicit sources to timm.
+
+    Returns ``(pretrained_cfg, pretrained_cfg_overlay, model_args)`` where ``model_args`` are the architecture
+    kwargs saved with local weights (empty for downloads).
+    """
     overlay = dict(overlay or {})
     if any(overlay.get(k) for k in _SOURCE_KEYS) or (pretrained_cfg is not None and not isinstance(pretrained_cfg, str)):
-        return pretrained_cfg, overlay or None  # explicit file/url/hub, or a full cfg from hf-hub:/local-dir:
+        return pretrained_cfg, overlay or None, {}  # explicit file/url/hub, or a full cfg from hf-hub:/local-dir:
     from ..models.mff_vision_transformer import is_local_cfg
 
     tags = _zoo_tags(arch)
@@ -60,7 +76,7 @@ def resolve_pretrained(
     if tag is None:
         default = next(iter(tags), None)
         if default is not None and not is_local_cfg(tags[default]):
-            return None, overlay or None  # default is an official download
+            return None, overlay or None, {}  # default is an official download
         entries = list_local(arch)
         if not entries:
             raise _missing(arch, default)
@@ -69,15 +85,15 @@ def resolve_pretrained(
         best = entries[0]
         _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
         overlay.update(file=str(best.weights))
-        return best.tag if best.tag in tags else None, overlay
+        return (best.tag if best.tag in tags else None), overlay, _saved_model_args(best.weights)
     if tag in tags and not is_local_cfg(tags[tag]):
-        return tag, overlay or None
+        return tag, overlay or None, {}
     path = entry_dir(arch, tag) / WEIGHTS_NAME
     if not path.is_file():
         raise _missing(arch, tag)
     _logger.info("mffzoo: %s.%s -> %s", arch, tag, path)
     overlay.update(file=str(path))
-    return (tag if tag in tags else None), overlay
+    return (tag if tag in tags else None), overlay, _saved_model_args(path)
 
 
 def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
