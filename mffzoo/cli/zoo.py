@@ -36,8 +36,10 @@ def zoo(show_all: bool) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--arch", default=None, help="Target architecture (default: inferred from the weights).")
+@click.option("--num-heads", type=int, default=None,
+              help="Attention heads, for non-standard widths from foreign formats (default: 6/12/16 for S/B/L).")
 @click.option("--keep-extras", is_flag=True, help="Also save fusion + decoder weights (pretrain_extras.safetensors).")
-def convert(src: Path, dst: Path, arch: str | None, keep_extras: bool) -> None:
+def convert(src: Path, dst: Path, arch: str | None, num_heads: int | None, keep_extras: bool) -> None:
     """Convert an mmpretrain / MAE / mffzoo checkpoint into a timm model folder.
 
     DST gets model.safetensors + config.json (+ mffzoo.json); load it with
@@ -45,7 +47,7 @@ def convert(src: Path, dst: Path, arch: str | None, keep_extras: bool) -> None:
     """
     from ..zoo.convert import convert_checkpoint
 
-    out = convert_checkpoint(src, dst, arch=arch, keep_extras=keep_extras)
+    out = convert_checkpoint(src, dst, arch=arch, num_heads=num_heads, keep_extras=keep_extras)
     click.echo(f"wrote {out} (load with timm.create_model('local-dir:{out}'))")
 
 

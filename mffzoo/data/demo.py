@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import shutil
 from collections.abc import Callable
@@ -360,6 +361,68 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _generate(tmp: Path, chosen: tuple[tuple[str, int, int], ...], meta: dict) -> None:
+    size, seed = meta["image_size"], meta["seed"]
+    jobs = []
+    for split_id, split in enumerate(_SPLITS):
+        count = meta["counts"][f"{split}_per_class"]
+        for class_id, (name, shape_id, app_id) in enumerate(chosen):
+            out_dir = tmp / split / name
+            out_dir.mkdir(parents=True)
+            for start in range(0, count, _BATCH):
+                indices = range(start, min(start + _BATCH, count))
+                jobs.append((out_dir, indices, [[seed, split_id, class_id, i] for i in indices], shape_id, app_id))
+
+    def run(job: tuple) -> None:
+        out_dir, indices, seeds, shape_id, app_id = job
+        for i, pixels in zip(indices, _render_batch(seeds, shape_id, app_id, size), strict=True):
+            Image.fromarray(pixels).save(out_dir / f"{i:05d}.png", format="PNG", compress_level=6)
+
+    # Threads suffice: large numpy ops and PNG compression both release the GIL.
+    pool = ThreadPoolExecutor(max_workers=min(4, _cpu_count()))
+    try:
+        for _ in pool.map(run, jobs):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    # Metadata last: its presence marks the tree as complete.
+    (tmp / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _publish(tmp: Path, root: Path, meta: dict, overwrite: bool) -> None:
+    if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
+        root.rmdir()
+    if not (root.exists() or root.is_symlink()):
+        try:
+            tmp.rename(root)
+            return
+        except OSError:
+            if not root.exists():
+                raise
+    # Something appeared at root meanwhile (or overwrite=True replaces it).
+    if _read_meta(root) == meta and _is_complete(root, meta):
+        _remove(tmp)  # a concurrent writer produced the same dataset first
+        return
+    if not overwrite:
+        raise ValueError(f"{root} was created by someone else meanwhile; pass overwrite=True (--overwrite) or retry")
+    old = root.with_name(f"{root.name}.old-{os.getpid()}")
+    _remove(old)
+    root.rename(old)
+    try:
+        tmp.rename(root)
+    except OSError:
+        old.rename(root)
+        raise
+    _remove(old)
+
+
 def write_demo_dataset(
     root: str | os.PathLike,
     *,
@@ -370,16 +433,20 @@ def write_demo_dataset(
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Materialise the demo dataset as an ImageFolder tree (idempotent and cached).
+    """Materialise the demo dataset as an ImageFolder tree, reusing a matching copy.
 
     Images are written to ``<root>.tmp-<pid>`` and renamed into place, so an
     interrupted run never leaves a tree that looks complete. Each image is seeded
-    from ``(seed, split, class, index)``, hence byte-identical reruns.
+    from ``(seed, split, class, index)``: reruns are byte-identical and a smaller
+    dataset is a prefix of a larger one. ``overwrite`` only matters when ``root``
+    holds something else; a matching dataset is always reused as is.
     """
+    num_classes, train_per_class, val_per_class = map(operator.index, (num_classes, train_per_class, val_per_class))
+    image_size, seed = operator.index(image_size), operator.index(seed)
     if not 1 <= num_classes <= MAX_DEMO_CLASSES:
         raise ValueError(f"num_classes must be in [1, {MAX_DEMO_CLASSES}], got {num_classes}")
     if train_per_class < 1 or val_per_class < 1:
-        raise ValueError("train_per_class and val_per_class must be >= 1")
+        raise ValueError(f"train_per_class and val_per_class must be >= 1, got {train_per_class}, {val_per_class}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     if seed < 0:
@@ -387,57 +454,17 @@ def write_demo_dataset(
 
     root = Path(root).expanduser().absolute()
     chosen = _CATALOGUE[:num_classes]
-    wanted = _metadata([name for name, _, _ in chosen], seed, image_size, train_per_class, val_per_class)
-    if _check_existing(root, wanted, overwrite):
+    meta = _metadata([name for name, _, _ in chosen], seed, image_size, train_per_class, val_per_class)
+    if _check_existing(root, meta, overwrite):
         return root
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
-        counts = {"train": train_per_class, "val": val_per_class}
-        jobs = []
-        for split_id, split in enumerate(_SPLITS):
-            for class_id, (name, shape_id, app_id) in enumerate(chosen):
-                out_dir = tmp / split / name
-                out_dir.mkdir(parents=True)
-                for start in range(0, counts[split], _BATCH):
-                    indices = range(start, min(start + _BATCH, counts[split]))
-                    seeds = [[seed, split_id, class_id, i] for i in indices]
-                    jobs.append((out_dir, indices, seeds, shape_id, app_id))
-
-        def run(job: tuple) -> None:
-            out_dir, indices, seeds, shape_id, app_id = job
-            batch = _render_batch(seeds, shape_id, app_id, image_size)
-            for i, pixels in zip(indices, batch, strict=True):
-                Image.fromarray(pixels).save(out_dir / f"{i:05d}.png", format="PNG", compress_level=6)
-
-        # Threads suffice: numpy's big ops and PNG zlib both release the GIL.
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            for _ in pool.map(run, jobs):
-                pass
-        # Metadata last: its presence marks the tree as complete.
-        (tmp / _META_FILE).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-
-        if root.exists() or root.is_symlink():
-            if root.is_dir() and not root.is_symlink() and not any(root.iterdir()):
-                root.rmdir()
-            else:  # overwrite=True: swap in the new tree, then drop the old one
-                old = root.with_name(f"{root.name}.old-{os.getpid()}")
-                _remove(old)
-                root.rename(old)
-                tmp.rename(root)
-                _remove(old)
-                return root
-        try:
-            tmp.rename(root)
-        except OSError:
-            # A concurrent writer may have won the race with the same dataset.
-            if _read_meta(root) == wanted:
-                _remove(tmp)
-                return root
-            raise
-    except BaseException:
-        _remove(tmp)
-        raise
+        _generate(tmp, chosen, meta)
+        _publish(tmp, root, meta, overwrite)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
     return root

@@ -49,7 +49,9 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if (path / WEIGHTS_NAME).is_file():
             path = path / WEIGHTS_NAME
         else:
-            raise CheckpointError(f"'{path}' is a folder without {WEIGHTS_NAME}; pass a checkpoint file or a model folder")
+            raise CheckpointError(
+                f"'{path}' is a folder without {WEIGHTS_NAME}; pass a checkpoint file or a model folder"
+            )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
     if path.suffix == ".safetensors":
@@ -67,10 +69,16 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "global" in ln.lower()), None)
+        if detail is None:  # not a pickled object at all: junk bytes or a foreign file
+            why = next((ln for ln in lines if ln.startswith("Unsupported")), "unreadable pickle")
+            raise CheckpointError(
+                f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({why[:80]}); "
+                "re-download it or pass a .pth/.safetensors file"
+            ) from None
         raise CheckpointError(
-            f"refusing to load '{path}': it contains pickled objects that are not tensors ({detail.strip()[:160]}); "
+            f"refusing to load '{path}': it contains pickled objects that are not tensors ({detail[:160]}); "
             "only weights are loaded here, never code. Re-save its state_dict on a trusted machine "
             "(torch.save(ckpt['state_dict'], ...)) or convert it to safetensors"
         ) from None

@@ -208,7 +208,9 @@ def convert_state_dict(
                 leftovers.append(key)
     if leftovers:
         shown = ", ".join(leftovers[:8]) + (f" (+{len(leftovers) - 8} more)" if len(leftovers) > 8 else "")
-        raise CheckpointError(f"{fmt} checkpoint has keys with no mapping: {shown}; this is not a supported MFF/MAE ViT")
+        raise CheckpointError(
+            f"{fmt} checkpoint has keys with no mapping: {shown}; this is not a supported MFF/MAE ViT"
+        )
     if not out.backbone:
         raise CheckpointError(f"{fmt} checkpoint holds no encoder weights; nothing to convert")
     if target is not None:
@@ -252,16 +254,22 @@ def convert_checkpoint(
     dst: str | os.PathLike[str],
     *,
     arch: str | None = None,
+    num_heads: int | None = None,
     keep_extras: bool = False,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Convert a checkpoint file into a zoo/timm model folder (``model.safetensors`` + ``config.json``)."""
+    """Convert a checkpoint file into a zoo/timm model folder (``model.safetensors`` + ``config.json``).
+
+    ``num_heads`` is only needed for non-standard widths from foreign formats: weights do not record it (ours do).
+    """
     import timm
 
     from .checkpoint_io import load_checkpoint_file
     from .home import write_model_folder
 
     conv = convert_state_dict(load_checkpoint_file(src))
+    if num_heads:
+        conv.meta["num_heads"] = num_heads
     kwargs = conv.arch_kwargs()
     arch = arch or conv.arch_name()
     from ..models.mff_vision_transformer import canonical_arch

@@ -94,7 +94,9 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
 def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """timm's ``config.json`` for a backbone (what ``hf-hub:``/``local-dir:`` loading reads)."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag"):
+    # Drop the source and the registry's description of some *other* weights; keep preprocessing and paper ids.
+    for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
+              "description", "notes", "origin_url"):
         cfg.pop(k, None)
     cfg["num_classes"] = getattr(model, "num_classes", 0)
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)

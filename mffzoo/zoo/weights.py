@@ -67,7 +67,8 @@ def resolve_pretrained(
     kwargs saved with local weights (empty for downloads).
     """
     overlay = dict(overlay or {})
-    if any(overlay.get(k) for k in _SOURCE_KEYS) or (pretrained_cfg is not None and not isinstance(pretrained_cfg, str)):
+    explicit_cfg = pretrained_cfg is not None and not isinstance(pretrained_cfg, str)
+    if any(overlay.get(k) for k in _SOURCE_KEYS) or explicit_cfg:
         return pretrained_cfg, overlay or None, {}  # explicit file/url/hub, or a full cfg from hf-hub:/local-dir:
     from ..models.mff_vision_transformer import is_local_cfg
 

@@ -1,0 +1,93 @@
+"""Shared test helpers: tiny configs and an independent functional ViT forward.
+
+``functional_vit`` recomputes a ViT forward from a raw state dict with plain torch ops, reading keys through a
+naming scheme (timm or mmpretrain). It shares no code with timm or mffzoo, so agreement with a converted timm
+model is real evidence that the conversion is right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
+TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+TIMM_NAMES = {
+    "patch_w": "patch_embed.proj.weight", "patch_b": "patch_embed.proj.bias",
+    "cls": "cls_token", "pos": "pos_embed", "norm": "norm", "fc_norm": "fc_norm", "head": "head",
+    "block": "blocks.{i}.", "n1": "norm1", "n2": "norm2", "qkv": "attn.qkv", "proj": "attn.proj",
+    "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+}
+MM_NAMES = {
+    "patch_w": "backbone.patch_embed.projection.weight", "patch_b": "backbone.patch_embed.projection.bias",
+    "cls": "backbone.cls_token", "pos": "backbone.pos_embed", "norm": "backbone.ln1", "fc_norm": "backbone.ln2",
+    "head": "head.fc", "block": "backbone.layers.{i}.", "n1": "ln1", "n2": "ln2", "qkv": "attn.qkv",
+    "proj": "attn.proj", "fc1": "ffn.layers.0.0", "fc2": "ffn.layers.1",
+}
+
+
+def _ln(sd, name, x):
+    return F.layer_norm(x, x.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+
+
+def _lin(sd, name, x):
+    return x @ sd[name + ".weight"].t() + sd[name + ".bias"]
+
+
+def functional_vit(sd: dict, x: torch.Tensor, names: dict, num_heads: int, pool: str = "token") -> torch.Tensor:
+    """Pre-logits features (or logits if a head is present and pool == 'avg') from a raw state dict."""
+    w = sd[names["patch_w"]]
+    p = w.shape[-1]
+    tok = F.conv2d(x, w, sd[names["patch_b"]], stride=p).flatten(2).transpose(1, 2)
+    tok = torch.cat([sd[names["cls"]].expand(x.shape[0], -1, -1), tok], 1) + sd[names["pos"]]
+    depth = 1 + max(int(k[len(names["block"].split("{")[0]):].split(".")[0])
+                    for k in sd if k.startswith(names["block"].split("{")[0]))
+    for i in range(depth):
+        b = names["block"].format(i=i)
+        h = _ln(sd, b + names["n1"], tok)
+        qkv = _lin(sd, b + names["qkv"], h)
+        n, t, c3 = qkv.shape
+        c = c3 // 3
+        q, k, v = qkv.view(n, t, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-1, -2)) * (c // num_heads) ** -0.5).softmax(-1)
+        h = (att @ v).transpose(1, 2).reshape(n, t, c)
+        tok = tok + _lin(sd, b + names["proj"], h)
+        h = _ln(sd, b + names["n2"], tok)
+        tok = tok + _lin(sd, b + names["fc2"], F.gelu(_lin(sd, b + names["fc1"], h)))
+    if pool == "avg":
+        feat = _ln(sd, names["fc_norm"], tok[:, 1:].mean(1))
+        return _lin(sd, names["head"], feat) if names["head"] + ".weight" in sd else feat
+    return _ln(sd, names["norm"], tok)[:, 0]
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
+    """Non-trivial values for every tensor (init leaves LayerNorms at 1/0, which hides mapping mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0)
+            for k, v in model.state_dict().items()}
+
+
+def timm_to_mm(sd: dict, *, final_key: str = "ln1") -> dict:
+    """Write a timm-keyed backbone in mmpretrain layout (test-side, by explicit table, not the converter)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            for tk, mk in (("norm1", "ln1"), ("norm2", "ln2"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                           ("mlp.fc1", "ffn.layers.0.0"), ("mlp.fc2", "ffn.layers.1")):
+                if rest.startswith(tk + "."):
+                    out[f"backbone.layers.{i}.{mk}{rest[len(tk):]}"] = v
+        elif k.startswith("patch_embed.proj."):
+            out["backbone.patch_embed.projection." + k.rsplit(".", 1)[1]] = v
+        elif k in ("cls_token", "pos_embed"):
+            out["backbone." + k] = v
+        elif k.startswith("norm."):
+            out[f"backbone.{final_key}." + k.split(".", 1)[1]] = v
+        elif k.startswith("fc_norm."):
+            out["backbone.ln2." + k.split(".", 1)[1]] = v
+        elif k.startswith("head."):
+            out["head.fc." + k.split(".", 1)[1]] = v
+        else:
+            raise KeyError(k)
+    return out

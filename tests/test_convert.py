@@ -1,0 +1,214 @@
+"""Conversion of every supported checkpoint format, checked against an independent forward."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+from helpers import MM_NAMES, TIMM_NAMES, TINY, TINY_DECODER, functional_vit, random_state_dict, timm_to_mm
+
+import mffzoo  # noqa: F401
+from mffzoo.errors import CheckpointError
+from mffzoo.models import create_pretrain_model
+from mffzoo.zoo import convert_checkpoint, convert_state_dict, load_checkpoint_file
+
+
+def tiny_backbone(**kw):
+    return timm.create_model("mff_vit_small", pretrained=False, num_classes=0, **TINY, **kw)
+
+
+@pytest.fixture
+def imgs():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def mm_pretrain_checkpoint(seed=0):
+    """An mmpretrain MFF pretraining checkpoint: backbone + fusion + neck, with an mmengine meta dict."""
+    model = create_pretrain_model("mff_vit_small", fusion_layers=[0, 1, 3], **TINY, **TINY_DECODER)
+    sd = random_state_dict(model, seed)
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    mm = timm_to_mm(enc)
+    mm["backbone.proj_weights"] = torch.randn(3, 1, 1, 1)
+    for k in range(2):
+        mm[f"backbone.proj_layers.{k}.weight"] = sd[f"fusion.proj.{k}.weight"]
+        mm[f"backbone.proj_layers.{k}.bias"] = sd[f"fusion.proj.{k}.bias"]
+    mm["neck.mask_token"] = sd["mask_token"]
+    mm["neck.decoder_pos_embed"] = sd["decoder_pos_embed"]
+    for part in ("decoder_embed", "decoder_pred"):
+        for wb in ("weight", "bias"):
+            mm[f"neck.{part}.{wb}"] = sd[f"{part}.{wb}"]
+    for wb in ("weight", "bias"):
+        mm[f"neck.ln1.{wb}"] = sd[f"decoder_norm.{wb}"]
+    for k, v in timm_to_mm({key.replace("decoder_blocks", "blocks"): v for key, v in sd.items()
+                            if key.startswith("decoder_blocks.")}).items():
+        mm[k.replace("backbone.layers", "neck.decoder_blocks")] = v
+    meta = {"epoch": 300, "iter": 100, "mmengine_version": "0.8.4", "seed": 2, "cfg": "model = dict(type='MFF')",
+            "dataset_meta": {"classes": ["a", "b"]}}
+    return {"meta": meta, "state_dict": mm}, sd
+
+
+def test_mmpretrain_pretraining_checkpoint(imgs):
+    ckpt, ours = mm_pretrain_checkpoint()
+    conv = convert_state_dict(ckpt)
+    assert conv.source_format == "mmpretrain" and not conv.is_classifier
+    model = tiny_backbone()
+    model.load_state_dict(conv.backbone, strict=True)
+    with torch.no_grad():
+        expected = functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4)
+        got = model.forward_head(model.forward_features(imgs), pre_logits=True)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # fusion + decoder land in the pretraining model's own names, and load back into it
+    assert conv.extras["fusion.weights"].shape == (3,)
+    pre = create_pretrain_model("mff_vit_small", fusion_layers=[0, 1, 3], **TINY, **TINY_DECODER)
+    full = {**{"encoder." + k: v for k, v in conv.backbone.items()}, **conv.extras}
+    pre.load_state_dict(full, strict=True)
+    torch.testing.assert_close(pre.decoder_blocks[0].mlp.fc2.weight, ours["decoder_blocks.0.mlp.fc2.weight"])
+    torch.testing.assert_close(pre.fusion.weights.data, ckpt["state_dict"]["backbone.proj_weights"].view(-1))
+
+
+def test_mmpretrain_finetuned_classifier_same_logits(imgs):
+    clf = timm.create_model("mff_vit_small", pretrained=False, num_classes=10, global_pool="avg", fc_norm=True, **TINY)
+    sd = random_state_dict(clf, 3)
+    ckpt = {"meta": {"epoch": 100}, "state_dict": timm_to_mm(sd)}
+    assert "backbone.ln2.weight" in ckpt["state_dict"] and "backbone.ln1.weight" not in ckpt["state_dict"]
+    conv = convert_state_dict(ckpt)
+    assert conv.is_classifier and conv.arch_kwargs()["num_classes"] == 10
+    assert conv.arch_kwargs()["global_pool"] == "avg"
+    clf.load_state_dict(conv.backbone, strict=True)
+    with torch.no_grad():
+        expected = functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4, pool="avg")
+        torch.testing.assert_close(clf(imgs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mae_release_format_with_decoder(imgs):
+    pre = create_pretrain_model("mff_vit_small", fusion_layers=[3], **TINY, **TINY_DECODER)
+    sd = random_state_dict(pre, 5)
+    mae = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in sd.items()
+           if not k.startswith("fusion.")}
+    conv = convert_state_dict({"model": mae})
+    assert conv.source_format == "mae"
+    assert set(conv.extras) == {k for k in mae if k.startswith(("decoder", "mask_token"))}
+    model = tiny_backbone()
+    model.load_state_dict(conv.backbone, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(imgs), pre_logits=True),
+                                   functional_vit(mae, imgs, TIMM_NAMES, num_heads=4), rtol=1e-4, atol=1e-5)
+
+
+def test_mffzoo_training_checkpoint_with_wrappers(imgs):
+    pre = create_pretrain_model("mff_vit_small", fusion_layers=[0, 1, 3], **TINY, **TINY_DECODER)
+    sd = random_state_dict(pre, 7)
+    wrapped = {"module._orig_mod." + k: v for k, v in sd.items()}  # DDP + torch.compile prefixes
+    ckpt = {"model": wrapped, "model_args": dict(TINY), "arch": "mff_vit_small_patch16_224", "epoch": 3}
+    conv = convert_state_dict(ckpt)
+    assert conv.source_format == "mffzoo"
+    assert conv.arch_kwargs()["num_heads"] == 4  # from model_args, not guessed
+    model = tiny_backbone()
+    model.load_state_dict(conv.backbone, strict=True)
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(imgs), pre_logits=True),
+                                   functional_vit(enc, imgs, TIMM_NAMES, num_heads=4), rtol=1e-4, atol=1e-5)
+
+
+def test_leftover_keys_and_shape_mismatch_are_clear_errors():
+    ckpt, _ = mm_pretrain_checkpoint()
+    ckpt["state_dict"]["backbone.something_new.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"no mapping: backbone\.something_new\.weight"):
+        convert_state_dict(ckpt)
+    ckpt, _ = mm_pretrain_checkpoint()
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        convert_state_dict(ckpt, target=timm.create_model("mff_vit_small", num_classes=0, **{**TINY, "embed_dim": 96}))
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint format"):
+        convert_state_dict({"foo.bar": torch.zeros(1)})
+
+
+def test_blind_replace_pitfalls_are_avoided():
+    """`ln1` is norm1 inside a layer but the final norm at the top; proj_layers must not become attn.proj."""
+    ckpt, _ = mm_pretrain_checkpoint()
+    conv = convert_state_dict(ckpt)
+    torch.testing.assert_close(conv.backbone["norm.weight"], ckpt["state_dict"]["backbone.ln1.weight"])
+    sd = ckpt["state_dict"]
+    torch.testing.assert_close(conv.backbone["blocks.2.norm1.weight"], sd["backbone.layers.2.ln1.weight"])
+    assert not any("proj_layers" in k for k in conv.backbone)
+    assert {k for k in conv.extras if k.startswith("fusion.proj")} == {
+        "fusion.proj.0.weight", "fusion.proj.0.bias", "fusion.proj.1.weight", "fusion.proj.1.bias"}
+
+
+def test_convert_file_to_folder_and_load_via_timm(tmp_path, imgs):
+    ckpt, _ = mm_pretrain_checkpoint()
+    src = tmp_path / "official.pth"
+    torch.save(ckpt, src)
+    out = convert_checkpoint(src, tmp_path / "converted", num_heads=4, keep_extras=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "mff_vit_small_patch16_224" and cfg["model_args"]["embed_dim"] == 64
+    assert (out / "model.safetensors").is_file() and (out / "pretrain_extras.safetensors").is_file()
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(imgs), pre_logits=True),
+                                   functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4),
+                                   rtol=1e-4, atol=1e-5)
+    meta = json.loads((out / "mffzoo.json").read_text())
+    assert meta["source_format"] == "mmpretrain" and meta["fusion_levels"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["mmpretrain", "mae", "mffzoo", "safetensors"])
+def test_pretrained_cfg_overlay_file_every_format(tmp_path, fmt, imgs):
+    """timm's own `pretrained_cfg_overlay=dict(file=...)` route, through our pretrained_filter_fn."""
+    ckpt, ours = mm_pretrain_checkpoint()
+    enc = {k[len("encoder."):]: v for k, v in ours.items() if k.startswith("encoder.")}
+    enc.update({k: v for k, v in convert_state_dict(ckpt).backbone.items()})
+    path = tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "mmpretrain":
+        torch.save(ckpt, path)
+    elif fmt == "mae":
+        torch.save({"model": enc}, path)
+    elif fmt == "mffzoo":
+        torch.save({"model": {"encoder." + k: v for k, v in enc.items()}, "model_args": TINY}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(enc, str(path))
+    model = timm.create_model("mff_vit_small", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(imgs), pre_logits=True),
+                                   functional_vit(enc, imgs, TIMM_NAMES, num_heads=4), rtol=1e-4, atol=1e-5)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"backbone.cls_token": torch.zeros(1)}, "meta": _Evil(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint_file(path)
+    # timm's own loader path is weights_only too
+    with pytest.raises((pickle.UnpicklingError, RuntimeError), match="weights_only"):
+        timm.create_model("mff_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+    assert not marker.exists()
+
+
+def test_corrupt_and_truncated_checkpoints(tmp_path):
+    ckpt, _ = mm_pretrain_checkpoint()
+    path = tmp_path / "c.pth"
+    torch.save(ckpt, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint_file(tmp_path / "trunc.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint_file(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "missing.pth")

@@ -1,0 +1,162 @@
+"""The timm zoo: registry, pretrained tags, local weights resolution, hub folder layout, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from helpers import MM_NAMES, TINY, functional_vit, random_state_dict, timm_to_mm
+
+import mffzoo
+from mffzoo.errors import WeightsNotFoundError
+from mffzoo.zoo import entry_dir, load_model, write_model_folder
+
+
+@pytest.fixture
+def zoo_home(tmp_path, monkeypatch):
+    home = tmp_path / "zoo"
+    monkeypatch.setenv("MFFZOO_HOME", str(home))
+    return home
+
+
+def test_registry_lists_models_and_pretrained_tags():
+    names = timm.list_models("mff*")
+    for n in ("mff_vit_small", "mff_vit_base", "mff_vit_large", "mff_vit_small_patch16_224",
+              "mff_vit_base_patch16_224", "mff_vit_large_patch16_224"):
+        assert n in names
+    tags = timm.list_pretrained("mff*")
+    assert "mff_vit_base_patch16_224.mff_in1k_800e" in tags
+    assert "mff_vit_base_patch16_224.mff_ft_in1k_300e" in tags
+    assert "mff_vit_small_patch16_224.mff_in1k_300e" in tags
+    assert "mff_vit_large_patch16_224.mff_in1k_300e" in tags
+    cfg = timm.get_pretrained_cfg("mff_vit_base_patch16_224.mff_in1k_300e")
+    assert cfg.url.endswith("mff_vit-base-p16_8xb512-amp-coslr-300e_in1k_20230801-3c1bcce4.pth")
+    assert cfg.num_classes == 0 and cfg.license and cfg.paper_ids == "arXiv:2308.00261"
+    ft = timm.get_pretrained_cfg("mff_vit_base_patch16_224.mff_ft_in1k_800e")
+    assert ft.num_classes == 1000 and any("83.7" in n for n in ft.notes)
+    assert timm.get_model_default_value if hasattr(timm, "get_model_default_value") else True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ours, theirs, millions",
+    [("mff_vit_small", "vit_small_patch16_224", 22.05), ("mff_vit_base", "vit_base_patch16_224", 86.57),
+     ("mff_vit_large", "vit_large_patch16_224", 304.33)],
+)
+def test_param_counts_match_timm(ours, theirs, millions):
+    with torch.device("meta"):
+        a = timm.create_model(ours, num_classes=1000)
+        b = timm.create_model(theirs, num_classes=1000)
+    na, nb = (sum(p.numel() for p in m.parameters()) for m in (a, b))
+    assert na == nb and round(na / 1e6, 2) == millions
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+def test_large_builds_for_real_and_encoder_loads_strict():
+    """The real size is the point here: ViT-L with its pretraining head, encoder into the timm backbone."""
+    pre = mffzoo.create_pretrain_model("mff_vit_large")
+    assert pre.fusion.layers == [0, 4, 8, 12, 16, 23]
+    backbone = timm.create_model("mff_vit_large_patch16_224", num_classes=0)
+    backbone.load_state_dict(pre.encoder_state_dict(), strict=True)
+    assert sum(p.numel() for p in backbone.parameters()) == 303301632
+
+
+def test_timm_behaviours_short_and_long_names():
+    a = timm.create_model("mff_vit_small", num_classes=7, **TINY)
+    b = timm.create_model("mff_vit_small_patch16_224", num_classes=7, **TINY)
+    assert type(a) is type(b) and a.num_classes == 7
+    x = torch.randn(2, 3, 32, 32)
+    assert a(x).shape == (2, 7)
+    a.reset_classifier(0, global_pool="avg")
+    assert a(x).shape == (2, 64)
+    feats = timm.create_model("mff_vit_small", features_only=True, out_indices=(1, 3), **TINY)
+    outs = feats(x)
+    assert [o.shape for o in outs] == [(2, 64, 4, 4)] * 2
+    final, inter = b.forward_intermediates(x, indices=2)
+    assert len(inter) == 2 and inter[0].shape == (2, 64, 4, 4)
+
+
+def test_local_weights_resolved_from_zoo_home(zoo_home, caplog):
+    with pytest.raises(WeightsNotFoundError, match=r"mffzoo train recipes/vits\.yaml"):
+        timm.create_model("mff_vit_small", pretrained=True)
+    src = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    src.load_state_dict(random_state_dict(src, 1))
+    write_model_folder(entry_dir("mff_vit_small_patch16_224", "demo"), "mff_vit_small_patch16_224", src,
+                       model_args=TINY, meta={"final_loss": 0.5})
+    x = torch.randn(2, 3, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="mffzoo"):
+        best = timm.create_model("mff_vit_small", pretrained=True)  # default tag missing -> best local
+    assert "mff_vit_small_patch16_224.demo" in caplog.text
+    tagged = timm.create_model("mff_vit_small.demo", pretrained=True)
+    for m in (best, tagged):
+        m.eval()
+        torch.testing.assert_close(m(x), src.eval()(x))
+    # a preferred tag wins over the demo once it exists
+    write_model_folder(entry_dir("mff_vit_small_patch16_224", "mff_in1k_300e"), "mff_vit_small_patch16_224",
+                       timm.create_model("mff_vit_small", num_classes=0, **TINY), model_args=TINY)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mffzoo"):
+        timm.create_model("mff_vit_small", pretrained=True)
+    assert "mff_in1k_300e" in caplog.text
+    with pytest.raises(WeightsNotFoundError, match="mff_vit_large_patch16_224"):
+        timm.create_model("mff_vit_large.mff_in1k_800e", pretrained=True)
+
+
+def test_hub_folder_layout_loads_through_timm_local_dir(tmp_path):
+    """A zoo folder is a timm hub repo: config.json + model.safetensors, loadable via `local-dir:`."""
+    clf = timm.create_model("mff_vit_small", num_classes=5, global_pool="avg", fc_norm=True, **TINY)
+    clf.load_state_dict(random_state_dict(clf, 2))
+    folder = write_model_folder(tmp_path / "repo", "mff_vit_small_patch16_224", clf, model_args=TINY)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architecture"] == "mff_vit_small_patch16_224" and cfg["num_classes"] == 5
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, global_pool="avg", fc_norm=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), clf.eval()(x))
+    # the same folder through the generic front door used by export/eval
+    torch.testing.assert_close(load_model(folder, global_pool="avg", fc_norm=True).eval()(x), clf(x))
+
+
+def test_load_model_accepts_checkpoint_files(tmp_path):
+    clf = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    sd = random_state_dict(clf, 4)
+    mm = {"state_dict": timm_to_mm(sd), "meta": {}}
+    torch.save(mm, tmp_path / "mm.pth")
+    model = load_model(tmp_path / "mm.pth", num_heads=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                                   functional_vit(mm["state_dict"], x, MM_NAMES, num_heads=4), rtol=1e-4, atol=1e-5)
+    with pytest.raises(WeightsNotFoundError, match="unknown model 'nope_vit'"):
+        load_model("nope_vit")
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mffzoo", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_zoo_and_convert(tmp_path, zoo_home):
+    import os
+
+    env = dict(os.environ, MFFZOO_HOME=str(zoo_home))
+    r = _cli("zoo", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "mff_vit_base_patch16_224.mff_in1k_800e" in r.stdout and "official" in r.stdout
+    assert "83.7" in r.stdout
+    clf = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    torch.save({"state_dict": timm_to_mm(random_state_dict(clf, 1)), "meta": {"epoch": 1}}, tmp_path / "m.pth")
+    r = _cli("convert", str(tmp_path / "m.pth"), str(zoo_home / "mff_vit_small_patch16_224.conv"), "--num-heads",
+             "4", env=env)
+    assert r.returncode == 0, r.stderr
+    r = _cli("zoo", env=env)
+    assert "mff_vit_small_patch16_224.conv" in r.stdout and "local (unregistered)" in r.stdout
+    # bad input: one line, exit 2, no traceback
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    r = _cli("convert", str(tmp_path / "junk.pth"), str(tmp_path / "out"), env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "corrupt" in r.stderr
+    assert not (tmp_path / "out").exists()
