@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -46,7 +47,7 @@ def mm_pretrain_checkpoint(seed=0):
                             if key.startswith("decoder_blocks.")}).items():
         mm[k.replace("backbone.layers", "neck.decoder_blocks")] = v
     meta = {"epoch": 300, "iter": 100, "mmengine_version": "0.8.4", "seed": 2, "cfg": "model = dict(type='MFF')",
-            "dataset_meta": {"classes": ["a", "b"]}}
+            "dataset_meta": {"classes": ["a", "b"]}, "best_loss": np.float64(0.41), "steps": np.int64(7)}
     return {"meta": meta, "state_dict": mm}, sd
 
 

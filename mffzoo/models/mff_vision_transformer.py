@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..zoo.checkpoint_io import SAFE_EXTRA_GLOBALS
 from ..zoo.home import WEIGHTS_NAME, entry_dir
 
 __all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "canonical_arch", "checkpoint_filter_fn"]
@@ -185,14 +187,16 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
             variant, tag, kwargs.get("pretrained_cfg_overlay")
         )
     kwargs = {**ARCHS[variant], **saved_args, **kwargs}
-    return build_model_with_cfg(
-        VisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    # timm loads .pth files with weights_only=True; mmengine's `meta` may hold numpy scalars, which are data.
+    with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
+        return build_model_with_cfg(
+            VisionTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            **kwargs,
+        )
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
