@@ -99,13 +99,26 @@ def is_local_cfg(cfg: Any) -> bool:
     return bool(notes) and "source: local" in notes
 
 
+def _local_runs(size: str, mff_prefix: str, mae_prefix: str, desc: str) -> dict[str, dict[str, Any]]:
+    """Tags for recipes/vit{size}[_mae][_{800,1600}e].yaml, i.e. what each recipe's `publish.tag` names.
+
+    A prefix ending in "_" gets the epochs appended (mff_in1k_300e); otherwise 300 ep is the bare prefix
+    (mff_local) and longer schedules get a suffix (mff_local_800e).
+    """
+    out = {}
+    for method, prefix, suffix in (("MFF", mff_prefix, ""), ("MAE baseline", mae_prefix, "_mae")):
+        for ep in (300, 800, 1600):
+            tag = f"{prefix}{ep}e" if prefix.endswith("_") else (prefix if ep == 300 else f"{prefix}_{ep}e")
+            recipe = f"recipes/vit{size}{suffix}{'' if ep == 300 else f'_{ep}e'}.yaml"
+            out[tag] = _local(recipe, f"{method} {desc}, {ep} ep ImageNet-1k pretraining (trained locally)")
+    return out
+
+
 # ZOO_TAGS: arch -> tag -> pretrained cfg. The first tag of each arch is its default (timm convention).
 ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
     "mff_vit_small_patch16_224": {
-        "mff_in1k_300e": _local("recipes/vits.yaml", "MFF ViT-S/16, 300 ep ImageNet-1k pretraining (trained locally)"),
-        "mff_in1k_800e": _local("recipes/vits_800e.yaml", "MFF ViT-S/16, 800 ep pretraining (trained locally)"),
-        "mae_in1k_300e": _local("recipes/vits_mae.yaml", "MAE baseline ViT-S/16, 300 ep (trained locally)"),
-        "demo": _local("recipes/demo.yaml", "tiny-budget demo run on the built-in demo data"),
+        **_local_runs("s", "mff_in1k_", "mae_in1k_", "ViT-S/16"),
+        "demo": _local("recipes/demo.yaml", "tiny-budget MFF demo run on the built-in demo data"),
     },
     "mff_vit_base_patch16_224": {
         "mff_in1k_800e": _official(
@@ -134,14 +147,10 @@ ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
             notes=("reported: 83.0 top-1 ImageNet-1k val",),
             num_classes=1000,
         ),
-        "mff_local": _local("recipes/vitb.yaml", "MFF ViT-B/16 pretrained locally with recipes/vitb.yaml"),
-        "mae_local": _local("recipes/vitb_mae.yaml", "MAE baseline ViT-B/16 pretrained locally"),
+        # Local ViT-B runs get *_local tags: mff_in1k_* are the official downloads.
+        **_local_runs("b", "mff_local", "mae_local", "ViT-B/16"),
     },
-    "mff_vit_large_patch16_224": {
-        "mff_in1k_300e": _local("recipes/vitl.yaml", "MFF ViT-L/16, 300 ep pretraining (trained locally)"),
-        "mff_in1k_800e": _local("recipes/vitl_800e.yaml", "MFF ViT-L/16, 800 ep pretraining (trained locally)"),
-        "mae_in1k_300e": _local("recipes/vitl_mae.yaml", "MAE baseline ViT-L/16, 300 ep (trained locally)"),
-    },
+    "mff_vit_large_patch16_224": _local_runs("l", "mff_in1k_", "mae_in1k_", "ViT-L/16"),
 }
 
 # Local tags point at their folder in the zoo home so timm lists them as pretrained; the path is resolved

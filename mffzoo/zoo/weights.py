@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ def _saved_model_args(weights: Path) -> dict[str, Any]:
         return {}
 
 
+def _preference(entry: Any) -> tuple[int, int]:
+    """Best local weights first: MFF before MAE before anything else (demo), longer schedules first."""
+    m = re.search(r"(\d+)e$", entry.tag)
+    epochs = int(m.group(1)) if m else (300 if entry.tag.endswith("local") else 0)
+    family = 0 if entry.tag.startswith("mff") else 1 if entry.tag.startswith("mae") else 2
+    return family, -epochs
+
+
 def resolve_pretrained(
     arch: str, pretrained_cfg: Any = None, overlay: Mapping[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
@@ -81,8 +90,7 @@ def resolve_pretrained(
         entries = list_local(arch)
         if not entries:
             raise _missing(arch, default)
-        order = list(tags)
-        entries.sort(key=lambda e: order.index(e.tag) if e.tag in order else len(order))
+        entries.sort(key=_preference)
         best = entries[0]
         _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
         overlay.update(file=str(best.weights))
