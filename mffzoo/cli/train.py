@@ -1,0 +1,67 @@
+"""``mffzoo train`` and ``mffzoo push``: thin click layers over :mod:`mffzoo.train`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.argument("recipe")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key (repeatable), e.g. --set data.root=/data/imagenet --set optim.blr=1e-4")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
+def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
+    """Pretrain with MFF (or MAE) from RECIPE: a YAML file, or a name in recipes/ (demo, vits, vitb_mae, ...).
+
+    \b
+    One process:         mffzoo train recipes/demo.yaml
+    GPUs of one machine: torchrun --nproc_per_node=8 -m mffzoo train recipes/vitb.yaml
+    Resume:              rerun the same command (newest valid checkpoint in the run directory)
+    """
+    from ..train import train as run_train
+
+    result = run_train(recipe, list(overrides), output_dir=output)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    if not result.completed:
+        click.echo(f"stopped by {result.stop_reason.upper()} at step {result.global_step}/{result.total_steps}; "
+                   f"checkpoint {result.checkpoint}; rerun the same command to resume")
+        return
+    click.echo(f"done: {result.epoch} epochs, {result.global_step} steps, final loss {loss}, "
+               f"{result.wall_s:.0f} s -> {result.run_dir}")
+    extra = result.extra
+    if extra.get("model_dir"):
+        click.echo(f"weights: {extra['model_dir']} (timm.create_model('local-dir:{extra['model_dir']}'))")
+    if extra.get("zoo_entry"):
+        arch, tag = Path(extra["zoo_entry"]).name.split(".", 1)
+        click.echo(f"zoo: {arch}.{tag} -> {extra['zoo_entry']} "
+                   f"(timm.create_model('{arch}.{tag}', pretrained=True) after `import mffzoo`)")
+    for key, label in (("reconstruction_png", "reconstructions"), ("fusion_plot", "fusion weights")):
+        if extra.get(key):
+            click.echo(f"{label}: {extra[key]}")
+
+
+@click.command("push")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, metavar="ORG/NAME", help="Hugging Face Hub model repo to create/update.")
+@click.option("--local-dir", type=click.Path(path_type=Path), default=None,
+              help="Only lay the repo out in this folder (no upload, no network).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+def push(run_dir: Path, repo: str, local_dir: Path | None, private: bool) -> None:
+    """Publish a finished run as a timm-compatible Hub repo (model.safetensors, config.json, model card).
+
+    Authenticate with `huggingface-cli login` or HF_TOKEN. The repo then loads with
+    timm.create_model("hf-hub:ORG/NAME", pretrained=True).
+    """
+    from ..train.publish import push_to_hub
+
+    where = push_to_hub(run_dir, repo, local_dir=local_dir, private=private)
+    if local_dir is not None:
+        click.echo(f"wrote {where} (load with timm.create_model('local-dir:{where}', pretrained=True))")
+    else:
+        click.echo(f"pushed {run_dir} -> {where}")

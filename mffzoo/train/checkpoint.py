@@ -1,0 +1,97 @@
+"""Training checkpoints: full state, atomic, last-k, newest-valid resume.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts) so it loads with ``weights_only=True``
+through :func:`mffzoo.zoo.load_checkpoint_file`: the recipe as a dict, RNG states as tensors and lists, the
+sampler position as ints. ``"model"`` is ``MFFPretrainModel.state_dict()`` (clean keys, no ``module.`` /
+``_orig_mod.``) next to ``"arch"`` and ``"model_args"``, which is what ``mffzoo convert`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..zoo.checkpoint_io import atomic_torch_save, load_checkpoint_file
+
+_logger = logging.getLogger("mffzoo.train")
+
+__all__ = ["CheckpointManager", "capture_rng", "restore_rng", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "mffzoo-train/1"
+_NAME = re.compile(r"checkpoint-(\d+)\.pth\Z")
+_REQUIRED = ("model", "optimizer", "global_step", "epoch", "step_in_epoch")
+
+
+class CheckpointManager:
+    """``RUN/checkpoints/checkpoint-<global step>.pth``; the newest readable one wins."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"checkpoint-{step:08d}.pth"
+
+    def list(self) -> list[Path]:
+        """Checkpoint files, newest (highest step) first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = atomic_torch_save(state, self.path(step))
+        for old in self.list()[self.keep_last:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[dict[str, Any], Path] | None:
+        """Newest checkpoint that loads and has the training state; a corrupt one is reported and skipped."""
+        for path in self.list():
+            try:
+                state = load_checkpoint_file(path)
+            except CheckpointError as exc:
+                _logger.warning("warning: %s; falling back to the previous checkpoint", exc)
+                continue
+            missing = [k for k in _REQUIRED if k not in state]
+            if missing:
+                _logger.warning("warning: checkpoint '%s' lacks %s; falling back to the previous checkpoint",
+                                path, ", ".join(missing))
+                continue
+            return state, path
+        return None
+
+
+# --------------------------------------------------------------------------------------------- RNG states
+def capture_rng() -> dict[str, Any]:
+    """torch / CUDA / numpy / python RNG states as tensors and plain numbers (safe to load)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

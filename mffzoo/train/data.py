@@ -1,0 +1,293 @@
+"""Training data: timm dataset readers, torchvision augmentations, and a sampler that makes runs exact.
+
+Randomness is a function of the *sample*, not of the process: the sampler hands out ``(index, seed)`` pairs
+where ``seed`` derives from (recipe seed, epoch, dataset index), and the augmentation (here) and the mask noise
+(the task) are drawn from that seed. So a run gives the same result on 1 or N processes with the same global
+batch, in any number of loader workers, and a run resumed mid-epoch continues exactly where it stopped.
+
+Unreadable images are skipped (replaced by the next readable image, so batch shapes stay fixed), counted, and
+reported with their paths; the engine stops when more than ``data.max_bad_fraction`` of the dataset fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import DataError
+from .recipe import DEMO_ROOT, DataConfig
+
+_logger = logging.getLogger("mffzoo.train")
+
+__all__ = [
+    "Batch", "SampleDataset", "GlobalBatchSampler", "build_dataset", "build_loader", "pretrain_transform",
+    "eval_transform", "resolve_root", "sample_seed", "derive_seed",
+]
+
+_MASK64 = (1 << 64) - 1
+_MAX_RETRIES = 10  # consecutive unreadable images before giving up on a position (as timm)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*words: int) -> int:
+    """Well-mixed 63-bit seed from integers (torch's CPU generator only uses the low 32 bits of a seed, so
+    ``(epoch << 32) + index`` would collide; hashing first does not)."""
+    h = 0
+    for w in words:
+        h = _splitmix64(h ^ (int(w) & _MASK64))
+    return h >> 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of dataset item ``index`` in ``epoch``: augmentation and masking noise both derive from it."""
+    return derive_seed(seed, epoch, index)
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def _interp(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
+
+
+def pretrain_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The recipe's augmentation: official MFF (resize + padded random crop + flip) or MAE (RRC + flip)."""
+    from torchvision import transforms as T
+
+    if cfg.augment == "mae":
+        geometric = [T.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale),
+                                         interpolation=_interp(cfg.interpolation or "bicubic"))]
+    else:
+        geometric = [
+            T.Resize(img_size, interpolation=_interp(cfg.interpolation or "bilinear")),
+            T.RandomCrop(img_size, padding=cfg.crop_padding or None, padding_mode="reflect"),
+        ]
+    return T.Compose([
+        *geometric,
+        T.RandomHorizontalFlip(cfg.hflip),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def eval_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Deterministic resize + centre crop (for the fixed visualisation images)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(img_size, interpolation=_interp(cfg.interpolation or "bicubic")),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+# --------------------------------------------------------------------------------------------- dataset
+def resolve_root(cfg: DataConfig) -> Path:
+    """The dataset location; ``demo`` generates the built-in dataset on first use."""
+    if cfg.root == DEMO_ROOT:
+        from ..data.demo import default_demo_root, write_demo_dataset
+
+        d = cfg.demo
+        try:
+            return write_demo_dataset(default_demo_root(), num_classes=d.num_classes,
+                                      train_per_class=d.train_per_class, val_per_class=d.val_per_class,
+                                      image_size=d.image_size, seed=d.seed)
+        except ValueError as exc:
+            raise DataError(f"demo dataset: {exc}") from None
+    root = Path(cfg.root).expanduser()
+    if not cfg.dataset and not root.exists():
+        raise DataError(
+            f"data.root '{cfg.root}' does not exist; point the recipe at your data with "
+            "--set data.root=/path/to/imagenet (a folder with train/<class>/*.JPEG), or run recipes/demo.yaml"
+        )
+    return root
+
+
+@dataclass
+class Batch:
+    """What the loader yields and a task's ``step`` receives."""
+
+    images: torch.Tensor  # (B, C, H, W), normalised
+    targets: torch.Tensor  # (B,) class index, -1 when the dataset has no labels
+    seeds: torch.Tensor  # (B,) int64 per-sample seeds (see :func:`sample_seed`)
+    bad: list[str] = field(default_factory=list)  # unreadable files skipped while building this batch
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.seeds, self.bad)
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> Batch:
+        return Batch(self.images.to(device, non_blocking=non_blocking),
+                     self.targets.to(device, non_blocking=non_blocking), self.seeds, self.bad)
+
+
+def collate(items: list[tuple[torch.Tensor, int, int, list[str]]]) -> Batch:
+    images, targets, seeds, bad = zip(*items, strict=True)
+    return Batch(torch.stack(images), torch.as_tensor(targets, dtype=torch.long),
+                 torch.as_tensor(seeds, dtype=torch.long), [p for b in bad for p in b])
+
+
+class SampleDataset(Dataset):
+    """A timm dataset's reader, indexed by ``(index, seed)``; augments under that seed and survives bad files."""
+
+    def __init__(self, reader: Any, transform: Callable[[Image.Image], torch.Tensor] | None, root: str) -> None:
+        self.reader = reader
+        self.transform = transform
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def filename(self, index: int) -> str:
+        try:
+            return str(self.reader.filename(index, absolute=True))
+        except Exception:  # noqa: BLE001 - readers without file names (e.g. hfds)
+            return f"{self.root}[{index}]"
+
+    def load_image(self, index: int) -> tuple[Image.Image, int]:
+        img, target, *_ = self.reader[index]
+        if isinstance(img, Image.Image):
+            return img.convert("RGB"), target
+        try:
+            with Image.open(img) as im:
+                return im.convert("RGB"), target  # convert() decodes, so truncated files fail here
+        finally:
+            close = getattr(img, "close", None)
+            if close is not None:
+                close()
+
+    def load(self, index: int) -> tuple[Image.Image, int, list[str]]:
+        """The image at ``index`` or, if unreadable, the next readable one; plus the files skipped."""
+        bad: list[str] = []
+        n = len(self)
+        for attempt in range(_MAX_RETRIES):
+            i = (index + attempt) % n
+            try:
+                img, target = self.load_image(i)
+                return img, target, bad
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                bad.append(f"{self.filename(i)} ({type(exc).__name__}: {str(exc)[:80]})")
+        raise DataError(f"{_MAX_RETRIES} consecutive unreadable images starting at {bad[0]}; check the dataset")
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, list[str]]:
+        index, seed = item
+        img, target, bad = self.load(index)
+        # The augmentation draws from torch's global RNG: run it under this sample's seed, restore afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, 0))
+            x = self.transform(img) if self.transform is not None else img
+        return x, -1 if target is None else int(target), seed, bad
+
+
+def build_dataset(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor] | None) -> SampleDataset:
+    """Open the recipe's dataset through timm's ``create_dataset`` (folder, tar, Hugging Face datasets)."""
+    from timm.data import create_dataset
+
+    root = resolve_root(cfg)
+    try:
+        ds = create_dataset(cfg.dataset, root=str(root), split=cfg.split, is_training=True)
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot read dataset at data.root '{root}' ({msg[:160]}); expected an ImageNet-style folder "
+            "(train/<class>/*.JPEG) or set --set data.root=/path/to/imagenet"
+        ) from None
+    reader = getattr(ds, "reader", None)
+    if reader is None:
+        raise DataError(f"data.dataset '{cfg.dataset}' has no random-access reader; use an image folder or hfds/")
+    if len(reader) == 0:
+        raise DataError(f"dataset at '{root}' is empty; check data.root and data.split")
+    return SampleDataset(reader, transform, str(root))
+
+
+# --------------------------------------------------------------------------------------------- sampler
+class GlobalBatchSampler(Sampler):
+    """Yields ``(index, seed)`` for this rank, one optimizer step (global batch) after another.
+
+    Each epoch is a permutation seeded by (seed, epoch). Global batch ``s`` is positions ``[s*B, (s+1)*B)``;
+    it is cut into ``world_size x accum`` micro-batches of ``batch_per_device`` and micro-batch ``a`` of rank
+    ``r`` is chunk ``a * world_size + r``. The last incomplete global batch is dropped (as MAE). Unlike
+    ``DistributedSampler`` it can start mid-epoch (``set_epoch(epoch, start_step)``) and keeps the same global
+    batches on any world size, which is what makes exact resume and 1-vs-N equivalence hold.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, batch_per_device: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+        per_step = batch_per_device * world_size
+        if batch_size % per_step:
+            raise ValueError(f"batch_size {batch_size} not divisible by batch_per_device x world_size {per_step}")
+        self.num_samples, self.batch_size, self.batch_per_device = num_samples, batch_size, batch_per_device
+        self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.accum = batch_size // per_step
+        self.steps_per_epoch = num_samples // batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start_step": self.start_step, "seed": self.seed,
+                "num_samples": self.num_samples, "batch_size": self.batch_size}
+
+    def permutation(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5EED))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start_step) * self.accum * self.batch_per_device
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        perm = self.permutation().tolist()
+        b, pd = self.batch_size, self.batch_per_device
+        for step in range(self.start_step, self.steps_per_epoch):
+            for micro in range(self.accum):
+                start = step * b + (micro * self.world_size + self.rank) * pd
+                for idx in perm[start:start + pd]:
+                    yield idx, sample_seed(self.seed, self.epoch, idx)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Augmentation and masking are seeded per sample; this only makes stray numpy/random use reproducible.
+    info = torch.utils.data.get_worker_info()
+    base = info.seed if info is not None else worker_id
+    np.random.seed(derive_seed(base, 1) % 2**32)
+    random.seed(derive_seed(base, 2))
+
+
+def build_loader(dataset: SampleDataset, sampler: GlobalBatchSampler, cfg: DataConfig, *, pin_memory: bool,
+                 seed: int, rank: int) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=sampler.batch_per_device,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory and cfg.pin_memory,
+        drop_last=False,  # the sampler already yields whole micro-batches only
+        persistent_workers=workers > 0 and cfg.persistent_workers,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        # A private generator: creating an iterator must not consume the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(derive_seed(seed, rank, 0x10AD)),
+    )

@@ -1,0 +1,596 @@
+"""The training loop, shared by every objective: pretraining here, fine-tuning in the evaluation tools.
+
+:func:`run` reads like facebookresearch/mae's ``main_pretrain`` + ``engine_pretrain``: join the process group,
+build data, model, optimizer and schedule, resume, then loop epochs -> micro-batches with gradient accumulation,
+logging every ``log.every_steps`` and checkpointing every ``checkpoint.every_steps`` and at epoch ends.
+
+An objective plugs in as a :class:`Task` (see :class:`mffzoo.train.pretrain.PretrainTask`)::
+
+    class MyTask(Task):
+        def build_model(self) -> nn.Module: ...              # fp32 on CPU; the engine moves and wraps it
+        def build_transform(self) -> Callable: ...           # PIL image -> normalised tensor (training aug.)
+        def step(self, model, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+            ...                                              # runs under autocast; loss = mean over the
+                                                             # micro-batch; metrics = detached tensors,
+                                                             # averaged over each log window and all ranks
+        # optional hooks
+        def optimizer_kwargs(self, model) -> dict: ...       # extra timm create_optimizer_v2 kwargs
+                                                             # (e.g. layer_decay=0.65 for fine-tuning)
+        def checkpoint_meta(self) -> dict: ...               # plain data stored in every checkpoint
+        def on_epoch_end(self, ctx: RunContext) -> None: ... # evaluation, figures (called on every rank)
+        def on_train_end(self, ctx: RunContext) -> dict: ... # export/publish; returned into TrainResult.extra
+
+    result = run(recipe, MyTask(recipe))     # recipe: any EngineRecipe subclass
+
+``batch.seeds`` holds one seed per sample, derived from (recipe seed, epoch, dataset index): draw any per-sample
+randomness from it (as the pretraining mask does) and the run is identical on 1 or N processes and after a
+resume. Mixup-style randomness that needs the whole batch can seed a generator from ``batch.seeds``.
+
+The engine owns: torchrun/DDP (``find_unused_parameters=False``) or FSDP2, the effective batch through gradient
+accumulation, AMP (bf16 autocast; fp16 + GradScaler; fp32), ``torch.compile``, the optimizer (timm, no-decay
+groups from ``model.no_weight_decay()``, fused AdamW on CUDA) and per-iteration warmup + cosine (timm),
+checkpoints (atomic, last-k, exact resume), SIGTERM (checkpoint and clean exit), the NaN stop, progress bar,
+``metrics.jsonl`` and TensorBoard. Losses stay on the device and reach the host once per log window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import dump_yaml, to_dict
+from ..errors import CheckpointError, ConfigError, DataError, MffzooError
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
+from .data import Batch, GlobalBatchSampler, SampleDataset, build_dataset, build_loader, derive_seed
+from .distributed import DistEnv, all_gather_object, all_reduce, barrier, destroy, init_distributed
+from .metrics import MetricsWriter, Progress, format_duration
+from .recipe import EngineRecipe
+
+_logger = logging.getLogger("mffzoo.train")
+
+__all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "accumulation_steps", "run"]
+
+
+class TrainingDiverged(MffzooError):
+    """The loss became NaN/inf; the run stopped without saving the bad state."""
+
+    exit_code = 1
+
+
+class Task:
+    """An objective the engine trains; override ``build_model``, ``build_transform`` and ``step``."""
+
+    def __init__(self, recipe: EngineRecipe) -> None:
+        self.recipe = recipe
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_transform(self) -> Callable[[Any], torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def optimizer_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        return {}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {}
+
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        pass
+
+    def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class RunContext:
+    """What hooks see. ``model`` is the unwrapped module (no DDP/compile wrapper)."""
+
+    recipe: EngineRecipe
+    env: DistEnv
+    run_dir: Path
+    model: nn.Module
+    dataset: SampleDataset
+    epoch: int  # epochs completed
+    global_step: int
+    total_steps: int
+    steps_per_epoch: int
+    last_loss: float | None
+    wall_s: float
+    state_dict: dict[str, torch.Tensor] | None = None  # full model state (rank 0) in on_train_end
+    images_seen: int = 0
+    bad_images: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    completed: bool
+    stop_reason: str  # "finished" or "sigterm"
+    epoch: int
+    global_step: int
+    total_steps: int
+    final_loss: float | None
+    checkpoint: Path | None
+    wall_s: float
+    images_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it."""
+    if name == "fp32":
+        return None, False
+    if name == "fp16":
+        return torch.float16, True
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, False
+        _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
+        return torch.float16, True
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(p is not None and p() for p in probes):
+        return torch.bfloat16, False
+    _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
+    return None, False
+
+
+def accumulation_steps(batch_size: int, batch_per_device: int, world_size: int) -> int:
+    """Micro-batches per optimizer step that keep the effective batch at ``batch_size`` on ``world_size``."""
+    per_step = batch_per_device * world_size
+    if batch_size % per_step:
+        fits = [d for d in range(1, batch_size // world_size + 1) if batch_size % (d * world_size) == 0]
+        fix = (f"set --set train.batch_per_device={max(d for d in fits if d <= batch_per_device)}" if fits
+               else f"use a number of processes that divides {batch_size}")
+        raise ConfigError(
+            f"train.batch_size={batch_size} is not divisible by train.batch_per_device={batch_per_device} x "
+            f"{world_size} processes = {per_step}; {fix} (the effective batch stays {batch_size})"
+        )
+    return batch_size // per_step
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _one_line(exc: MffzooError) -> MffzooError:
+    """Errors raised in a loader worker arrive wrapped in a multi-line traceback; keep the message."""
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
+
+
+class _StopSignal:
+    """SIGTERM (what schedulers send) / SIGINT set a flag; the loop saves at the next step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signame = ""
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signame = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_resumable(saved: dict[str, Any], recipe: EngineRecipe, path: Path) -> None:
+    """Refuse to continue a run whose checkpoints came from a different model or schedule."""
+    now, old = to_dict(recipe), saved.get("recipe")
+    if not isinstance(old, dict):
+        return
+    keys = [("model", None), ("optim", None), ("train", "epochs"), ("train", "batch_size"), ("train", "seed"),
+            ("data", "augment")]
+    for section, key in keys:
+        a = now.get(section) if key is None else (now.get(section) or {}).get(key)
+        b = old.get(section) if key is None else (old.get(section) or {}).get(key)
+        if a == b or b is None:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = next(k for k in {**a, **b} if a.get(k) != b.get(k))
+            name, a, b = f"{section}.{diff}", a.get(diff), b.get(diff)
+        else:
+            name = f"{section}.{key}"
+        raise CheckpointError(
+            f"run directory '{path.parent.parent}' holds checkpoints of a different recipe ({name}: {b!r} there, "
+            f"{a!r} now); use another --output, or --set {name}={b!r} to continue that run"
+        )
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) -> TrainResult:
+    """Train ``task`` under ``recipe`` (single process, or one rank of a torchrun launch)."""
+    t_start = time.time()
+    env = init_distributed(recipe.train.device)
+    if not env.is_main:
+        _logger.setLevel(logging.WARNING)
+    try:
+        return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start)
+    except MffzooError as exc:
+        raise _one_line(exc) from None
+    finally:
+        destroy(env)
+        if not env.is_main:
+            _logger.setLevel(logging.NOTSET)
+
+
+def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
+    tc, oc = recipe.train, recipe.optim
+    device = env.device
+
+    # ---- data first: a wrong path fails in a second, before any model is built
+    accumulation_steps(tc.batch_size, tc.batch_per_device, env.world_size)
+    dataset = build_dataset(recipe.data, task.build_transform())
+    sampler = GlobalBatchSampler(len(dataset), tc.batch_size, tc.batch_per_device, env.world_size, env.rank,
+                                 seed=tc.seed)
+    accum, steps_per_epoch = sampler.accum, sampler.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch (train.batch_size="
+                        f"{tc.batch_size}); lower train.batch_size or add data")
+    total_steps = tc.epochs * steps_per_epoch
+    warmup_steps = int(round(oc.warmup_epochs * steps_per_epoch))
+
+    # ---- run directory
+    ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
+    if not recipe.checkpoint.resume and ckpts.list():
+        raise ConfigError(f"'{run_dir}' already holds checkpoints and checkpoint.resume is false; pass another "
+                          "--output or delete them")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(recipe, run_dir / "recipe.yaml")
+
+    # ---- model, precision, parallel wrapper, optimizer, schedule
+    if device.type == "cpu" and tc.cpu_threads:
+        torch.set_num_threads(tc.cpu_threads)
+    amp_dtype, use_scaler = _precision(tc.precision, device)
+    if amp_dtype is not None and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
+    model = task.build_model().to(device)
+    torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
+    core = model  # the module whose state_dict we save (FSDP2 shards it in place)
+    ddp = None
+    if tc.fsdp and env.distributed:
+        import warnings
+
+        from torch.distributed.fsdp import fully_shard
+
+        # Our forward returns slices (pred) that nobody modifies in place; the warning does not apply.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+        for m in list(model.modules()):
+            if m is not model and type(m).__name__ == "Block":  # timm ViT blocks (encoder and decoder)
+                fully_shard(m)
+        fully_shard(model)
+    elif env.distributed:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+        model = ddp
+    elif tc.fsdp:
+        _logger.info("train.fsdp is on but this is a single process; training unsharded")
+    opt_kwargs: dict[str, Any] = {}
+    if "adam" in oc.opt or "lamb" in oc.opt:
+        opt_kwargs.update(betas=tuple(oc.betas), eps=oc.eps)
+    if device.type == "cuda" and oc.opt in ("adamw", "adam"):
+        opt_kwargs["fused"] = True
+    lr = oc.resolved_lr(tc.batch_size)
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    # Param groups from timm: no weight decay for 1-D params (norms, biases) and model.no_weight_decay().
+    optimizer = create_optimizer_v2(core, opt=oc.opt, lr=lr, weight_decay=oc.weight_decay,
+                                    **{**opt_kwargs, **task.optimizer_kwargs(core)})
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=oc.min_lr,
+                                  warmup_t=warmup_steps, warmup_lr_init=lr * oc.warmup_start_factor,
+                                  warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    # ---- resume
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
+    bad_total, last_loss = 0, None
+    found = ckpts.load_latest() if recipe.checkpoint.resume else None
+    if found is not None:
+        state, resumed_from = found
+        _check_resumable(state, recipe, resumed_from)
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            raise CheckpointError(f"checkpoint '{resumed_from}' was written with {state['steps_per_epoch']} steps per "
+                                  f"epoch, now {steps_per_epoch} (the dataset changed); use another --output")
+        set_model_state_dict(core, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(core, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        epoch, step_in_epoch, global_step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
+        rngs = state.get("rng") or []
+        if len(rngs) == env.world_size:
+            restore_rng(rngs[env.rank])
+        bad_total = int((state.get("data_stats") or {}).get("bad_images", 0))
+        last_loss = (state.get("metrics") or {}).get("loss")
+        _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", resumed_from, epoch,
+                     step_in_epoch, steps_per_epoch, global_step)
+        del state
+        if global_step >= total_steps:
+            _logger.info("the run in %s is already complete; re-exporting its outputs", run_dir)
+    train_model: nn.Module = torch.compile(model) if tc.compile else model
+
+    loader = build_loader(dataset, sampler, recipe.data, pin_memory=device.type == "cuda", seed=tc.seed,
+                          rank=env.rank)
+    writer = MetricsWriter(run_dir, env.is_main, recipe.log.tensorboard,
+                           resume_step=global_step if resumed_from is not None else None)
+    progress = Progress(recipe.log.progress, env.is_main, total_steps, global_step)
+    if env.is_main:
+        _logger.info(
+            "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d processes x %d accumulation,"
+            " lr %.3g, %s on %s -> %s", recipe.name, len(dataset), tc.epochs, steps_per_epoch, tc.batch_size,
+            tc.batch_per_device, env.world_size, accum, lr, str(amp_dtype).replace("torch.", "") if amp_dtype
+            else "fp32", device, run_dir)
+
+    # ---- state shared by the closures below
+    window: list[torch.Tensor] = []  # per-step mean loss on this rank (device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    metric_count = 0
+    bad_new, bad_epoch, bad_paths = 0, 0, []
+    t_window, imgs_window = time.time(), 0
+    img_s = 0.0
+    ckpt_path: Path | None = resumed_from
+    images_this_run, t_loop = 0, time.time()
+
+    def flush(stop_requested: bool) -> tuple[dict[str, Any] | None, bool]:
+        """Reduce the window across ranks (one collective, one host sync), check it, log it."""
+        nonlocal window, metric_sums, metric_count, bad_new, bad_epoch, bad_total, t_window, imgs_window, img_s
+        nonlocal last_loss
+        keys = sorted(metric_sums)
+        parts = [torch.stack(window).float() if window else torch.zeros(0, device=device)]
+        parts += [(metric_sums[k].float() / max(metric_count, 1)).reshape(-1) for k in keys]
+        parts.append(torch.tensor([float(bad_new), float(stop_requested)], device=device))
+        packed = all_reduce(torch.cat(parts).to(device)) / env.world_size
+        vals = packed.cpu()
+        n = len(window)
+        stop = bool(vals[-1] > 0)
+        new_bad = int(round(float(vals[-2]) * env.world_size))
+        bad_total += new_bad
+        bad_epoch += new_bad
+        if bad_new and bad_paths:
+            _logger.warning("skipped %d unreadable image(s) so far on rank %d, e.g. %s", len(bad_paths), env.rank,
+                            "; ".join(bad_paths[:3]))
+        if bad_epoch > recipe.data.max_bad_fraction * len(dataset):
+            raise DataError(
+                f"{bad_epoch} of {len(dataset)} images unreadable this epoch (more than data.max_bad_fraction="
+                f"{recipe.data.max_bad_fraction}), e.g. {bad_paths[0] if bad_paths else '?'}; fix or remove them"
+            )
+        bad_new = 0
+        losses = vals[:n]
+        if n and not torch.isfinite(losses).all():
+            bad_step = global_step - n + int((~torch.isfinite(losses)).nonzero()[0, 0]) + 1
+            last = ckpts.list()
+            raise TrainingDiverged(
+                f"loss is {float(losses[~torch.isfinite(losses)][0])} at step {bad_step} (epoch {epoch + 1}); stopped "
+                f"without saving. Last good checkpoint: {last[0] if last else 'none'}. Lower optim.blr, set "
+                "optim.clip_grad or use train.precision=fp32, then rerun to resume from it"
+            )
+        rec = None
+        if n:
+            now = time.time()
+            img_s = imgs_window / max(now - t_window, 1e-9)
+            last_loss = float(losses.mean())
+            rec = {"type": "train", "step": global_step, "epoch": round(epoch + step_in_epoch / steps_per_epoch, 4),
+                   "loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups), "img_s": round(img_s, 2),
+                   "mem_mb": round(_memory_mb(device), 1), "time": round(now - t_start, 2)}
+            off = n
+            for k in keys:
+                size = metric_sums[k].numel()
+                v = vals[off:off + size]
+                rec[k] = [round(float(x), 6) for x in v] if metric_sums[k].dim() else round(float(v[0]), 6)
+                off += size
+            writer.write(rec)
+            progress.show(rec)
+            t_window, imgs_window = now, 0
+        window, metric_sums, metric_count = [], {}, 0
+        return rec, stop
+
+    def save_checkpoint() -> Path | None:
+        """All ranks gather (FSDP needs it); rank 0 writes. Always after a flush, so the state is finite."""
+        nonlocal ckpt_path
+        e, s = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
+        model_sd = get_model_state_dict(core, options=full)
+        optim_sd = get_optimizer_state_dict(core, optimizer, options=full)
+        rngs = all_gather_object(capture_rng())
+        if env.is_main:
+            sampler_state = {**sampler.state_dict(), "epoch": e, "start_step": s}
+            state = {
+                "format": CHECKPOINT_FORMAT, "model": model_sd, **task.checkpoint_meta(),
+                "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": e, "step_in_epoch": s, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "world_size": env.world_size, "sampler": sampler_state, "rng": rngs,
+                "data_stats": {"bad_images": bad_total, "bad_examples": bad_paths[:10]},
+                "metrics": {"loss": last_loss}, "recipe": to_dict(recipe),
+            }
+            ckpt_path = ckpts.save(state, global_step)
+        barrier()
+        return ckpt_path
+
+    # ---- train
+    stop_reason = "finished"
+    stopper = _StopSignal()
+    try:
+        with stopper:
+            while epoch < tc.epochs and stop_reason == "finished":
+                sampler.set_epoch(epoch, step_in_epoch)
+                train_model.train()
+                bad_epoch = 0 if step_in_epoch == 0 else bad_epoch
+                t_window, imgs_window = time.time(), 0
+                micro = 0
+                step_loss: torch.Tensor | None = None
+                amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                       else contextlib.nullcontext())
+                for batch in _batches(loader):
+                    if micro == 0:
+                        scheduler.step_update(num_updates=global_step)
+                    last_micro = micro == accum - 1
+                    batch = batch.to(device)
+                    if batch.bad:
+                        bad_new += len(batch.bad)
+                        bad_paths.extend(batch.bad[: max(0, 10 - len(bad_paths))])
+                    if ddp is not None and not last_micro:
+                        sync: Any = ddp.no_sync()
+                    else:
+                        sync = contextlib.nullcontext()
+                        if tc.fsdp and env.distributed:
+                            core.set_requires_gradient_sync(last_micro)
+                    with sync:
+                        with amp:
+                            loss, metrics = task.step(train_model, batch)
+                        scaler.scale(loss / accum).backward()
+                    loss_d = loss.detach().float() / accum
+                    step_loss = loss_d if step_loss is None else step_loss + loss_d
+                    for k, v in metrics.items():
+                        v = v.detach().float()
+                        metric_sums[k] = metric_sums[k] + v if k in metric_sums else v.clone()
+                    metric_count += 1
+                    micro += 1
+                    if not last_micro:
+                        continue
+                    micro = 0
+                    if oc.clip_grad is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(core.parameters(), oc.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    window.append(step_loss)
+                    step_loss = None
+                    global_step += 1
+                    step_in_epoch += 1
+                    imgs_window += tc.batch_size
+                    images_this_run += tc.batch_size
+                    progress.update()
+
+                    # host syncs only here: every log window, before a checkpoint, on a stop request
+                    ckpt_due = recipe.checkpoint.every_steps and global_step % recipe.checkpoint.every_steps == 0
+                    local_stop = stopper.requested and not env.distributed
+                    if global_step % recipe.log.every_steps == 0 or ckpt_due or local_stop:
+                        _, stop = flush(stopper.requested)
+                        if stop:
+                            stop_reason = "sigterm"
+                            _logger.info("%s received: saving a checkpoint at step %d", stopper.signame or "stop",
+                                         global_step)
+                            save_checkpoint()
+                            break
+                        if ckpt_due and step_in_epoch < steps_per_epoch:
+                            save_checkpoint()
+                if stop_reason != "finished":
+                    break
+
+                # ---- epoch end
+                rec, stop = flush(stopper.requested)
+                epoch += 1
+                step_in_epoch = 0
+                epoch_rec = {"type": "epoch", "step": global_step, "epoch": epoch, "loss": last_loss,
+                             "bad_images": bad_total, "time": round(time.time() - t_start, 2)}
+                writer.write(epoch_rec)
+                elapsed = time.time() - t_loop
+                eta = elapsed / max(images_this_run, 1) * (total_steps - global_step) * tc.batch_size
+                progress.epoch_line(
+                    f"epoch {epoch}/{tc.epochs}  step {global_step}/{total_steps}  loss {last_loss:.4f}  "
+                    f"lr {max(g['lr'] for g in optimizer.param_groups):.2e}  "
+                    f"{images_this_run / max(elapsed, 1e-9):.0f} img/s  "
+                    f"elapsed {format_duration(time.time() - t_start)}  eta {format_duration(eta)}"
+                )
+                if epoch % recipe.checkpoint.every_epochs == 0 or epoch == tc.epochs or stop:
+                    save_checkpoint()
+                task.on_epoch_end(_ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps,
+                                       steps_per_epoch, last_loss, t_start, bad_total, None))
+                if stop:
+                    stop_reason = "sigterm"
+                    _logger.info("%s received: checkpoint saved at the end of epoch %d", stopper.signame or "stop",
+                                 epoch)
+    finally:
+        progress.close()
+        writer.close()
+
+    completed = stop_reason == "finished" and epoch >= tc.epochs
+    extra: dict[str, Any] = {}
+    if completed:
+        model_sd = get_model_state_dict(core, options=full)
+        ctx = _ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps, steps_per_epoch, last_loss,
+                   t_start, bad_total, model_sd if env.is_main else None)
+        extra = task.on_train_end(ctx) or {}
+        barrier()
+    wall = time.time() - t_start
+    result = TrainResult(run_dir, completed, stop_reason, epoch, global_step, total_steps, last_loss, ckpt_path, wall,
+                         images_this_run / max(time.time() - t_loop, 1e-9), extra)
+    if env.is_main:
+        _write_summary(result, recipe, env, bad_total)
+    return result
+
+
+def _batches(loader: Any) -> Iterator[Batch]:
+    try:
+        yield from loader
+    except MffzooError as exc:
+        raise _one_line(exc) from None
+
+
+def _ctx(recipe: EngineRecipe, env: DistEnv, run_dir: Path, core: nn.Module, dataset: SampleDataset, epoch: int,
+         global_step: int, total_steps: int, steps_per_epoch: int, last_loss: float | None, t_start: float,
+         bad_total: int, state_dict: dict[str, torch.Tensor] | None) -> RunContext:
+    return RunContext(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps, steps_per_epoch,
+                      last_loss, time.time() - t_start, state_dict, global_step * recipe.train.batch_size, bad_total)
+
+
+def _write_summary(result: TrainResult, recipe: EngineRecipe, env: DistEnv, bad_total: int) -> None:
+    import json
+
+    summary = {
+        "name": recipe.name, "completed": result.completed, "stop_reason": result.stop_reason,
+        "epochs": result.epoch, "global_step": result.global_step, "total_steps": result.total_steps,
+        "final_loss": result.final_loss if result.final_loss is None or math.isfinite(result.final_loss) else None,
+        "images_seen": result.global_step * recipe.train.batch_size, "wall_s": round(result.wall_s, 1),
+        "images_per_s_this_run": round(result.images_per_s, 1), "world_size": env.world_size,
+        "device": str(env.device), "bad_images": bad_total,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.extra.items()},
+    }
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

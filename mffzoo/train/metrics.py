@@ -1,0 +1,130 @@
+"""What a run reports: a progress bar (rank 0, TTY only), ``metrics.jsonl``, TensorBoard events if installed.
+
+Every record is one JSON object per line: ``{"type": "train", "step", "epoch", "loss", "lr", "img_s", "mem_mb",
+"time", ...task metrics (e.g. "fusion_weights": [...])}`` or ``{"type": "epoch", ...}`` at each epoch end.
+On resume, records newer than the checkpoint are dropped so the history has no repeated steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_logger = logging.getLogger("mffzoo.train")
+
+__all__ = ["MetricsWriter", "Progress", "read_metrics", "format_duration"]
+
+METRICS_NAME = "metrics.jsonl"
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
+    """Records of ``RUN/metrics.jsonl`` (of one ``type``, or all with ``kind=None``)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill mid-write
+        if kind is None or rec.get("type") == kind:
+            out.append(rec)
+    return out
+
+
+class MetricsWriter:
+    """JSON-lines log plus TensorBoard; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.path = run_dir / METRICS_NAME
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            keep = [r for r in read_metrics(run_dir, None) if int(r.get("step", 0)) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            except ImportError:
+                _logger.debug("tensorboard not installed; metrics go to %s only", self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._f.write(json.dumps(record) + "\n")
+        if self.tb is not None and record.get("type") == "train":
+            step = int(record["step"])
+            for k, v in record.items():
+                if k in ("type", "step") or v is None:
+                    continue
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+                elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                    for i, x in enumerate(v):  # e.g. train/fusion_weights/0 .. K-1
+                        self.tb.add_scalar(f"train/{k}/{i}", x, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class Progress:
+    """tqdm bar over optimizer steps (rank 0, on a TTY); otherwise one log line per epoch."""
+
+    def __init__(self, mode: str, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        self.lines = enabled and mode in ("auto", "epoch")
+        if enabled and (mode == "bar" or (mode == "auto" and _interactive())):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.05)
+            self.lines = False
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, rec: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}",
+                                 refresh=False)
+
+    def epoch_line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.lines:
+            _logger.info(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,170 @@
+"""MFF / MAE pretraining as an engine :class:`~mffzoo.train.engine.Task`, and :func:`train`, the API the CLI calls.
+
+The mask of each image is drawn from that image's seed (``batch.seeds``), never from a process-wide RNG, so a
+run is the same on any number of processes and after a resume. At the end the encoder is written as a timm
+model folder into ``RUN/model`` and, when the recipe names a ``publish.tag``, into the zoo home, where
+``timm.create_model("<arch>.<tag>", pretrained=True)`` finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import to_dict
+from ..models.pretrain import MFFPretrainModel, create_pretrain_model
+from .data import Batch, derive_seed, eval_transform, pretrain_transform
+from .engine import RunContext, Task, TrainResult, run
+from .recipe import PretrainRecipe, load_recipe
+
+_logger = logging.getLogger("mffzoo.train")
+
+__all__ = ["PretrainTask", "mask_noise", "train"]
+
+
+def mask_noise(seeds: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, L) uniform noise, row ``i`` drawn from ``seeds[i]`` only (argsort of it is the mask)."""
+    out = torch.empty(len(seeds), num_patches)
+    g = torch.Generator()
+    for i, s in enumerate(seeds.tolist()):
+        g.manual_seed(derive_seed(s, 1))
+        torch.rand(num_patches, generator=g, out=out[i])
+    return out
+
+
+class PretrainTask(Task):
+    recipe: PretrainRecipe
+
+    def __init__(self, recipe: PretrainRecipe) -> None:
+        super().__init__(recipe)
+        m = recipe.model
+        self.num_patches = (m.img_size // m.patch_size) ** 2
+        self._vis: torch.Tensor | None = None
+
+    # ---- what the engine needs
+    def build_model(self) -> MFFPretrainModel:
+        m = self.recipe.model
+        return create_pretrain_model(
+            m.arch, fusion_layers=m.fusion_layers, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+            decoder_heads=m.decoder_heads, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
+            grad_checkpointing=m.grad_checkpointing, drop_path_rate=m.drop_path_rate, **m.encoder_kwargs(),
+        )
+
+    def build_transform(self) -> Callable[[Any], torch.Tensor]:
+        return pretrain_transform(self.recipe.data, self.recipe.model.img_size)
+
+    def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        noise = mask_noise(batch.seeds, self.num_patches).to(batch.images.device, non_blocking=True)
+        out = model(batch.images, noise=noise)
+        return out.loss, {"fusion_weights": out.fusion_weights.detach()}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What ``mffzoo convert`` reads next to ``model``."""
+        return {"arch": self.recipe.model.arch, "model_args": self.recipe.model.encoder_kwargs()}
+
+    # ---- figures and publishing
+    def _vis_images(self, ctx: RunContext) -> torch.Tensor:
+        if self._vis is None:
+            ds, k = ctx.dataset, self.recipe.log.vis_images
+            tf = eval_transform(self.recipe.data, self.recipe.model.img_size)
+            idx = torch.linspace(0, len(ds) - 1, k).round().long().unique().tolist()  # spread over classes
+            self._vis = torch.stack([tf(ds.load(i)[0]) for i in idx])
+        return self._vis
+
+    def save_reconstructions(self, ctx: RunContext, name: str) -> Path | None:
+        """Fixed images, fixed mask; every rank runs the forward (FSDP needs it), rank 0 writes."""
+        if self.recipe.log.vis_images == 0:
+            return None
+        from .visualize import save_reconstruction_grid
+
+        imgs = self._vis_images(ctx)
+        noise = torch.rand(len(imgs), self.num_patches, generator=torch.Generator().manual_seed(
+            derive_seed(self.recipe.train.seed, 0x515)))
+        model = ctx.model
+        was_training = model.training
+        model.eval()
+        try:
+            dev = next(model.parameters()).device
+            out = model.reconstruct(imgs.to(dev), noise=noise.to(dev))
+        finally:
+            model.train(was_training)
+        if not ctx.env.is_main:
+            return None
+        d = self.recipe.data
+        return save_reconstruction_grid(
+            out, ctx.run_dir / "vis" / name, d.mean, d.std,
+            title=f"{self.recipe.name}: epoch {ctx.epoch}, step {ctx.global_step}, loss {ctx.last_loss or 0:.4f}",
+        )
+
+    def on_epoch_end(self, ctx: RunContext) -> None:
+        every = self.recipe.log.vis_every_epochs
+        if every and ctx.epoch % every == 0 and ctx.epoch < self.recipe.train.epochs:
+            self.save_reconstructions(ctx, f"reconstruction_epoch{ctx.epoch:04d}.png")
+
+    def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
+        from .metrics import read_metrics
+        from .visualize import save_fusion_plot
+
+        recon = self.save_reconstructions(ctx, f"reconstruction_epoch{ctx.epoch:04d}.png")
+        if not ctx.env.is_main:
+            return {}
+        r, m = self.recipe, self.recipe.model
+        records = read_metrics(ctx.run_dir)
+        plot = save_fusion_plot(records, m.fusion_layers or [], ctx.run_dir / "fusion_weights.png",
+                                title=f"{r.name}: {'MAE (single level)' if m.is_mae else 'MFF'} fusion weights")
+        final_w = next((rec["fusion_weights"] for rec in reversed(records) if rec.get("fusion_weights")), None)
+        from .publish import export_model_folder
+
+        assert ctx.state_dict is not None
+        meta = self.provenance(ctx, final_w)
+        model_dir = export_model_folder(ctx.run_dir / "model", m.arch, m.encoder_kwargs(), ctx.state_dict, meta)
+        out: dict[str, Any] = {"model_dir": model_dir, "reconstruction_png": recon, "fusion_plot": plot,
+                               "fusion_weights": final_w}
+        if r.publish.zoo and r.publish.tag:
+            from ..zoo.home import entry_dir
+
+            out["zoo_entry"] = export_model_folder(entry_dir(m.arch, r.publish.tag), m.arch, m.encoder_kwargs(),
+                                                   ctx.state_dict, meta)
+            _logger.info("published %s.%s -> %s", m.arch, r.publish.tag, out["zoo_entry"])
+        else:
+            _logger.info("not published to the zoo (publish.tag is null); weights in %s", model_dir)
+        return out
+
+    def provenance(self, ctx: RunContext, fusion_weights: Sequence[float] | None) -> dict[str, Any]:
+        from ..zoo.home import git_commit
+
+        r = self.recipe
+        return {
+            "recipe_name": r.name, "recipe": to_dict(r), "tag": r.publish.tag, "epochs": ctx.epoch,
+            "global_step": ctx.global_step, "images_seen": ctx.images_seen,
+            "data": {"root": r.data.root, "dataset": r.data.dataset or "folder", "split": r.data.split,
+                     "num_images": len(ctx.dataset), "augment": r.data.augment, "unreadable_skipped": ctx.bad_images},
+            "final_loss": ctx.last_loss, "method": "mae" if r.model.is_mae else "mff",
+            "fusion_layers": r.model.fusion_layers, "fusion_weights": list(fusion_weights or []),
+            "world_size": ctx.env.world_size, "device": str(ctx.env.device), "wall_time_s": round(ctx.wall_s, 1),
+            "git_commit": git_commit(Path(__file__).parent),
+        }
+
+
+def train(
+    recipe: PretrainRecipe | str | os.PathLike[str] | dict[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    task: Task | None = None,
+) -> TrainResult:
+    """Pretrain per ``recipe`` (a :class:`PretrainRecipe`, a YAML path/name, or a mapping) + ``key=value``
+    overrides. Works single-process and under ``torchrun``; returns on rank 0 and on every other rank."""
+    if not isinstance(recipe, PretrainRecipe):
+        recipe = load_recipe(recipe, list(overrides))
+    elif overrides:
+        from ..config import load_config
+
+        recipe = load_config(PretrainRecipe, to_dict(recipe), list(overrides))
+    return run(recipe, task or PretrainTask(recipe), output_dir)

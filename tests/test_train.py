@@ -1,0 +1,342 @@
+"""Pretraining engine on a tiny model and the tiny demo dataset: loss goes down, every artefact is real and loads,
+resume is exact, a corrupt checkpoint falls back, NaN stops cleanly, unreadable images are counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from mffzoo.cli.main import main
+from mffzoo.data import write_demo_dataset
+from mffzoo.errors import DataError
+from mffzoo.train import PretrainTask, TrainingDiverged, train
+from mffzoo.train.checkpoint import CheckpointManager
+from mffzoo.train.data import GlobalBatchSampler
+from mffzoo.train.metrics import read_metrics
+from mffzoo.train.recipe import load_recipe
+from mffzoo.zoo import convert_checkpoint, load_checkpoint_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """img 32 / patch 8 / 64 wide / 4 blocks, three fused levels; fp32 so runs are bit-exact."""
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "model": dict(arch="mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                      fusion_layers=[0, 1, 3], decoder_dim=32, decoder_depth=1, decoder_heads=4),
+        "data": dict(root=str(root), num_workers=0),
+        "train": dict(epochs=3, batch_size=8, batch_per_device=4, precision="fp32", cpu_threads=1),
+        "optim": dict(lr=2e-3, warmup_epochs=0),
+        "checkpoint": dict(every_steps=2, keep_last=20),
+        "log": dict(every_steps=2, vis_every_epochs=1, vis_images=4),
+        "publish": dict(tag="tinytest"),
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def write_yaml(recipe: dict[str, Any], path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=8,
+                              val_per_class=2, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def zoo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="module")
+def finished(data_root: Path, zoo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MFFZOO_HOME", str(zoo_home))
+    try:
+        yield train(tiny_recipe(data_root), output_dir=tmp_path_factory.mktemp("runs") / "tiny")
+    finally:
+        mp.undo()
+
+
+def final_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = CheckpointManager(run_dir / "checkpoints").list()[0]
+    return load_checkpoint_file(last)["model"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------------- one run, checked
+def test_training_reduces_loss(finished: Any) -> None:
+    assert finished.completed and finished.stop_reason == "finished"
+    assert (finished.epoch, finished.global_step, finished.total_steps) == (3, 12, 12)
+    losses = [r["loss"] for r in read_metrics(finished.run_dir)]
+    assert len(losses) == 6
+    assert losses[-1] < 0.9 * losses[0], losses
+    rec = read_metrics(finished.run_dir)[-1]
+    assert len(rec["fusion_weights"]) == 3 and abs(sum(rec["fusion_weights"]) - 1) < 1e-4
+    assert rec["img_s"] > 0 and rec["mem_mb"] > 0 and rec["lr"] > 0
+
+
+def test_run_directory_holds_resolved_recipe_and_summary(finished: Any) -> None:
+    r = load_recipe(finished.run_dir / "recipe.yaml")
+    assert r.model.fusion_layers == [0, 1, 3] and r.model.depth == 4 and r.train.batch_size == 8
+    summary = json.loads((finished.run_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["global_step"] == 12 and summary["images_seen"] == 96
+
+
+def test_checkpoints_are_safe_plain_data_and_convertible(finished: Any, tmp_path: Path) -> None:
+    files = CheckpointManager(finished.run_dir / "checkpoints").list()
+    assert [int(p.stem.split("-")[1]) for p in files] == [12, 10, 8, 6, 4, 2]
+    ck = load_checkpoint_file(files[0])  # weights_only=True: no custom classes inside
+    assert ck["arch"] == "mff_vit_small_patch16_224" and ck["model_args"]["num_heads"] == 4
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (3, 0, 12)
+    assert isinstance(ck["recipe"], dict) and ck["recipe"]["model"]["depth"] == 4
+    assert any(k.startswith("fusion.proj.") for k in ck["model"]) and "decoder_pred.weight" in ck["model"]
+    out = convert_checkpoint(files[0], tmp_path / "conv")
+    import timm
+
+    m = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert_same_state({f"encoder.{k}": v for k, v in m.state_dict().items()},
+                      {k: v for k, v in ck["model"].items() if k.startswith("encoder.")})
+
+
+def test_figures_are_valid_pngs(finished: Any) -> None:
+    pngs = sorted((finished.run_dir / "vis").glob("reconstruction_epoch*.png"))
+    assert [p.name for p in pngs] == [f"reconstruction_epoch000{i}.png" for i in (1, 2, 3)]
+    for p in [*pngs, finished.run_dir / "fusion_weights.png"]:
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 100  # not a blank canvas
+    assert finished.extra["fusion_plot"] == finished.run_dir / "fusion_weights.png"
+
+
+def test_tensorboard_events_when_installed(finished: Any) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finished.run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert "train/fusion_weights/2" in events.Tags()["scalars"]
+
+
+def test_published_to_zoo_and_loads_with_timm(finished: Any, zoo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    monkeypatch.setenv("MFFZOO_HOME", str(zoo_home))
+    entry = zoo_home / "mff_vit_small_patch16_224.tinytest"
+    assert finished.extra["zoo_entry"] == entry
+    meta = json.loads((entry / "mffzoo.json").read_text())
+    assert meta["recipe"]["model"]["depth"] == 4 and meta["epochs"] == 3 and meta["final_loss"] > 0
+    assert "git_commit" in meta and meta["mffzoo_version"] and meta["data"]["num_images"] == 32
+    m = timm.create_model("mff_vit_small.tinytest", pretrained=True)
+    assert m.patch_embed.img_size == (32, 32) and len(m.blocks) == 4
+    trained = {k[len("encoder."):]: v for k, v in final_model_state(finished.run_dir).items()
+               if k.startswith("encoder.")}
+    assert_same_state(m.state_dict(), trained)
+
+
+def test_push_lays_out_a_timm_hub_repo(finished: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import timm
+
+    out = tmp_path / "hub"
+    main(["push", str(finished.run_dir), "--repo", "me/mff-tiny", "--local-dir", str(out)])
+    assert "wrote" in capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "README.md", "recipe.yaml", "reconstruction.png",
+            "fusion_weights.png"} <= names
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm") and "hf-hub:me/mff-tiny" in card and "final loss" in card
+    assert json.loads((out / "config.json").read_text())["architecture"] == "vit_small_patch16_224"
+    m = timm.create_model(f"local-dir:{out}", pretrained=True)
+    ref = timm.create_model(f"local-dir:{finished.run_dir / 'model'}", pretrained=True)
+    assert_same_state(m.state_dict(), ref.state_dict())
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(finished.run_dir), "--repo", "not a repo", "--local-dir", str(tmp_path / "x")])
+    assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------- resume
+def test_corrupt_newest_checkpoint_falls_back_and_resume_is_exact(
+    finished: Any, data_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(finished.run_dir, run)
+    newest = CheckpointManager(run / "checkpoints").list()[0]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated mid-write
+    with caplog.at_level("WARNING", logger="mffzoo.train"):
+        res = train(tiny_recipe(data_root, publish={"tag": None}), output_dir=run)
+    assert "corrupt or truncated" in caplog.text and "falling back" in caplog.text
+    assert res.completed and res.global_step == 12
+    # trained steps 11-12 again from checkpoint 10: bit-identical to the uninterrupted run
+    assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
+
+
+def test_sampler_resumes_mid_epoch_and_splits_global_batches() -> None:
+    full = GlobalBatchSampler(32, 8, 4, seed=3)
+    full.set_epoch(2)
+    items = list(full)
+    part = GlobalBatchSampler(32, 8, 4, seed=3)
+    part.set_epoch(2, start_step=1)
+    assert list(part) == items[8:]
+    ranks = [GlobalBatchSampler(32, 8, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(2)
+    r0, r1 = list(ranks[0]), list(ranks[1])
+    for step in range(4):  # each optimizer step sees the same 8 samples on 1 or 2 processes
+        assert sorted(r0[4 * step:4 * step + 4] + r1[4 * step:4 * step + 4]) == sorted(items[8 * step:8 * step + 8])
+
+
+# --------------------------------------------------------------------------------------------- failures
+class NaNAfter(PretrainTask):
+    """Real training whose loss turns NaN from optimizer step ``bad_step`` on (micro-batches are counted)."""
+
+    def __init__(self, recipe: Any, bad_step: int, accum: int) -> None:
+        super().__init__(recipe)
+        self.calls, self.first_bad_call = 0, (bad_step - 1) * accum
+
+    def step(self, model: Any, batch: Any) -> Any:
+        loss, metrics = super().step(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls > self.first_bad_call else loss), metrics
+
+
+def test_nan_loss_stops_naming_the_step(data_root: Path, tmp_path: Path) -> None:
+    r = load_recipe(tiny_recipe(data_root, log={"every_steps": 3, "vis_images": 0}, checkpoint={"every_steps": 2}))
+    with pytest.raises(TrainingDiverged) as info:
+        train(r, output_dir=tmp_path / "run", task=NaNAfter(r, bad_step=5, accum=2))
+    msg = str(info.value)
+    assert "\n" not in msg and "loss is nan at step 5 (epoch 2)" in msg and "checkpoint-00000004.pth" in msg
+    assert info.value.exit_code == 1
+    ckpts = CheckpointManager(tmp_path / "run" / "checkpoints").list()
+    assert [p.name for p in ckpts] == ["checkpoint-00000004.pth", "checkpoint-00000002.pth"]
+    state = load_checkpoint_file(ckpts[0])["model"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_unreadable_images_are_skipped_counted_or_fatal(data_root: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    victim = sorted((root / "train").rglob("*.png"))[5]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    recipe = tiny_recipe(root, train={"epochs": 1}, data={"max_bad_fraction": 0.05}, publish={"tag": None},
+                         log={"vis_images": 0})
+    with caplog.at_level("WARNING", logger="mffzoo.train"):
+        res = train(recipe, output_dir=tmp_path / "ok")
+    assert res.completed and victim.name in caplog.text
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text())["bad_images"] == 1
+    recipe["data"]["max_bad_fraction"] = 0.0
+    with pytest.raises(DataError) as info:
+        train(recipe, output_dir=tmp_path / "strict")
+    assert "\n" not in str(info.value) and victim.name in str(info.value) and "max_bad_fraction" in str(info.value)
+
+
+def test_empty_or_missing_data_is_a_data_error(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    for root, match in ((tmp_path / "empty", "cannot read dataset"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(DataError, match=match):
+            train(tiny_recipe(root), output_dir=tmp_path / "run")
+
+
+# --------------------------------------------------------------------------------------------- subprocess runs
+def _env(zoo: Path) -> dict[str, str]:
+    # One thread everywhere: identical float reduction order in every run compared bit for bit.
+    return {**os.environ, "MFFZOO_HOME": str(zoo), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "mffzoo", "train", str(recipe), "--output", str(out)]
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ckpts: Path, at_least: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.stem.split("-")[1]) for p in ckpts.glob("checkpoint-*.pth")] if ckpts.is_dir() else []
+        if steps and max(steps) >= at_least:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root: Path, tmp_path: Path) -> None:
+    # 4 epochs x 4 steps, a checkpoint every 3 steps: the kill lands mid-epoch, after a mid-epoch checkpoint.
+    recipe = write_yaml(tiny_recipe(data_root, train={"epochs": 4}, checkpoint={"every_steps": 3, "keep_last": 3},
+                                    log={"vis_every_epochs": 0, "vis_images": 0}, publish={"tag": None}),
+                        tmp_path / "tiny.yaml")
+    env = _env(tmp_path / "zoo")
+    ref = subprocess.run(_train_cmd(recipe, tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+
+    proc = subprocess.Popen(_train_cmd(recipe, tmp_path / "killed"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, tmp_path / "killed" / "checkpoints", at_least=3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint_file(CheckpointManager(tmp_path / "killed" / "checkpoints").list()[0])
+    assert state["global_step"] < 16 and not (tmp_path / "killed" / "model").exists(), "run finished before the kill"
+
+    res = subprocess.run(_train_cmd(recipe, tmp_path / "killed"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming from {tmp_path / 'killed' / 'checkpoints'}" in res.stderr
+    assert_same_state(final_model_state(tmp_path / "killed"), final_model_state(tmp_path / "ref"))
+    ref_opt = load_checkpoint_file(CheckpointManager(tmp_path / "ref" / "checkpoints").list()[0])["optimizer"]
+    got_opt = load_checkpoint_file(CheckpointManager(tmp_path / "killed" / "checkpoints").list()[0])["optimizer"]
+    for k, v in ref_opt["state"].items():
+        assert torch.equal(v["exp_avg_sq"], got_opt["state"][k]["exp_avg_sq"]), k
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed")]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # history has no repeated steps after the resume
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_root: Path, tmp_path: Path) -> None:
+    recipe = write_yaml(tiny_recipe(data_root, train={"epochs": 40}, checkpoint={"every_steps": 5},
+                                    log={"vis_every_epochs": 0, "vis_images": 0}, publish={"tag": None}),
+                        tmp_path / "tiny.yaml")
+    proc = subprocess.Popen(_train_cmd(recipe, tmp_path / "run"), env=_env(tmp_path / "zoo"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", at_least=5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "SIGTERM received: saving a checkpoint at step" in err
+    assert "stopped by SIGTERM at step" in out and "rerun the same command to resume" in out
+    newest = CheckpointManager(tmp_path / "run" / "checkpoints").list()[0]
+    state = load_checkpoint_file(newest)
+    assert newest.name == f"checkpoint-{state['global_step']:08d}.pth" and 5 <= state["global_step"] < 160
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "sigterm" and not summary["completed"]
