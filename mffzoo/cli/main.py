@@ -20,6 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("mffzoo.cli.zoo", "zoo"),
     "convert": ("mffzoo.cli.zoo", "convert"),
     "data": ("mffzoo.cli.zoo", "data"),
+    "export": ("mffzoo.cli.export", "export"),
+    "bench": ("mffzoo.cli.bench", "bench"),
+    "train": ("mffzoo.cli.train", "train"),
+    "push": ("mffzoo.cli.train", "push"),
+    "eval": ("mffzoo.cli.evaluate", "eval_group"),
+    "analyze": ("mffzoo.cli.evaluate", "analyze"),
+    "reproduce": ("mffzoo.cli.evaluate", "reproduce"),
 }
 
 

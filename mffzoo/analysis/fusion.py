@@ -1,0 +1,196 @@
+"""The learned fusion weights of MFF: how much each encoder level contributes to what the decoder sees.
+
+The paper reads these softmax weights to show that the shallow levels take a real share of the reconstruction
+(the capacity MAE wastes on pixel detail in its last layer). Sources: a training checkpoint (any format
+``mffzoo.zoo.convert_state_dict`` maps, mmpretrain's included), a zoo folder published with
+``pretrain_extras.safetensors``, or a run directory, which also gives the weights' evolution over training
+from the ``fusion_weights`` field of its ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["fusion_weights", "fusion_history", "fusion_report", "plot_fusion"]
+
+_CKPT = re.compile(r"checkpoint-(\d+)\.pth\Z")
+
+
+def _find_fusion_layers(*sources: Any) -> list[int] | None:
+    """``fusion_layers`` from a checkpoint's recipe dict or a zoo entry's metadata, wherever it was recorded."""
+    for src in sources:
+        if not isinstance(src, Mapping):
+            continue
+        for path in (("fusion_layers",), ("model", "fusion_layers"), ("recipe", "model", "fusion_layers"),
+                     ("model_args", "fusion_layers")):
+            node: Any = src
+            for k in path:
+                node = node.get(k) if isinstance(node, Mapping) else None
+            if isinstance(node, (list, tuple)) and node and all(isinstance(i, int) for i in node):
+                return [int(i) for i in node]
+    return None
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("checkpoint-*.pth")
+             if (m := _CKPT.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _from_checkpoint(path: Path) -> tuple[torch.Tensor, list[int] | None]:
+    from ..zoo import convert_state_dict, load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
+    conv = convert_state_dict(ckpt)
+    if "fusion.weights" not in conv.extras:
+        raise CheckpointError(f"'{path}' has no fusion weights: it is not an MFF/MAE pretraining checkpoint "
+                              "(backbone-only and fine-tuned weights drop them)")
+    return conv.extras["fusion.weights"], _find_fusion_layers(ckpt, conv.meta)
+
+
+def _from_zoo_folder(folder: Path) -> tuple[torch.Tensor, list[int] | None]:
+    from ..zoo import load_checkpoint_file
+    from ..zoo.home import EXTRAS_NAME, META_NAME
+
+    extras = folder / EXTRAS_NAME
+    if not extras.is_file():
+        raise CheckpointError(f"zoo folder '{folder}' has no {EXTRAS_NAME} (it was published without the fusion "
+                              "weights); pass the training checkpoint or run directory instead, or re-publish "
+                              "with `mffzoo convert --keep-extras`")
+    sd = load_checkpoint_file(extras)
+    if "fusion.weights" not in sd:
+        raise CheckpointError(f"'{extras}' holds no fusion.weights; it is not an MFF pretraining extras file")
+    meta: dict[str, Any] = {}
+    if (folder / META_NAME).is_file():
+        try:
+            meta = json.loads((folder / META_NAME).read_text())
+        except ValueError:
+            meta = {}
+    return sd["fusion.weights"].reshape(-1), _find_fusion_layers(meta)
+
+
+def _run_recipe(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    for name in ("recipe.yaml", "config.yaml"):
+        p = run_dir / name
+        if p.is_file():
+            try:
+                data = yaml.safe_load(p.read_text())
+                return data if isinstance(data, dict) else {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+
+
+def fusion_history(run_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
+    """``{"step": [...], "epoch": [...], "weights": [[w_0..w_K-1], ...]}`` from ``RUN/metrics.jsonl``."""
+    from ..train.metrics import read_metrics
+
+    steps, epochs, weights = [], [], []
+    for rec in read_metrics(run_dir, "train"):
+        w = rec.get("fusion_weights")
+        if isinstance(w, list) and w:
+            steps.append(int(rec.get("step", len(steps))))
+            epochs.append(rec.get("epoch"))
+            weights.append([float(v) for v in w])
+    return {"step": steps, "epoch": epochs, "weights": weights}
+
+
+def fusion_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Softmax fusion weights (and the block index of each level, when recorded) of a checkpoint/folder/run."""
+    from ..zoo.home import EXTRAS_NAME
+
+    p = Path(source).expanduser()
+    history: dict[str, list[Any]] | None = None
+    if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()):
+        history = fusion_history(p)
+        ckpt = _newest_checkpoint(p)
+        layers = _find_fusion_layers(_run_recipe(p))
+        if ckpt is not None:
+            raw, found = _from_checkpoint(ckpt)
+            w = torch.softmax(raw.float(), dim=0).tolist()
+            layers = found or layers
+            origin = str(ckpt)
+        elif history["weights"]:
+            w = history["weights"][-1]  # the log records softmax weights already
+            origin = str(p / "metrics.jsonl")
+        else:
+            raise CheckpointError(f"run directory '{p}' has neither checkpoints nor fusion weights in metrics.jsonl")
+    elif p.is_dir():
+        raw, layers = _from_zoo_folder(p)
+        w = torch.softmax(raw.float(), dim=0).tolist()
+        origin = str(p / EXTRAS_NAME)
+    elif p.is_file():
+        raw, layers = _from_checkpoint(p)
+        w = torch.softmax(raw.float(), dim=0).tolist()
+        origin = str(p)
+    else:
+        raise CheckpointError(f"'{source}' is not a checkpoint file, zoo folder or run directory; check the path")
+    if layers is not None and len(layers) != len(w):
+        layers = None  # recorded layers disagree with the tensor: label by level instead of guessing
+    return {"source": str(source), "weights_from": origin, "fusion_layers": layers, "weights": w,
+            "history": history}
+
+
+def fusion_report(sources: list[str | os.PathLike[str]]) -> dict[str, Any]:
+    return {"models": {str(s): fusion_weights(s) for s in sources}}
+
+
+def _level_names(m: Mapping[str, Any]) -> list[str]:
+    layers = m.get("fusion_layers")
+    return [f"block {i}" for i in layers] if layers else [f"level {i}" for i in range(len(m["weights"]))]
+
+
+def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Bar chart of the final weights per source; for run directories, a second panel with their evolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    with_hist = [k for k, m in models.items() if m.get("history") and m["history"]["weights"]]
+    ncols = len(models) + len(with_hist)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.0 * ncols + 0.5, 3.6), squeeze=False, layout="constrained")
+    col = 0
+    for label, m in models.items():
+        names = _level_names(m)
+        short = label if len(label) < 40 else "..." + label[-37:]
+        ax = axes[0][col]
+        col += 1
+        bars = ax.bar(range(len(names)), m["weights"], color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.axhline(1.0 / len(names), color="grey", linestyle="--", linewidth=0.8, label="uniform (init)")
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_ylabel("softmax weight")
+        ax.set_title(f"fusion weights: {short}", fontsize=9)
+        ax.legend(fontsize=7)
+        if label in with_hist:
+            ax = axes[0][col]
+            col += 1
+            h = m["history"]
+            series = torch.tensor(h["weights"]).T.tolist()
+            for i, ys in enumerate(series):
+                ax.plot(h["step"], ys, color=f"C{i}", label=names[i] if i < len(names) else f"level {i}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("softmax weight")
+            ax.set_title("over training", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

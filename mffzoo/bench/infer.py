@@ -1,0 +1,361 @@
+"""``mffzoo bench infer``: inference latency and throughput per backend, against PyTorch eager fp32.
+
+Every backend gets the same inputs (real demo images, preprocessed for the model) in the same process. Calls
+are interleaved (one call of every backend, then the next ...) so that load from other processes on a shared
+machine hits all backends alike; the spread of the per-round throughput is reported. Warm-up calls (and torch.compile's
+compilation, ONNX export, quantisation, engine builds) are excluded. Each backend's output is compared with
+eager fp32 through the export parity code and judged by the same per-precision gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..export.api import load_export_model
+from ..export.inputs import default_image_root, load_images, model_img_size
+from ..export.parity import compare, gate_failures
+from ..export.profile import ExportProfile, GateSet
+from ..export.sidecar import tool_versions, write_json
+from ..export.wrappers import ExportModule, resolve_features
+
+__all__ = ["BACKENDS", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
+
+_logger = logging.getLogger("mffzoo")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    device: str  # "cpu" | "cuda"
+    precision: str  # gate used for its parity vs eager fp32
+    kind: str  # "torch" | "onnxruntime" | "tensorrt"
+    description: str
+    exported: bool = False
+
+
+BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
+    BackendSpec("eager", "cpu", "fp32", "torch", "PyTorch eager fp32 (the peer)"),
+    BackendSpec("eager-bf16", "cpu", "bf16", "torch", "PyTorch eager, torch.autocast bf16 (AMX on this CPU)"),
+    BackendSpec("compile", "cpu", "fp32", "torch", "torch.compile (inductor) fp32"),
+    BackendSpec("ort-fp32", "cpu", "fp32", "onnxruntime", "ONNX Runtime CPU, fp32 ONNX", True),
+    BackendSpec("ort-fp16", "cpu", "fp16", "onnxruntime", "ONNX Runtime CPU, fp16-compute ONNX", True),
+    BackendSpec("ort-int8", "cpu", "int8", "onnxruntime", "ONNX Runtime CPU, int8 dynamic (per-channel)", True),
+    BackendSpec("ort-int8-static", "cpu", "int8", "onnxruntime",
+                "ONNX Runtime CPU, int8 static QDQ (calibrated on demo images)", True),
+    BackendSpec("cuda-eager", "cuda", "fp32", "torch", "PyTorch eager fp32 on the GPU (TF32 off)"),
+    BackendSpec("cuda-fp16", "cuda", "fp16", "torch", "PyTorch eager, weights and compute in fp16"),
+    BackendSpec("cuda-bf16", "cuda", "bf16", "torch", "PyTorch eager, weights and compute in bf16"),
+    BackendSpec("cuda-compile-fp16", "cuda", "fp16", "torch", "torch.compile (inductor), fp16"),
+    BackendSpec("trt-fp16", "cuda", "fp16", "tensorrt", "TensorRT engine from the fp16 ONNX", True),
+    BackendSpec("trt-fp32", "cuda", "fp32", "tensorrt", "TensorRT engine from the fp32 ONNX, TF32 off", True),
+)}
+
+
+def available_backends() -> dict[str, str | None]:
+    """Backend -> None when it runs here, else the reason it does not."""
+    why: dict[str, str | None] = {"torch": None}
+    try:
+        import onnxruntime  # noqa: F401
+
+        why["onnxruntime"] = None
+    except ImportError:
+        why["onnxruntime"] = "onnxruntime is not installed (pip install 'mffzoo[onnx]')"
+    cuda = None if torch.cuda.is_available() else "no CUDA GPU"
+    why["tensorrt"] = cuda
+    if cuda is None:
+        try:
+            import tensorrt  # noqa: F401
+        except Exception:  # ImportError, or the PyPI stub failing at import
+            why["tensorrt"] = "tensorrt is not installed (pip install 'mffzoo[gpu]' on an NVIDIA GPU machine)"
+    return {b.name: (cuda if b.device == "cuda" and cuda else why[b.kind]) for b in BACKENDS.values()}
+
+
+@dataclass
+class BackendResult:
+    name: str
+    device: str
+    precision: str
+    description: str
+    latency_ms_p50: float
+    latency_ms_p90: float
+    throughput: float  # img/s at the bench batch: batch / median call time over all rounds
+    throughput_rounds: list[float]  # per-round img/s (the spread)
+    ratio_vs_peer: float | None = None
+    ratio_rounds: list[float] = field(default_factory=list)  # per-round ratio: robust to load drifting between rounds
+    parity: dict[str, Any] = field(default_factory=dict)
+    setup_s: float = 0.0
+
+
+@dataclass
+class InferBenchResult:
+    meta: dict[str, Any]
+    results: list[BackendResult]
+    skipped: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "results": [dataclasses.asdict(r) for r in self.results], "skipped": self.skipped}
+
+    def table(self) -> tuple[list[list[str]], list[str]]:
+        b = self.meta["batch"]
+        rows = []
+        for r in self.results:
+            p = r.parity
+            par = "peer" if p.get("peer") else f"cos {p['cosine']:.6f}, max {p['max_abs']:.1e}"
+            gate = "" if p.get("peer") else ("pass" if not p["failures"] else "FAIL " + "; ".join(p["failures"]))
+            lo, hi = min(r.throughput_rounds), max(r.throughput_rounds)
+            ratio = "-" if r.ratio_vs_peer is None else f"{r.ratio_vs_peer:.2f}x"
+            if len(r.ratio_rounds) > 1 and not p.get("peer"):
+                ratio += f" ({min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f})"
+            rows.append([r.name, r.device, f"{r.latency_ms_p50:.1f}", f"{r.latency_ms_p90:.1f}", f"{r.throughput:.1f}",
+                         f"{lo:.1f}-{hi:.1f}", ratio, par, gate])
+        return rows, ["backend", "device", "b1 p50 ms", "b1 p90 ms", f"img/s b{b}", "spread", "vs eager (rounds)",
+                      f"parity vs {self.meta['parity_reference']}", "gate"]
+
+    def notes(self) -> list[str]:
+        m = self.meta
+        weights = "random-init weights: speed does not depend on them" if m["random_init"] else "trained weights"
+        gpu = f"; gpu: {m['machine']['gpu']}" if m["machine"].get("gpu") else ""
+        out = [f"model {m['model']} ({weights}), {m['img_size'][0]}px, {m['threads']} threads, {m['rounds']} "
+               f"interleaved rounds x {m['iters']} calls; cpu: {m['machine']['cpu']}{gpu}"]
+        exported = [r for r in self.results if BACKENDS[r.name].exported and r.ratio_vs_peer is not None
+                    and not r.parity.get("failures")]
+        if exported:
+            best = max(exported, key=lambda r: r.throughput)
+            out.append(f"best exported backend passing its gate: {best.name} at {best.ratio_vs_peer:.2f}x "
+                       f"{'cuda-eager' if best.device == 'cuda' else 'eager'} fp32 throughput")
+        for k, why in self.skipped.items():
+            out.append(f"skipped {k}: {why}")
+        return out
+
+
+class _Backend:
+    """prepare(numpy) -> device input; run(input) -> output tensor/array; sync() waits for the device."""
+
+    def __init__(self, run: Callable[[Any], Any], prepare: Callable[[np.ndarray], Any], device: str) -> None:
+        self.run, self.prepare, self.device = run, prepare, device
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def numpy(self, out: Any) -> np.ndarray:
+        return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+
+
+def _torch_backend(module: torch.nn.Module, device: str, autocast: torch.dtype | None = None) -> _Backend:
+    module = module.to(device).eval()
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            return module(x)
+
+    return _Backend(run, lambda a: torch.from_numpy(a).to(device), device)
+
+
+def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: int,
+           calib: np.ndarray) -> _Backend:
+    from ..export.onnx import OrtRunner, export_onnx
+
+    img = model_img_size(fp32)
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if name == "eager":
+        return _torch_backend(ExportModule(fp32, features), "cpu")
+    if name == "eager-bf16":
+        return _torch_backend(ExportModule(fp32, features), "cpu", autocast=torch.bfloat16)
+    if name == "compile":
+        return _torch_backend(torch.compile(ExportModule(fp32, features), dynamic=False), "cpu")
+    if name == "cuda-eager":
+        return _torch_backend(ExportModule(copy.deepcopy(fp32), features), "cuda")
+    if name in ("cuda-fp16", "cuda-bf16"):
+        return _torch_backend(ExportModule(fp32, features, dt[name[-4:]]), "cuda")  # ExportModule copies
+    if name == "cuda-compile-fp16":
+        return _torch_backend(torch.compile(ExportModule(fp32, features, torch.float16).cuda(), dynamic=False), "cuda")
+
+    def onnx_file(precision: str) -> Path:
+        path = tmp / f"{precision}.onnx"
+        if not path.exists():
+            export_onnx(ExportModule(fp32, features, dt.get(precision, torch.float32)), path, img_size=img,
+                        input_name="pixel_values", output_name="output", batch_min=1, batch_max=64, slim=True)
+        return path
+
+    if name.startswith("ort-"):
+        precision = name.split("-")[1]
+        path = onnx_file("fp32" if precision == "int8" else precision)
+        if precision == "int8":
+            from ..export.quantize import quantize_onnx
+
+            static = name.endswith("static")
+            path = quantize_onnx(path, tmp / f"{name}.onnx", mode="static" if static else "dynamic",
+                                 calibration=calib if static else None, per_channel=True)
+        runner = OrtRunner(path, threads=threads, providers=["CPUExecutionProvider"])
+        return _Backend(runner, lambda a: np.ascontiguousarray(a), "cpu")
+    if name.startswith("trt-"):
+        from ..export.trt import TrtRunner, build_engine
+
+        precision = name.split("-")[1]
+        engine = tmp / f"{name}.engine"
+        build_engine(onnx_file(precision), engine, input_name="pixel_values", img_size=img, batch=(1, 8, 64))
+        trt_runner = TrtRunner(engine)
+        return _Backend(trt_runner.run_torch, lambda a: torch.from_numpy(a).cuda(), "cuda")
+    raise ConfigError(f"unknown backend '{name}'")
+
+
+def _time_calls(b: _Backend, x: Any, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        b.run(x)
+        b.sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """TF32 off on the GPU, so fp32 backends are compared as fp32."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_infer_bench(
+    model: str,
+    *,
+    random_init: bool = False,
+    batch: int = 8,
+    backends: list[str] | None = None,
+    rounds: int = 3,
+    iters: int = 10,
+    threads: int | None = None,
+    img_size: int | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+    model_args: dict[str, Any] | None = None,
+    images: str | os.PathLike[str] | None = None,
+) -> InferBenchResult:
+    """Measure every backend in ``backends`` (default: all that run here) on the same inputs, interleaved."""
+    if batch < 1 or rounds < 1 or iters < 1:
+        raise ConfigError(f"--batch, --rounds and --iters must be >= 1, got {batch}, {rounds}, {iters}")
+    avail = available_backends()
+    names = backends or [n for n, why in avail.items() if why is None]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise ConfigError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
+    skipped = {n: avail[n] for n in names if avail[n]}
+    if backends and skipped:
+        n = next(iter(skipped))
+        raise ConfigError(f"backend '{n}' cannot run here: {skipped[n]}; drop it from --backends")
+    names = [n for n in names if not avail[n]]
+    # each device's peer (eager fp32) always runs, first: ratios and parity are against it
+    devices = {BACKENDS[n].device for n in names}
+    peers = [p for p, dev in (("eager", "cpu"), ("cuda-eager", "cuda")) if dev in devices]
+    names = peers + [n for n in names if n not in peers]
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+    prof = ExportProfile(model=model, random_init=random_init, img_size=img_size, model_args=dict(model_args or {}))
+    fp32 = load_export_model(prof)
+    features = resolve_features("auto", fp32)
+    classifier = features == "logits"
+    root = images or default_image_root()
+    xb = load_images(root, batch, fp32)
+    x1 = xb[:1].copy()
+    calib = load_images(root, 32, fp32)
+    gates = GateSet()
+
+    built: dict[str, _Backend] = {}
+    setup: dict[str, float] = {}
+    inputs: dict[str, tuple[Any, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="mffzoo-bench-") as tmpdir, _strict_fp32():
+        for n in names:
+            t = time.perf_counter()
+            _logger.info("bench: preparing %s", n)
+            b = _build(n, fp32, features, Path(tmpdir), threads, calib)
+            inputs[n] = (b.prepare(x1), b.prepare(xb))
+            for x in inputs[n]:  # warm-up (and compilation), excluded
+                for _ in range(2):
+                    b.run(x)
+                b.sync()
+            built[n] = b
+            setup[n] = time.perf_counter() - t
+        ref_name = names[0]
+        ref = built[ref_name].numpy(built[ref_name].run(inputs[ref_name][1]))
+        lat: dict[str, list[float]] = {n: [] for n in names}
+        thr: dict[str, list[float]] = {n: [] for n in names}
+        per_round: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            _logger.info("bench: round %d/%d", r + 1, rounds)
+            # call by call across backends: load from other processes drifts slowly, so each backend sees it alike
+            for which, store in ((0, lat), (1, thr)):
+                cur: dict[str, list[float]] = {n: [] for n in names}
+                for _ in range(iters):
+                    for n in names:
+                        cur[n] += _time_calls(built[n], inputs[n][which], 1)
+                for n in names:
+                    store[n] += cur[n]
+                    if which:
+                        per_round[n].append(batch / float(np.median(cur[n])))
+        results = []
+        for n in names:
+            spec = BACKENDS[n]
+            out = built[n].numpy(built[n].run(inputs[n][1]))
+            m = compare(out, ref, classifier=classifier)
+            par: dict[str, Any] = {"peer": True} if n == ref_name else {
+                **dataclasses.asdict(m), "failures": gate_failures(m, gates.for_precision(spec.precision))}
+            results.append(BackendResult(
+                name=n, device=spec.device, precision=spec.precision, description=spec.description,
+                latency_ms_p50=float(np.percentile(lat[n], 50) * 1e3),
+                latency_ms_p90=float(np.percentile(lat[n], 90) * 1e3),
+                throughput=batch / float(np.median(thr[n])), throughput_rounds=per_round[n], parity=par,
+                setup_s=round(setup[n], 2)))
+    peers = {r.device: r for r in results if r.name in ("eager", "cuda-eager")}
+    for r in results:
+        if r.device in peers:
+            peer = peers[r.device]
+            r.ratio_vs_peer = r.throughput / peer.throughput
+            r.ratio_rounds = [a / b for a, b in zip(r.throughput_rounds, peer.throughput_rounds)]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    meta = {
+        "command": "mffzoo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("mffzoo", "__main__.py") else None,
+        "model": model, "architecture": (fp32.pretrained_cfg or {}).get("architecture"), "random_init": random_init,
+        "features": features, "batch": batch, "img_size": list(model_img_size(fp32)), "threads": threads,
+        "rounds": rounds, "iters": iters, "inputs": f"{batch} demo images from {root}",
+        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "gpu": gpu}, "tools": tool_versions(),
+        "peer": "PyTorch eager fp32 of the same device (eager, cuda-eager)", "parity_reference": ref_name,
+        "gates": dataclasses.asdict(gates), "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    result = InferBenchResult(meta, results, {} if backends else {k: v for k, v in avail.items() if v})
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_path, result.to_dict())
+    return result

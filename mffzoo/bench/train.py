@@ -1,0 +1,497 @@
+"""Training throughput: one MFF pretraining step against Hugging Face ``ViTMAEForPreTraining``.
+
+The peer is what a user would pick instead of mffzoo: ``transformers.ViTMAEForPreTraining`` built with the same
+dimensions (encoder, 512x8 decoder, mask 0.75, norm_pix) and run with *its* defaults (fp32, its default attention
+implementation). mffzoo runs with the recipe defaults (:mod:`mffzoo.train.recipe`: bf16 autocast, AdamW with the
+no-decay groups, fused on CUDA). A step is forward + backward + optimizer step on the same random batch; img/s is
+the batch over the median step time after warm-up. Speed claims are the ``ratio`` column (mffzoo / peer, same
+model size, same run, same machine), never absolute numbers from another day.
+
+Every configuration runs in a fresh subprocess: on CPU the peak resident memory (``VmHWM``) is per process and
+the allocator keeps freed pages, so measuring two models in one process would contaminate the second peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ..errors import ConfigError, MffzooError
+
+__all__ = [
+    "SIZES", "DEFAULT_BATCH", "IMPLS", "PEER", "bench_train", "resolve_recipe", "hf_config", "build_model",
+    "count_params", "measure", "add_ratios", "format_results", "print_results",
+]
+
+# Sizes the benchmark knows, and the per-step batch used for every implementation of that size (fits the
+# 24 GB / 2-core dev machine in fp32 and keeps the whole run to a few minutes).
+SIZES = {"s": "mff_vit_small_patch16_224", "b": "mff_vit_base_patch16_224", "l": "mff_vit_large_patch16_224"}
+SIZE_NAMES = {"s": "ViT-S/16", "b": "ViT-B/16", "l": "ViT-L/16"}
+DEFAULT_BATCH = {"s": 16, "b": 8, "l": 4}
+
+IMPLS = {
+    "hf": "HF ViTMAEForPreTraining, its defaults",
+    "mffzoo": "mffzoo MFF, recipe defaults",
+    "mffzoo-mae": "mffzoo MAE mode (fusion_layers=[last]), recipe defaults",
+    "hf-bf16": "HF ViTMAEForPreTraining + bf16 autocast (not its default)",
+}
+PEER = "hf"  # the ratio column divides by this row of the same model size
+DEFAULT_IMPLS = ("hf", "mffzoo", "mffzoo-mae")
+
+# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match wins.
+GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("A100", 312.0),
+    ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+)
+
+_RESULT_MARK = "MFFZOO_BENCH_RESULT "
+
+
+class BenchError(MffzooError):
+    """A benchmark configuration could not run on this machine (e.g. killed for memory)."""
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def resolve_recipe(size: str, overrides: Sequence[str] = (), mae: bool = False) -> Any:
+    """The default pretraining recipe for a size, with ``key=value`` model overrides (e.g. ``depth=4``) checked
+    by the same schema as ``mffzoo train`` — so the benchmarked model is exactly what a recipe builds.
+    ``mae`` switches to the MAE baseline (``fusion_layers=[depth - 1]``)."""
+    from ..config import load_config
+    from ..train.recipe import PretrainRecipe
+
+    if size not in SIZES:
+        raise ConfigError(f"unknown model size '{size}'; allowed: {', '.join(SIZES)} (e.g. --models s,b)")
+    sets = [o if o.startswith("model.") else f"model.{o}" for o in overrides]
+    recipe = load_config(PretrainRecipe, {"model": {"arch": SIZES[size]}}, overrides=sets)
+    if mae:
+        sets.append(f"model.fusion_layers=[{recipe.model.depth - 1}]")
+        recipe = load_config(PretrainRecipe, {"model": {"arch": SIZES[size]}}, overrides=sets)
+    return recipe
+
+
+def hf_config(mc: Any) -> Any:
+    """``ViTMAEConfig`` with the dimensions of a resolved ``ModelConfig`` (MLP ratio 4 as in timm's ViT).
+
+    LayerNorm eps is set to timm's 1e-6 (HF's default is 1e-12): same model, and eps does not change speed."""
+    from transformers import ViTMAEConfig
+
+    return ViTMAEConfig(
+        hidden_size=mc.embed_dim, num_hidden_layers=mc.depth, num_attention_heads=mc.num_heads,
+        intermediate_size=4 * mc.embed_dim, decoder_hidden_size=mc.decoder_dim,
+        decoder_num_hidden_layers=mc.decoder_depth, decoder_num_attention_heads=mc.decoder_heads,
+        decoder_intermediate_size=4 * mc.decoder_dim, mask_ratio=mc.mask_ratio, norm_pix_loss=mc.norm_pix_loss,
+        image_size=mc.img_size, patch_size=mc.patch_size, num_channels=3, layer_norm_eps=1e-6,
+    )
+
+
+def build_model(impl: str, size: str, overrides: Sequence[str] = ()) -> tuple[Any, Callable[[Any], Any], Any]:
+    """(model, loss_fn(images), recipe) for one implementation.
+
+    mffzoo is built and stepped by the training engine's own ``PretrainTask`` (per-sample mask noise included);
+    the peer gets the recipe's model dimensions and computes its own masking, as its users would run it."""
+    if impl not in IMPLS:
+        raise ConfigError(f"unknown implementation '{impl}'; allowed: {', '.join(IMPLS)}")
+    recipe = resolve_recipe(size, overrides, mae=impl == "mffzoo-mae")
+    if impl.startswith("mffzoo"):
+        import torch
+
+        from ..train.data import Batch
+        from ..train.pretrain import PretrainTask
+
+        task = PretrainTask(recipe)
+        model = task.build_model()
+
+        def loss_fn(x: Any) -> Any:
+            n = x.shape[0]
+            seeds = torch.arange(n, dtype=torch.int64)
+            batch = Batch(images=x, targets=torch.full((n,), -1, dtype=torch.int64), seeds=seeds)
+            return task.step(model, batch)[0]
+
+        return model, loss_fn, recipe
+    from transformers import ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining(hf_config(recipe.model))
+    return model, lambda x: model(pixel_values=x).loss, recipe
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(all, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _optimizer(impl: str, model: Any, recipe: Any, batch: int, device: str) -> tuple[Any, str]:
+    """Same AdamW hyper-parameters for both (speed-neutral); each side built the way its user would: mffzoo as
+    the engine does (timm factory, no-decay groups, fused on CUDA), the peer with plain ``torch.optim.AdamW``."""
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    oc = recipe.optim
+    lr = oc.resolved_lr(batch)
+    if impl.startswith("mffzoo"):
+        fused = {"fused": True} if device == "cuda" and oc.opt in ("adamw", "adam") else {}
+        opt = create_optimizer_v2(model, opt=oc.opt, lr=lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
+                                  eps=oc.eps, **fused)
+        return opt, f"timm {oc.opt}" + (" fused" if fused else "")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(oc.betas), eps=oc.eps,
+                            weight_decay=oc.weight_decay)
+    return opt, "torch AdamW"
+
+
+def _amp(impl: str, recipe: Any, device: str) -> tuple[Any, bool]:
+    """(autocast dtype or None, GradScaler?): mffzoo resolves ``train.precision`` as the engine does; the peer
+    runs fp32 unless its (labelled) bf16 row is asked for."""
+    import torch
+
+    from ..train.engine import _precision
+
+    if impl.startswith("mffzoo"):
+        return _precision(recipe.train.precision, torch.device(device))
+    if impl == "hf-bf16" and (device == "cpu" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return None, False
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _gpu_peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in name), None)
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+def _preimport(impls: Iterable[str]) -> None:
+    """Import what the builds need up front: library code must not count as a model's memory or first step."""
+    import timm.optim  # noqa: F401
+
+    from ..train import engine, pretrain  # noqa: F401
+
+    if any(i.startswith("hf") for i in impls):
+        import transformers.models.vit_mae.modeling_vit_mae  # noqa: F401
+
+
+def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Model, optimizer, AMP and a ``step()`` closure for one implementation, plus what the report says of it."""
+    import torch
+
+    device, batch = spec["device"], int(spec["batch"])
+    torch.manual_seed(int(spec.get("seed", 0)))
+    model, loss_fn, recipe = build_model(impl, spec["size"], spec.get("overrides", ()))
+    model.to(device).train()
+    opt, opt_name = _optimizer(impl, model, recipe, batch, device)
+    amp_dtype, use_scaler = _amp(impl, recipe, device)
+    autocast = torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device, enabled=use_scaler)
+    size = recipe.model.img_size
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(images)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    if impl.startswith("hf"):
+        attention = f"transformers {model.config._attn_implementation}"
+    else:
+        fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+        attention = "timm sdpa" if all(fused) else "timm math" if not any(fused) else "timm sdpa+math"
+    total, trainable = count_params(model)
+    return dict(step=step, impl=impl, params=total, trainable_params=trainable, optimizer=opt_name,
+                precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+                attention=attention)
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def measure(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Time every implementation in ``spec["impls"]`` for one size, in *this* process, steps interleaved.
+
+    Round r runs one step of each implementation (starting order rotated per round), so load from other
+    processes on a shared machine hits all of them alike and the ratio stays honest. ``spec`` is JSON-able."""
+    import torch
+
+    impls, device = list(spec["impls"]), spec["device"]
+    batch, steps, warmup = int(spec["batch"]), int(spec["steps"]), int(spec["warmup"])
+    _preimport(impls)
+    load_before = _load()
+    setups = [_setup(i, spec) for i in impls]
+    cuda = device == "cuda"
+    flops: dict[str, int | None] = {i: None for i in impls}
+    times: dict[str, list[float]] = {i: [] for i in impls}
+    for r in range(warmup + steps):
+        for k in range(len(setups)):
+            s = setups[(r + k) % len(setups)]
+            if r == 0 and cuda and warmup > 0:
+                # FLOPs of a step, counted once in a warm-up step. CUDA only: the CPU flash-attention kernels
+                # are not registered with the counter, so a CPU count would silently miss attention.
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    s["step"]()
+                flops[s["impl"]] = counter.get_total_flops()
+                continue
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            s["step"]()
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[s["impl"]].append(time.perf_counter() - t0)
+
+    load_after = _load()
+    if cuda:
+        dev_name = torch.cuda.get_device_name()
+    else:
+        dev_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    peak = _gpu_peak_tflops(dev_name) if cuda else None
+    size = spec["size"]
+    rows = []
+    for s in setups:
+        impl = s["impl"]
+        step_s = statistics.median(times[impl])
+        tflops = flops[impl] / step_s / 1e12 if flops[impl] else None
+        rows.append({
+            "model": SIZE_NAMES[size] + (" (custom)" if spec.get("overrides") else ""), "size": size,
+            "impl": impl, "label": IMPLS[impl], "device": dev_name, "precision": s["precision"],
+            "attention": s["attention"], "optimizer": s["optimizer"], "overrides": list(spec.get("overrides", ())),
+            "batch": batch, "params": s["params"], "trainable_params": s["trainable_params"], "steps": steps,
+            "warmup": warmup, "step_times_s": times[impl], "step_s": step_s, "img_s": batch / step_s,
+            "peak_mem_mib": None, "mem_kind": "not measured", "flops_per_step": flops[impl], "tflops": tflops,
+            "peak_tflops": peak, "mfu": tflops / peak if tflops and peak else None,
+            "load_before": load_before, "load_after": load_after,
+        })
+    return rows
+
+
+def measure_memory(spec: Mapping[str, Any]) -> tuple[float | None, str]:
+    """(peak MiB, what it is) of one implementation's steps; meaningful only in a fresh process (CPU: VmHWM
+    minus the RSS before the build, since the allocator keeps freed pages; CUDA: max_memory_allocated)."""
+    import torch
+
+    (impl,) = spec["impls"]
+    _preimport([impl])
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    rss0 = _proc_status_kib("VmRSS")
+    s = _setup(impl, spec)
+    for _ in range(2):  # the optimizer state appears in the first step; the second shows the steady state
+        s["step"]()
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is None or rss0 is None:
+        return None, "not measured (no /proc/self/status)"
+    return (hwm - rss0) / 1024, "peak RSS (VmHWM) - RSS before the build, fresh process"
+
+
+def _worker() -> None:
+    """Subprocess entry: spec JSON on stdin, one marked result line on stdout."""
+    spec = json.loads(sys.stdin.read())
+    import mffzoo  # noqa: F401  (registers the timm models)
+
+    result = measure_memory(spec) if spec.get("mode") == "memory" else measure(spec)
+    print(_RESULT_MARK + json.dumps(result), flush=True)
+
+
+def _in_subprocess(spec: Mapping[str, Any]) -> Any:
+    what = f"{'/'.join(spec['impls'])} on {SIZE_NAMES[spec['size']]}"
+    cmd = [sys.executable, "-c", "from mffzoo.bench.train import _worker; _worker()"]
+    proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True)
+    if proc.returncode < 0:
+        raise BenchError(
+            f"the benchmark process for {what} was killed by signal {-proc.returncode} (out of memory?); "
+            f"lower the batch (--batch-size, now {spec['batch']})"
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker for {what} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(_RESULT_MARK):])
+
+
+# --- the whole benchmark --------------------------------------------------------------------------------------
+def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs: medians of the per-run img/s and of the per-run (paired) ratios; every run's
+    values are kept for the spread."""
+    row = dict(runs[0])
+    row["img_s_runs"] = [r["img_s"] for r in runs]
+    row["ratio_runs"] = [r["ratio"] for r in runs]
+    row["step_times_s"] = [t for r in runs for t in r["step_times_s"]]
+    row["img_s"] = statistics.median(row["img_s_runs"])
+    row["step_s"] = row["batch"] / row["img_s"]
+    row["ratio"] = None if None in row["ratio_runs"] else statistics.median(row["ratio_runs"])
+    if row.get("flops_per_step"):
+        row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
+        row["mfu"] = row["tflops"] / row["peak_tflops"] if row.get("peak_tflops") else None
+    row["load_before"] = max((r["load_before"] for r in runs if r["load_before"] is not None), default=None)
+    row["load_after"] = max((r["load_after"] for r in runs if r["load_after"] is not None), default=None)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]], peer: str = PEER) -> list[dict[str, Any]]:
+    """``ratio`` = img/s / the peer's img/s for the same model size (None when the peer was not measured)."""
+    peers = {r["model"]: r["img_s"] for r in rows if r["impl"] == peer}
+    for r in rows:
+        p = peers.get(r["model"])
+        r["ratio"] = r["img_s"] / p if p else None
+    return rows
+
+
+def bench_train(
+    models: Iterable[str] = ("s", "b"),
+    *,
+    impls: Iterable[str] = DEFAULT_IMPLS,
+    batch_size: int | None = None,
+    steps: int = 5,
+    warmup: int = 2,
+    repeats: int = 1,
+    device: str = "auto",
+    overrides: Sequence[str] = (),
+    isolate: bool = True,
+    memory: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every (size, implementation); one dict per pair, with ``ratio`` against the HF peer.
+
+    Per size, one process times all implementations with interleaved steps (:func:`measure`); ``repeats`` runs
+    that again in a fresh process and keeps every run's img/s and ratio (``img_s_runs``, ``ratio_runs``) for the
+    spread. Then, with ``memory``, each implementation's peak memory is taken in a process of its own.
+    ``batch_size`` None uses :data:`DEFAULT_BATCH` per size (the same for every implementation). ``overrides``
+    are recipe ``model.*`` keys (``depth=4``) applied to every size — tiny models for tests. ``isolate=False``
+    measures in this process (quick; no memory is reported then, it would not be per implementation).
+    """
+    models, impls = [m.strip().lower() for m in models], [i.strip().lower() for i in impls]
+    for m in models:
+        if m not in SIZES:
+            raise ConfigError(f"unknown model size '{m}'; allowed: {', '.join(SIZES)} (e.g. --models s,b)")
+    for i in impls:
+        if i not in IMPLS:
+            raise ConfigError(f"unknown implementation '{i}'; allowed: {', '.join(IMPLS)}")
+    if not models or not impls:
+        raise ConfigError("nothing to measure: give at least one model size and one implementation")
+    for name, value, low in (("batch size", batch_size, 1), ("steps", steps, 1), ("warm-up steps", warmup, 0),
+                             ("repeats", repeats, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but torch sees no GPU; use --device cpu")
+    if any(i.startswith("hf") for i in impls):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "the peer (Hugging Face transformers) is not installed; pip install 'mffzoo[bench]'"
+            ) from None
+    for m in models:  # validate overrides once, before minutes of work
+        resolve_recipe(m, overrides)
+
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rep in range(repeats):
+        for m in models:
+            spec = dict(mode="speed", impls=impls, size=m, device=device, batch=batch_size or DEFAULT_BATCH[m],
+                        steps=steps, warmup=warmup, overrides=list(overrides), seed=seed)
+            for r in add_ratios(_in_subprocess(spec) if isolate else measure(spec)):
+                if log:
+                    log(f"[run {rep + 1}/{repeats}] {r['model']} {r['impl']}: {r['img_s']:.2f} img/s, ratio "
+                        f"{_fmt(r['ratio'])}, load {_fmt(r['load_before'])}->{_fmt(r['load_after'])}")
+                runs.setdefault((m, r["impl"]), []).append(r)
+    rows = [_merge_runs(runs[(m, i)]) for m in models for i in impls]
+    if isolate and memory:
+        for r in rows:
+            spec = dict(mode="memory", impls=[r["impl"]], size=r["size"], device=device, batch=r["batch"],
+                        overrides=list(overrides), seed=seed)
+            r["peak_mem_mib"], r["mem_kind"] = _in_subprocess(spec)
+            if log:
+                log(f"[memory] {r['model']} {r['impl']}: {_fmt(r['peak_mem_mib'], '.0f')} MiB")
+    return rows
+
+
+# --- reporting ------------------------------------------------------------------------------------------------
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_results(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of strings: what the table printers show."""
+    cuda = any(r.get("flops_per_step") for r in rows)
+    header = ["model", "implementation", "precision", "batch", "params (M)", "img/s", "img/s per run",
+              "peak mem (MiB)", f"ratio vs {PEER}", "ratio per run"]
+    if cuda:
+        header += ["TFLOP/s", "MFU (bf16 peak)"]
+    out = []
+    for r in rows:
+        line = [r["model"], r["impl"], r["precision"], str(r["batch"]), f"{r['params'] / 1e6:.2f}",
+                _fmt(r["img_s"]), " / ".join(_fmt(v) for v in r.get("img_s_runs", [r["img_s"]])),
+                _fmt(r["peak_mem_mib"], ".0f"), _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
+                " / ".join(_fmt(v) for v in r.get("ratio_runs", [r["ratio"]]))]
+        if cuda:
+            line += [_fmt(r.get("tflops"), ".1f"), _fmt(r["mfu"] * 100, ".1f") + "%" if r.get("mfu") else "-"]
+        out.append(line)
+    return header, out
+
+
+def print_results(rows: list[dict[str, Any]], markdown: bool = False) -> None:
+    """Aligned text table (or Markdown for docs/) plus the like-for-like parameter check and the machine."""
+    import click
+
+    header, body = format_results(rows)
+    if markdown:
+        click.echo("| " + " | ".join(header) + " |")
+        click.echo("|" + "|".join("---" for _ in header) + "|")
+        for line in body:
+            click.echo("| " + " | ".join(line) + " |")
+    else:
+        from ..cli.zoo import print_table
+
+        print_table(body, header)
+    click.echo("")
+    for r in rows:
+        click.echo(f"{r['model']} {r['impl']}: {r['params']:,} params ({r['trainable_params']:,} trainable), "
+                   f"attention {r['attention']}, optimizer {r['optimizer']}, load {_fmt(r['load_before'])}"
+                   f"->{_fmt(r['load_after'])}")
+    if rows:
+        r = rows[0]
+        if r["overrides"]:
+            click.echo(f"custom model: {', '.join(r['overrides'])}")
+        click.echo(f"device: {r['device']}; img/s = batch / median of {r['steps']} timed steps after {r['warmup']} "
+                   "warm-up, implementations' steps interleaved in one process per run; ratio = median over runs "
+                   f"of img/s / {PEER} img/s of the same run; memory: {r['mem_kind']}")

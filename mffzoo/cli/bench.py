@@ -1,0 +1,87 @@
+"""``mffzoo bench``: speed measurements that print a ratio against a named peer measured in the same run.
+
+A click group: each benchmark is one sub-command (``infer`` here; others register with one
+``bench.add_command`` line).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks (each prints a ratio against its peer, measured in the same process)."""
+
+
+@bench.command("infer")
+@click.argument("model")
+@click.option("--random-init", is_flag=True, help="Random weights (fine for speed; parity is still measured).")
+@click.option("--batch", default=8, show_default=True, help="Batch size of the throughput measurement.")
+@click.option("--backends", default=None,
+              help="Comma-separated backends (default: all available here). See `--list`.")
+@click.option("--list", "list_backends", is_flag=True, help="List the backends and whether they run here.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds (spread = min..max over rounds).")
+@click.option("--iters", default=10, show_default=True, help="Timed calls per backend per round and measurement.")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all).")
+@click.option("--img-size", type=int, default=None)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def infer(model: str, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
+          iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
+    """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
+    from ..bench.infer import BACKENDS, available_backends, run_infer_bench
+    from .zoo import print_table
+
+    if list_backends:
+        avail = available_backends()
+        print_table([[b.name, b.device, b.precision, "yes" if b.name in avail else "no", b.description]
+                     for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
+        return
+    result = run_infer_bench(
+        model, random_init=random_init, batch=batch,
+        backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
+        rounds=rounds, iters=iters, threads=threads, img_size=img_size, json_path=json_path,
+    )
+    rows, header = result.table()
+    print_table(rows, header)
+    for line in result.notes():
+        click.echo(line)
+    if json_path:
+        click.echo(f"wrote {json_path}")
+
+
+@bench.command("train")
+@click.option("--models", default="s,b", show_default=True, help="Comma-separated sizes: s, b, l.")
+@click.option("--impls", default="hf,mffzoo,mffzoo-mae", show_default=True,
+              help="Comma-separated: hf (the peer, its defaults), mffzoo (MFF), mffzoo-mae, hf-bf16.")
+@click.option("--peer-bf16", is_flag=True, help="Also time the peer under bf16 autocast (labelled; not its default).")
+@click.option("--batch-size", type=int, default=None, help="Per step, same for every implementation "
+              "(default per size: s 16, b 8, l 4).")
+@click.option("--steps", default=5, show_default=True, help="Timed steps (img/s uses their median).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed steps first.")
+@click.option("--repeats", default=1, show_default=True, help="Runs, each in a fresh process (the spread).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Model override (recipe model.* key), e.g. --set depth=4.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory runs (one fresh process per model).")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for docs/benchmarks.md).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows here.")
+def train(models: str, impls: str, peer_bf16: bool, batch_size: int | None, steps: int, warmup: int, repeats: int,
+          device: str, overrides: tuple[str, ...], no_memory: bool, markdown: bool, json_path: Path | None) -> None:
+    """Pretraining step throughput and peak memory, mffzoo vs HF ViTMAEForPreTraining (ratio, same run)."""
+    import json
+
+    from ..bench.train import bench_train, print_results
+
+    names = [i for i in impls.split(",") if i.strip()] + (["hf-bf16"] if peer_bf16 else [])
+    rows = bench_train(
+        [m for m in models.split(",") if m.strip()], impls=list(dict.fromkeys(names)), batch_size=batch_size,
+        steps=steps, warmup=warmup, repeats=repeats, device=device, overrides=overrides, memory=not no_memory,
+        log=lambda s: click.echo(s, err=True),
+    )
+    print_results(rows, markdown=markdown)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1))
+        click.echo(f"wrote {json_path}")

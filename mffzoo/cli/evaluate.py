@@ -1,0 +1,318 @@
+"""``mffzoo eval`` (knn, linear, finetune), ``mffzoo analyze`` (freq, filter, fusion), ``mffzoo reproduce``.
+
+Thin click layers over :mod:`mffzoo.eval` and :mod:`mffzoo.analysis`: every command prints a table and writes
+JSON (and a PNG for analyses) so results can be compared and archived.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_OUT = Path("runs") / "eval"
+
+
+def _quiet_timm() -> None:
+    """timm logs every weight load at INFO; keep that for -v only so results stay readable."""
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("timm").setLevel(logging.WARNING)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text).replace("local-dir:", "")).strip("_.")[-80:] or "model"
+
+
+def _data_root(data: str) -> Path:
+    """``demo`` = the built-in demo dataset (generated on first use), else the folder as given."""
+    if data == "demo":
+        from ..data.demo import default_demo_root, write_demo_dataset
+        from ..errors import DataError
+
+        try:
+            return write_demo_dataset(default_demo_root())
+        except ValueError as exc:
+            raise DataError(f"demo dataset: {exc}") from None
+    return Path(data).expanduser()
+
+
+def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zoo: bool, spec: str) -> None:
+    from ..eval.results import result_rows, update_zoo_metrics, write_json
+    from .zoo import print_table
+
+    rows, header = result_rows(result)
+    print_table(rows, header)
+    path = write_json(result, out or DEFAULT_OUT / default_name)
+    click.echo(f"\nresults: {path}")
+    if update_zoo:
+        folder = update_zoo_metrics(spec, result)
+        click.echo(f"zoo entry updated: {folder / 'mffzoo.json'}")
+
+
+def _frozen_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the frozen-feature evaluations."""
+    opts = [
+        click.argument("model"),
+        click.option("--data", "data", default="demo", show_default=True,
+                     help="ImageNet-style folder with train/<class>/ and val/<class>/ ('demo': built-in data)."),
+        click.option("--img-size", type=int, default=None, help="Input size (default: the model's own)."),
+        click.option("--random-init", is_flag=True, help="Use the architecture without weights (smoke tests)."),
+        click.option("--batch-size", type=int, default=128, show_default=True, help="Images per encoder forward."),
+        click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
+        click.option("--bf16", is_flag=True, help="bf16 autocast for the encoder (fast on AMX CPUs / GPUs)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
+        click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+                     help=f"JSON result file (default: {DEFAULT_OUT}/<task>-<model>.json)."),
+        click.option("--update-zoo", is_flag=True,
+                     help="Record the metrics in the model's local zoo entry (mffzoo.json)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate a backbone: k-NN and linear probe on frozen features, or full fine-tuning.
+
+    \b
+    MODEL is anything timm.create_model accepts (e.g. vit_base_patch16_224.mae, mff_vit_small.demo),
+    hf-hub:/local-dir: names, a model folder, or a checkpoint file.
+    """
+
+
+@eval_group.command("knn")
+@_frozen_options
+@click.option("--k", type=int, default=20, show_default=True, help="Neighbours (DINO: 20).")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote temperature (DINO: 0.07).")
+def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
+        no_cache: bool, output: Path | None, update_zoo: bool, k: int, temperature: float) -> None:
+    """Weighted k-NN top-1/top-5 on frozen cls-token and avg-pooled features."""
+    from ..eval.knn import knn_eval
+
+    _quiet_timm()
+    if k < 1 or temperature <= 0:
+        raise click.BadParameter("--k must be >= 1 and --temperature > 0")
+    result = knn_eval(model, _data_root(data), k=k, temperature=temperature, img_size=img_size,
+                      random_init=random_init, batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache)
+    _emit(result, output, f"knn-{_slug(model)}.json", update_zoo, model)
+
+
+@eval_group.command("linear")
+@_frozen_options
+@click.option("--epochs", type=int, default=90, show_default=True)
+@click.option("--probe-batch", type=int, default=256, show_default=True, help="Batch size of the probe.")
+@click.option("--blr", type=float, default=0.1, show_default=True, help="Base lr; lr = blr x probe batch / 256.")
+@click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars", show_default=True,
+              help="LARS as MAE/MFF; SGD suits small datasets (few iterations).")
+@click.option("--warmup-epochs", type=int, default=10, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--pool", type=click.Choice(["cls", "avg"]), default="cls", show_default=True)
+@click.option("--augment", is_flag=True, help="RandomResizedCrop + flip every step (runs the encoder; no cache).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def linear(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
+           no_cache: bool, output: Path | None, update_zoo: bool, epochs: int, probe_batch: int, blr: float,
+           lr: float | None, optimizer: str, warmup_epochs: int, weight_decay: float, pool: str, augment: bool,
+           seed: int) -> None:
+    """Linear probe (BatchNorm without affine + linear on the frozen cls token), as in MAE/MFF."""
+    from ..config import from_dict
+    from ..eval.linear import LinearProbeConfig, linear_probe
+
+    _quiet_timm()
+    cfg = from_dict(LinearProbeConfig, dict(epochs=epochs, batch_size=probe_batch, blr=blr, lr=lr,
+                                            optimizer=optimizer, warmup_epochs=warmup_epochs,
+                                            weight_decay=weight_decay, pool=pool, augment=augment, seed=seed))
+
+    def log(rec: dict[str, Any]) -> None:
+        if rec["epoch"] % 10 == 0 or rec["epoch"] == cfg.epochs:
+            acc = f"  top-1 {rec['top1']:.2f}" if "top1" in rec else ""
+            click.echo(f"epoch {rec['epoch']}/{cfg.epochs}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{acc}", err=True)
+
+    result = linear_probe(model, _data_root(data), cfg, img_size=img_size, random_init=random_init,
+                          batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache, log=log)
+    _emit(result, output, f"linear-{_slug(model)}.json", update_zoo, model)
+
+
+@eval_group.command("finetune")
+@click.argument("recipe")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key (repeatable), e.g. --set model.pretrained=mff_vit_small.demo")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
+@click.option("--update-zoo", is_flag=True, help="Record the fine-tune accuracy in the pretrained model's zoo entry.")
+def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, update_zoo: bool) -> None:
+    """Fine-tune end to end from RECIPE (recipes/finetune_*.yaml) with the shared training engine.
+
+    \b
+    One process:  mffzoo eval finetune recipes/finetune_demo.yaml
+    GPUs:         torchrun --nproc_per_node=8 -m mffzoo eval finetune recipes/finetune_vitb.yaml \\
+                      --set model.pretrained=mff_vit_base.mff_in1k_800e --set data.root=/data/imagenet
+    Resume:       rerun the same command
+    """
+    import os
+
+    from ..eval.finetune import finetune as run_finetune
+    from ..eval.finetune import load_finetune_recipe
+
+    _quiet_timm()
+    rec = load_finetune_recipe(recipe, list(overrides))
+    result = run_finetune(rec, output_dir=output)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not result.completed:
+        click.echo(f"stopped by {result.stop_reason.upper()} at step {result.global_step}/{result.total_steps}; "
+                   f"checkpoint {result.checkpoint}; rerun the same command to resume")
+        return
+    x = result.extra
+    res = {"task": "finetune", "model": rec.model.pretrained, "random_init": rec.model.random_init,
+           "data": str(rec.data.root), "epochs": result.epoch,
+           "results": {"finetuned": {"top1": x["top1"], "top5": x["top5"], "best_top1": x["best_top1"]}},
+           "run_dir": str(result.run_dir), "model_dir": str(x.get("model_dir"))}
+    from ..eval.results import result_rows, update_zoo_metrics, write_json
+    from .zoo import print_table
+
+    rows, header = result_rows(res)
+    print_table(rows, header)
+    path = write_json(res, result.run_dir / "finetune_result.json")
+    md = x.get("model_dir")
+    click.echo(f"\nresults: {path}\nclassifier: {md} (timm.create_model('local-dir:{md}', pretrained=True))")
+    if update_zoo:
+        folder = update_zoo_metrics(rec.model.pretrained, res)
+        click.echo(f"zoo entry updated: {folder / 'mffzoo.json'}")
+
+
+# -------------------------------------------------------------------------------------------------- analyze
+@click.group("analyze")
+def analyze() -> None:
+    """Analyses from the MFF paper: latent frequency content, filtered-input accuracy, fusion weights."""
+
+
+def _analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.argument("models", nargs=-1, required=True),
+        click.option("--data", "data", default="demo", show_default=True,
+                     help="ImageNet-style folder ('demo': built-in data)."),
+        click.option("--label", "labels", multiple=True, help="Display name per MODEL (repeat, in order)."),
+        click.option("--img-size", type=int, default=None, help="Input size (default: each model's own)."),
+        click.option("--random-init", is_flag=True, help="Use the architectures without weights (smoke tests)."),
+        click.option("--num-images", type=int, default=None, help="Validation images to use (default: see each)."),
+        click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where the PNG and JSON go (default: runs/analysis)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@analyze.command("freq")
+@_analysis_options
+def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: int | None, random_init: bool,
+         num_images: int | None, out_dir: Path | None) -> None:
+    """Relative log amplitude of each block's feature-map spectrum (one panel per MODEL)."""
+    from ..analysis.freq import frequency_analysis, plot_frequency
+    from ..eval.results import write_json
+    from .zoo import print_table
+
+    _quiet_timm()
+    res = frequency_analysis(list(models), _data_root(data), num_images=num_images or 256, img_size=img_size,
+                             random_init=random_init, labels=list(labels) or None)
+    out_dir = out_dir or Path("runs") / "analysis"
+    rows = []
+    for label, m in res["models"].items():
+        hf = m["high_freq"]
+        rows.append([label, f"{m['grid'][0]}x{m['grid'][1]}", str(len(hf)), f"{hf[0]:+.3f}", f"{hf[-1]:+.3f}",
+                     f"{m['mean_high_freq']:+.3f}"])
+    print_table(rows, ["model", "grid", "blocks", "Δ@high first", "Δ@high last", "Δ@high mean"])
+    png = plot_frequency(res, out_dir / "freq.png")
+    js = write_json(res, out_dir / "freq.json")
+    click.echo(f"\nplot: {png}\nnumbers: {js}\n(Δ@high: log-amplitude at the highest frequency minus DC; lower = "
+               "more low-pass features)")
+
+
+@analyze.command("filter")
+@_analysis_options
+@click.option("--head", type=click.Choice(["knn", "linear"]), default="knn", show_default=True)
+@click.option("--radii", default=None, help="Comma-separated cut-off radii (x Nyquist), e.g. 0.1,0.25,0.5,1.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
+def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: int | None,
+               random_init: bool, num_images: int | None, out_dir: Path | None, head: str, radii: str | None,
+               no_cache: bool) -> None:
+    """Top-1 on low-/high-pass filtered validation images across cut-off radii."""
+    from ..analysis.filters import DEFAULT_RADII, filter_accuracy, plot_filters
+    from ..errors import DataError
+    from ..eval.results import write_json
+    from .zoo import print_table
+
+    _quiet_timm()
+    try:
+        rs = [float(r) for r in radii.split(",")] if radii else list(DEFAULT_RADII)
+    except ValueError:
+        raise DataError(f"--radii '{radii}' is not a comma-separated list of numbers (e.g. 0.1,0.25,0.5)") from None
+    res = filter_accuracy(list(models), _data_root(data), radii=rs, head=head, labels=list(labels) or None,
+                          img_size=img_size, random_init=random_init, num_images=num_images, cache=not no_cache)
+    out_dir = out_dir or Path("runs") / "analysis"
+    rows = []
+    for label, m in res["models"].items():
+        for mode in ("low", "high"):
+            rows.append([label, f"{mode}-pass", f"{m['clean']:.1f}", *[f"{v:.1f}" for v in m[mode]]])
+    print_table(rows, ["model", "filter", "clean", *[f"r={r:g}" for r in res["radii"]]])
+    png = plot_filters(res, out_dir / "filter.png")
+    js = write_json(res, out_dir / "filter.json")
+    click.echo(f"\nplot: {png}\nnumbers: {js}")
+
+
+@analyze.command("fusion")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the PNG and JSON go (default: runs/analysis).")
+def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
+    """Softmax fusion weights of MFF checkpoints, zoo folders or run directories (+ evolution for runs)."""
+    from ..analysis.fusion import fusion_report, plot_fusion
+    from ..eval.results import write_json
+    from .zoo import print_table
+
+    res = fusion_report(list(sources))
+    out_dir = out_dir or Path("runs") / "analysis"
+    rows = []
+    for src, m in res["models"].items():
+        layers = m["fusion_layers"]
+        names = [f"b{i}" for i in layers] if layers else [f"l{i}" for i in range(len(m["weights"]))]
+        rows.append([src, " ".join(f"{n}={w:.3f}" for n, w in zip(names, m["weights"])),
+                     str(len(m["history"]["step"])) if m.get("history") else "-"])
+    print_table(rows, ["source", "softmax weights", "logged steps"])
+    png = plot_fusion(res, out_dir / "fusion.png")
+    js = write_json(res, out_dir / "fusion.json")
+    click.echo(f"\nplot: {png}\nnumbers: {js}")
+
+
+# ------------------------------------------------------------------------------------------------ reproduce
+@click.command("reproduce")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs") / "reproduce", show_default=True,
+              help="Where runs, JSON, table and plots go (reruns reuse finished runs).")
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Pretraining epochs per run (default: the budgeted value).")
+@click.option("--quick", is_flag=True, help="A 1-minute smoke version (tiny data, 1 epoch); not a result.")
+@click.option("--workers", type=int, default=None, help="Parallel runs (default: one per core, at most 2).")
+def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers: int | None) -> None:
+    """MAE vs MFF at small scale on the demo data: same recipe except fusion_layers, several seeds.
+
+    Prints mean ± std of k-NN / linear-probe accuracy, reconstruction loss and high-frequency content, and writes
+    reproduction.json, table.md and freq.png to --output. Budgeted for < 30 minutes on a 2-core CPU.
+    """
+    from ..eval.reproduce import reproduce as run_reproduce
+    from ..eval.reproduce import summary_rows
+    from .zoo import print_table
+
+    _quiet_timm()
+    res = run_reproduce(output, seeds=seeds, epochs=epochs, quick=quick, workers=workers,
+                        log=lambda s: click.echo(s, err=True))
+    rows, header = summary_rows(res)
+    print_table(rows, header)
+    click.echo(f"\nwall time {res['wall_s'] / 60:.1f} min; results {output / 'reproduction.json'}; "
+               f"table {output / 'table.md'}; frequency plot {output / 'freq.png'}")

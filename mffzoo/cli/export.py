@@ -1,0 +1,77 @@
+"""``mffzoo export``: a thin click layer over :func:`mffzoo.export.export_model` / ``check_artefact``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _print_report(report: Any) -> None:
+    from .zoo import print_table
+
+    rows, header = report.table()
+    print_table(rows, header)
+
+
+@click.command("export")
+@click.argument("model", required=False)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "trt"]), default=None,
+              help="Artefact format (profile default: onnx).")
+@click.option("--profile", default=None,
+              help="Export profile: a YAML path or a name in export/ (default: export/default.yaml).")
+@click.option("--weights", default=None, help="A pretrained tag of MODEL or a weights path (folder or checkpoint).")
+@click.option("--random-init", is_flag=True, default=None, help="Random weights (seeded), for smoke tests and speed.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None)
+@click.option("--batch", default=None, help="Dynamic batch range MIN:OPT:MAX (e.g. 1:8:32).")
+@click.option("--img-size", type=int, default=None, help="Input resolution (a multiple of the patch size).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Artefact path (default: exports/<model>-<features>-<precision>.onnx|.engine).")
+@click.option("--features", type=click.Choice(["auto", "pooled", "tokens", "logits"]), default=None,
+              help="Output: pooled embedding, all tokens, or logits (auto: logits for classifiers, else pooled).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
+@click.option("--quantize", type=click.Choice(["dynamic", "static"]), default=None, help="int8 mode.")
+@click.option("--check-images", type=click.Path(path_type=Path), default=None,
+              help="Image folder for the parity check (default: the built-in demo dataset).")
+@click.option("--no-check", is_flag=True, help="Skip the parity check (the sidecar then says so).")
+@click.option("--check-only", "check_only", type=click.Path(path_type=Path), default=None,
+              help="Re-check an existing ARTEFACT against the weights its sidecar names; export nothing.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile key.")
+def export(model: str | None, fmt: str | None, profile: str | None, weights: str | None, random_init: bool | None,
+           precision: str | None, batch: str | None, img_size: int | None, output: Path | None,
+           features: str | None, opset: int | None, quantize: str | None, check_images: Path | None,
+           no_check: bool, check_only: Path | None, overrides: tuple[str, ...]) -> None:
+    """Export MODEL (name[.tag], model folder or checkpoint) to ONNX or TensorRT, then check parity vs PyTorch.
+
+    Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
+    <artefact>.parity.json. Exit code 1 if a parity gate is missed (artefact and report kept), 2 on bad input.
+    """
+    from ..export import check_artefact, export_model
+    from ..export.parity import ParityFailed
+    from ..export.profile import BatchRange
+
+    try:
+        if check_only is not None:
+            report = check_artefact(check_only, images=check_images)
+            _print_report(report)
+            click.echo(f"parity passed: {check_only}")
+            return
+        check: dict[str, Any] = {}
+        if no_check:
+            check["enabled"] = False
+        if check_images is not None:
+            check["images"] = check_images
+        result = export_model(
+            model, profile=profile, overrides=list(overrides), format=fmt, weights=weights,
+            random_init=random_init, precision=precision, batch=BatchRange.parse(batch) if batch else None,
+            img_size=img_size, output=output, features=features, opset=opset,
+            quantize={"mode": quantize} if quantize else None, check=check or None,
+        )
+    except ParityFailed as exc:
+        _print_report(exc.report)
+        raise
+    if result.report is not None:
+        _print_report(result.report)
+    click.echo(f"wrote {result.artefact} and {result.sidecar.name}"
+               + ("" if result.report else " (parity NOT checked: --no-check)"))

@@ -1,0 +1,184 @@
+"""Frozen features: the cls token after the final norm and the average of the patch tokens.
+
+These are the two read-outs the MAE/MFF papers evaluate (linear probing uses the cls token after the pretrained
+norm; fine-tuning pools the patch tokens). Features are cached on disk keyed by a hash of the model's weights,
+the image files and the transform, so a second kNN/linear/filter run on the same model and data skips the
+encoder entirely, and a changed weight or image can never be served stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from .data import make_loader
+
+_logger = logging.getLogger("mffzoo")
+
+__all__ = ["FeatureSet", "POOLS", "load_eval_model", "pool_tokens", "extract_features", "compute_features",
+           "model_fingerprint", "dataset_fingerprint", "feature_cache_dir", "frozen_features"]
+
+POOLS = ("cls", "avg")
+
+
+@dataclass
+class FeatureSet:
+    """Per-image features for each pooling, plus labels (float32, CPU)."""
+
+    cls: torch.Tensor
+    avg: torch.Tensor
+    labels: torch.Tensor
+
+    def __getitem__(self, pool: str) -> torch.Tensor:
+        if pool not in POOLS:
+            raise KeyError(f"unknown pooling {pool!r}; choose from {POOLS}")
+        return getattr(self, pool)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"cls": self.cls, "avg": self.avg, "labels": self.labels}
+
+
+def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None, random_init: bool = False,
+                    seed: int = 0, **kwargs: Any) -> nn.Module:
+    """A headless backbone for any MODEL spec (via :func:`mffzoo.zoo.load_model`), in eval mode.
+
+    ``random_init`` builds the architecture without weights (seeded, so smoke runs are reproducible).
+    """
+    from ..zoo import load_model, parse_model_spec
+
+    if img_size:
+        kwargs["img_size"] = int(img_size)
+    kwargs.setdefault("num_classes", 0)
+    if random_init:
+        torch.manual_seed(seed)
+        if any(ch in str(spec) for ch in "/\\") or os.path.exists(str(spec)):
+            # A folder or checkpoint names an architecture too: resolve it, then build without its weights.
+            name, extra = parse_model_spec(spec)
+            arch_kwargs = {k: v for k, v in extra.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+            spec = name
+            kwargs = {**arch_kwargs, **kwargs}
+    model = load_model(spec, pretrained=not random_init, random_init=random_init, **kwargs)
+    return model.eval()
+
+
+def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cls, avg) from ``forward_features`` output; CNN maps (B, C, H, W) give the spatial mean for both."""
+    if tokens.ndim == 4:
+        avg = tokens.mean(dim=(2, 3))
+        return avg, avg
+    if tokens.ndim != 3:
+        raise DataError(f"model returned features of shape {tuple(tokens.shape)}; expected tokens (B, N, C)")
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_cls = getattr(model, "cls_token", None) is not None and n_prefix > 0
+    avg = tokens[:, n_prefix:].mean(dim=1)
+    return (tokens[:, 0] if has_cls else avg), avg
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: Any, *, bf16: bool = False,
+                     device: torch.device | str | None = None) -> FeatureSet:
+    """Run the frozen encoder over ``loader`` (yielding ``(images, labels)``)."""
+    device = torch.device(device or next(model.parameters()).device)
+    model.eval()
+    cls_out, avg_out, labels = [], [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            tokens = model.forward_features(x.to(device, non_blocking=True))
+        c, a = pool_tokens(model, tokens)
+        cls_out.append(c.float().cpu())
+        avg_out.append(a.float().cpu())
+        labels.append(torch.as_tensor(y).long().cpu())
+    if not labels:
+        raise DataError("no images to extract features from; the split is empty")
+    return FeatureSet(torch.cat(cls_out), torch.cat(avg_out), torch.cat(labels))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the architecture name and every weight byte: two models share cached features only if identical."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode() + str(v.dtype).encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """Hash of each sample's path, size, mtime and label, plus the transform: edits to the data miss the cache."""
+    h = hashlib.sha256()
+    samples = getattr(ds, "samples", None)
+    if samples is None:
+        raise TypeError("dataset_fingerprint needs an ImageFolder-like dataset with .samples")
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    h.update(repr(getattr(ds, "transform", None)).encode())
+    return h.hexdigest()[:24]
+
+
+def feature_cache_dir() -> Path:
+    """``$MFFZOO_FEATURE_CACHE``, else ``~/.cache/mffzoo/features``."""
+    env = os.environ.get("MFFZOO_FEATURE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mffzoo" / "features"
+
+
+def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, workers: int = 0, bf16: bool = False,
+                     cache: bool | str | os.PathLike[str] = True, model_key: str | None = None) -> FeatureSet:
+    """Features of an ImageFolder split, from the cache when model, files and transform are unchanged.
+
+    ``cache``: True (default location), False (never read or write), or a folder. ``model_key`` skips hashing
+    the weights when the caller already has a fingerprint.
+    """
+    path: Path | None = None
+    if cache is not False:
+        root = feature_cache_dir() if cache is True else Path(cache)
+        key = f"{model_key or model_fingerprint(model)}-{dataset_fingerprint(ds)}-{'bf16' if bf16 else 'fp32'}"
+        path = root / f"{key}.pt"
+        if path.is_file():
+            from ..errors import CheckpointError
+            from ..zoo import load_checkpoint_file
+
+            try:
+                d = load_checkpoint_file(path)
+                _logger.debug("features from cache %s", path)
+                return FeatureSet(d["cls"], d["avg"], d["labels"])
+            except (CheckpointError, KeyError) as exc:  # a damaged cache entry is recomputed, never fatal
+                _logger.warning("ignoring unreadable feature cache %s (%s)", path, exc)
+    feats = extract_features(model, make_loader(ds, batch_size, workers=workers), bf16=bf16)
+    if path is not None:
+        from ..zoo import atomic_torch_save
+
+        atomic_torch_save(feats.to_dict(), path)
+    return feats
+
+
+def frozen_features(model: nn.Module, data: str | os.PathLike[str], *, img_size: int | None = None,
+                    batch_size: int = 128, workers: int = 0, bf16: bool = False,
+                    cache: bool | str | os.PathLike[str] = True,
+                    ) -> tuple[FeatureSet, FeatureSet, list[str], dict[str, Any]]:
+    """(train, val, classes, info) features of a checked ImageNet-style folder with the model's test transform."""
+    from .data import eval_transform, model_input_size, open_splits
+
+    tf = eval_transform(model, img_size)
+    train_ds, val_ds = open_splits(data, tf, tf)
+    key = model_fingerprint(model) if cache is not False else None
+    kw = dict(batch_size=batch_size, workers=workers, bf16=bf16, cache=cache, model_key=key)
+    train = compute_features(model, train_ds, **kw)
+    val = compute_features(model, val_ds, **kw)
+    info = {"num_classes": len(train_ds.classes), "num_train": len(train), "num_val": len(val),
+            "img_size": model_input_size(model, img_size), "feature_dim": int(train.cls.shape[1])}
+    return train, val, list(train_ds.classes), info

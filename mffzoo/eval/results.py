@@ -1,0 +1,94 @@
+"""Where evaluation results go: a JSON file, a printed table, and optionally the zoo entry's own metadata.
+
+Writing measured metrics into ``mffzoo.json`` keeps the evidence for a set of weights next to the weights.
+Writes are atomic (temp file + fsync + rename) so an interrupted run never corrupts an entry's metadata.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import WeightsNotFoundError
+
+__all__ = ["write_json", "result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
+
+
+def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """Table rows (model, task, pooling, top-1, top-5) for :func:`mffzoo.cli.zoo.print_table`."""
+    rows = []
+    for pool, m in result["results"].items():
+        rows.append([result["model"] + (" (random init)" if result.get("random_init") else ""), result["task"], pool,
+                     f"{m['top1']:.2f}", f"{m['top5']:.2f}" if "top5" in m else "-"])
+    return rows, ["model", "task", "features", "top-1 %", "top-5 %"]
+
+
+def resolve_zoo_entry(spec: str | os.PathLike[str]) -> Path:
+    """The local model folder a MODEL spec names (a folder, ``local-dir:PATH`` or ``<arch>.<tag>`` in the zoo home)."""
+    from ..zoo.home import CONFIG_NAME, entry_dir
+
+    s = str(spec)
+    if s.startswith("local-dir:"):
+        s = s[len("local-dir:"):]
+    p = Path(s).expanduser()
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
+        return p
+    if "." in s and not p.exists():
+        from ..models.mff_vision_transformer import canonical_arch
+
+        arch, tag = s.split(".", 1)
+        d = entry_dir(canonical_arch(arch), tag)
+        if (d / CONFIG_NAME).is_file():
+            return d
+    raise WeightsNotFoundError(
+        f"--update-zoo needs a local zoo entry, but '{spec}' is not one; pass a model folder or an <arch>.<tag> "
+        "that `mffzoo zoo` lists as local"
+    )
+
+
+def update_zoo_metrics(spec: str | os.PathLike[str], result: Mapping[str, Any]) -> Path:
+    """Record ``result`` under ``eval["<task>:<dataset>"]`` in the entry's ``mffzoo.json`` (atomic)."""
+    from ..zoo.home import META_NAME
+
+    if result.get("random_init"):
+        raise WeightsNotFoundError("refusing --update-zoo for a --random-init run: the metrics are not the weights'")
+    folder = resolve_zoo_entry(spec)
+    meta_path = folder / META_NAME
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+    key = f"{result['task']}:{Path(str(result.get('data', 'data'))).name}"
+    summary = {k: result[k] for k in ("data", "num_classes", "num_train", "num_val", "img_size", "k", "temperature",
+                                      "config") if k in result}
+    meta.setdefault("eval", {})[key] = {**summary, "results": result["results"],
+                                        "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return write_json(meta, meta_path).parent

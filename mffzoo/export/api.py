@@ -1,0 +1,298 @@
+"""``export_model``: profile -> model -> ONNX (-> int8 | TensorRT engine) -> parity -> artefact + sidecar.
+
+Everything a user can get wrong is checked before the first file is written; files are built in a temporary
+folder next to the output and moved into place at the end, so a failed export leaves nothing half-written.
+A missed parity gate still moves the artefact and writes its report (to inspect), then raises
+:class:`~mffzoo.export.parity.ParityFailed` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import load_config, to_dict
+from ..errors import ExportError, WeightsNotFoundError
+from ..zoo import load_model
+from .inputs import default_image_root, load_images, model_img_size, preprocessing, random_inputs
+from .onnx import OrtRunner, export_onnx, ort_supports
+from .parity import ParityFailed, ParityReport, Runner, run_parity
+from .profile import ExportProfile, load_profile
+from .sidecar import file_sha256, read_sidecar, report_path, sidecar_path, state_dict_sha256, tool_versions, write_json
+from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
+
+__all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
+
+_logger = logging.getLogger("mffzoo")
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass
+class ExportResult:
+    artefact: Path
+    sidecar: Path
+    report: ParityReport | None
+    files: list[Path]  # everything written (artefact, intermediate ONNX of an engine, sidecar, report)
+
+
+def _model_spec(prof: ExportProfile) -> str:
+    """``--weights`` is either a path (any format load_model reads) or a tag of ``model``."""
+    w = prof.weights
+    if not w:
+        return prof.model
+    if Path(w).expanduser().exists() or os.sep in w or w.endswith(_WEIGHT_SUFFIXES):
+        return w
+    return f"{prof.model.split('.', 1)[0]}.{w}"
+
+
+def _patch_size(model: torch.nn.Module) -> int:
+    return int(model.patch_embed.patch_size[0])
+
+
+def load_export_model(prof: ExportProfile) -> torch.nn.Module:
+    """The fp32 eval model an export starts from, resolved only through :func:`mffzoo.zoo.load_model`."""
+    from ..models.mff_vision_transformer import ARCHS, canonical_arch
+
+    kwargs = dict(prof.model_args)
+    if prof.img_size:
+        patch = kwargs.get("patch_size") or ARCHS.get(canonical_arch(prof.model), {}).get("patch_size")
+        if patch and prof.img_size % patch:
+            raise ExportError(f"--img-size {prof.img_size} is not divisible by the patch size {patch}; "
+                              f"use a multiple of {patch} (e.g. {prof.img_size // patch * patch or patch})")
+        kwargs["img_size"] = prof.img_size
+    spec = _model_spec(prof)
+    if prof.random_init:
+        torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
+        model = load_model(spec, random_init=True, **kwargs)
+    else:
+        try:
+            model = load_model(spec, pretrained=True, **kwargs)
+        except WeightsNotFoundError as exc:
+            if "--random-init" in str(exc):
+                raise
+            raise WeightsNotFoundError(f"{exc} (or add --random-init for a smoke export with random weights)") \
+                from None
+    if not hasattr(model, "patch_embed") or not hasattr(model, "forward_head"):
+        raise ExportError(f"model '{spec}' is not a ViT backbone (no patch_embed); export supports mff/timm ViTs")
+    h, w = model_img_size(model)
+    p = _patch_size(model)
+    if h % p or w % p:
+        raise ExportError(f"image size {h}x{w} is not divisible by the patch size {p}; pass --img-size a multiple "
+                          f"of {p}")
+    return model.eval().float()
+
+
+def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) -> Path:
+    arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or prof.model.split(".")[0]
+    tag = (getattr(model, "pretrained_cfg", {}) or {}).get("tag") if not prof.random_init else "random"
+    stem = f"{arch}{'.' + tag if tag else ''}-{features}-{prof.precision}"
+    return Path("exports") / (stem + (".engine" if prof.format == "trt" else ".onnx"))
+
+
+def _references(model: torch.nn.Module, features: str, precision: str) -> dict[str, torch.nn.Module]:
+    refs = {"torch fp32": ExportModule(model, features, torch.float32)}
+    if precision in ("fp16", "bf16"):
+        refs[f"torch {precision}"] = ExportModule(model, features, TORCH_DTYPES[precision])
+    return refs
+
+
+def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Random tensors and real images, ``sum(batches)`` of each (each batch size sees different samples)."""
+    batches = prof.batch.check_batches()
+    n = sum(batches)
+    root = prof.check.images or default_image_root()
+    pools = {"random": random_inputs(n, model_img_size(model), prof.check.seed), "images": load_images(root, n, model)}
+    return pools, {"random": f"{n} x N(0,1), seed {prof.check.seed}", "images": str(Path(root).resolve()),
+                   "batches": batches}
+
+
+def _runner(fmt: str, path: Path) -> Runner:
+    if fmt == "trt":
+        from .trt import TrtRunner
+
+        return TrtRunner(path)
+    return OrtRunner(path)
+
+
+def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, features: str,
+            pools: dict[str, np.ndarray], info: dict[str, Any]) -> ParityReport:
+    backend = "tensorrt" if prof.format == "trt" else "onnxruntime"
+    _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)", backend, prof.precision,
+                 info["batches"])
+    return run_parity(
+        runner, _references(model, features, prof.precision), pools, batches=info["batches"],
+        gates=prof.check.gates.for_precision(prof.precision), classifier=features == "logits",
+        backend=backend, precision=prof.precision, inputs_info=info,
+    )
+
+
+def _validate_machine(prof: ExportProfile) -> None:
+    """Options this machine cannot honour fail before any file is written."""
+    if prof.format == "trt":
+        from .trt import require_trt
+
+        require_trt()
+    elif prof.check.enabled:
+        ok, why = ort_supports(prof.precision)
+        if not ok:
+            raise ExportError(why)
+
+
+def export_model(
+    model: str | None = None,
+    *,
+    profile: str | os.PathLike[str] | ExportProfile | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> ExportResult:
+    """Export ``model`` as described by ``profile`` (default ``export/default.yaml``) plus ``fields``/overrides.
+
+    ``fields`` are profile keys, e.g. ``export_model("mff_vit_small", random_init=True, precision="fp16",
+    batch={"min": 1, "opt": 8, "max": 16})``.
+    """
+    prof = load_profile(profile, overrides, model=model, **fields)
+    _validate_machine(prof)
+    fp32 = load_export_model(prof)
+    features = resolve_features(prof.features, fp32)
+    out_name, meaning = OUTPUT_NAMES[features]
+    in_name = "pixel_values"
+    dtype = TORCH_DTYPES[prof.precision]
+    module = ExportModule(fp32, features, dtype)  # raises for logits on a backbone
+    img = model_img_size(fp32)
+    out = Path(prof.output or _default_output(prof, fp32, features)).expanduser()
+    if prof.format == "onnx" and out.suffix != ".onnx":
+        raise ExportError(f"--output '{out}' must end in .onnx for --format onnx")
+    if prof.format == "trt" and out.suffix == ".onnx":
+        raise ExportError(f"--output '{out}' is the engine path for --format trt: use .engine (the ONNX it is "
+                          "built from is written next to it)")
+    pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ({}, {})
+    calib = None
+    if prof.precision == "int8" and prof.quantize.mode == "static":
+        root = prof.quantize.calibration_images or prof.check.images or default_image_root()
+        calib = load_images(root, prof.quantize.num_calibration, fp32)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        onnx_tmp = tmp / "model.onnx"
+        _logger.info("exporting %s (%s, %s) to ONNX opset %d, batch %d..%d", prof.model, features, prof.precision,
+                     prof.opset, prof.batch.min, prof.batch.max)
+        export_onnx(module, onnx_tmp, img_size=img, input_name=in_name, output_name=out_name,
+                    batch_min=prof.batch.min, batch_max=prof.batch.max, opset=prof.opset, slim=prof.slim)
+        artefact_tmp: Path = onnx_tmp
+        extra: dict[str, Any] = {}
+        if prof.precision == "int8":
+            _logger.info("quantising to int8 (%s)", prof.quantize.mode)
+            from .quantize import quantize_onnx
+
+            artefact_tmp = quantize_onnx(onnx_tmp, tmp / "model.int8.onnx", mode=prof.quantize.mode,
+                                         calibration=calib, input_name=in_name, per_channel=prof.quantize.per_channel)
+            extra["quantization"] = {"mode": prof.quantize.mode, "per_channel": prof.quantize.per_channel,
+                                     "weights": "int8", "activations": "uint8",
+                                     "calibration_images": None if calib is None else len(calib)}
+        if prof.format == "trt":
+            from .trt import build_engine
+
+            _logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d)", prof.batch.min,
+                         prof.batch.opt, prof.batch.max)
+            artefact_tmp = tmp / "model.engine"
+            extra["tensorrt"] = build_engine(
+                onnx_tmp, artefact_tmp, input_name=in_name, img_size=img,
+                batch=(prof.batch.min, prof.batch.opt, prof.batch.max), workspace_gb=prof.trt.workspace_gb,
+                timing_cache=prof.trt.timing_cache, tf32=prof.trt.tf32,
+                optimization_level=prof.trt.optimization_level)
+        export_s = time.perf_counter() - t0
+        report = _parity(_runner(prof.format, artefact_tmp), fp32, prof, features, pools, info) \
+            if prof.check.enabled else None
+
+        files = []
+        if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
+            os.replace(onnx_tmp, out.with_suffix(".onnx"))
+            files.append(out.with_suffix(".onnx"))
+        os.replace(artefact_tmp, out)
+        files.insert(0, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    with torch.no_grad():
+        out_shape = list(ExportModule(fp32, features)(torch.zeros(1, 3, *img)).shape[1:])
+    cfg = getattr(fp32, "pretrained_cfg", {}) or {}
+    side = {
+        "format": prof.format,
+        "artefact": out.name,
+        "artefact_sha256": file_sha256(out),
+        "onnx": out.with_suffix(".onnx").name if prof.format == "trt" else out.name,
+        "model": {
+            "spec": _model_spec(prof), "architecture": cfg.get("architecture"),
+            "tag": None if prof.random_init else cfg.get("tag"), "random_init": prof.random_init,
+            "seed": prof.seed if prof.random_init else None, "model_args": prof.model_args,
+            "num_classes": int(getattr(fp32, "num_classes", 0)), "num_features": int(fp32.num_features),
+            "patch_size": _patch_size(fp32), "img_size": list(img),
+        },
+        "weights": {"sha256": state_dict_sha256(fp32), "hashed": "state dict (names, dtypes, shapes, bytes)",
+                    "file": None if prof.random_init else cfg.get("file")},
+        "input": {"name": in_name, "dtype": "float32", "layout": "NCHW",
+                  "shape": ["batch", 3, *img], "batch": to_dict(prof.batch)},
+        "output": {"name": out_name, "dtype": "float32", "shape": ["batch", *out_shape], "features": features,
+                   "meaning": meaning},
+        "preprocessing": preprocessing(fp32),
+        "precision": prof.precision,
+        "compute_dtype": {"int8": "int8 weights / uint8 activations (MatMul), fp32 elsewhere"}.get(
+            prof.precision, prof.precision),
+        "opset": prof.opset,
+        **extra,
+        "tools": tool_versions(),
+        "export_seconds": round(export_s, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "profile": to_dict(prof),
+        "parity": report.to_dict() if report else {"skipped": "--no-check: parity was not verified"},
+    }
+    files.append(write_json(sidecar_path(out), side))
+    if report is not None:
+        files.append(write_json(report_path(out), report.to_dict()))
+    _logger.info("wrote %s (+ %s)", out, sidecar_path(out).name)
+    result = ExportResult(out, sidecar_path(out), report, files)
+    if report is not None and not report.passed:
+        raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept, report in "
+                           f"{report_path(out)} (do not serve it; see docs/export.md#gates)", report)
+    return result
+
+
+def check_artefact(
+    artefact: str | os.PathLike[str], *, images: str | os.PathLike[str] | None = None
+) -> ParityReport:
+    """Re-run the parity check of an existing artefact against the weights its sidecar names.
+
+    Writes ``<artefact>.parity.json``; raises :class:`ParityFailed` (exit code 1) when a gate is missed.
+    """
+    artefact = Path(artefact)
+    side = read_sidecar(artefact)
+    data = dict(side["profile"])
+    data["check"] = {**data.get("check", {}), "enabled": True, **({"images": str(images)} if images else {})}
+    prof = load_config(ExportProfile, data)
+    _validate_machine(prof)
+    fp32 = load_export_model(prof)
+    if state_dict_sha256(fp32) != side["weights"]["sha256"]:
+        raise ExportError(f"the weights of '{_model_spec(prof)}' changed since '{artefact}' was exported "
+                          "(sha256 differs from the sidecar); re-export, or restore those weights")
+    changed = file_sha256(artefact) != side.get("artefact_sha256")
+    if changed:
+        _logger.warning("'%s' differs from the file that was exported (sha256 mismatch with its sidecar)", artefact)
+    pools, info = _check_inputs(prof, fp32)
+    info["artefact_changed_since_export"] = changed
+    report = _parity(_runner(prof.format, artefact), fp32, prof, side["output"]["features"], pools, info)
+    write_json(report_path(artefact), report.to_dict())
+    if not report.passed:
+        raise ParityFailed(f"parity gate missed for {artefact}: {'; '.join(report.failures)}; report in "
+                           f"{report_path(artefact)}", report)
+    return report

@@ -1,0 +1,151 @@
+"""ONNX export (torch dynamo exporter) and the ONNX Runtime runner every ONNX check and benchmark uses."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+
+__all__ = ["export_onnx", "check_onnx", "onnx_batch_dim", "OrtRunner", "ort_supports"]
+
+_logger = logging.getLogger("mffzoo")
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    img_size: tuple[int, int],
+    input_name: str,
+    output_name: str,
+    batch_min: int = 1,
+    batch_max: int = 32,
+    opset: int = 20,
+    slim: bool = True,
+) -> Path:
+    """Export ``module`` with a dynamic batch dimension into one self-contained ``.onnx`` file and check it.
+
+    The example batch is 2 because the exporter specialises a batch of 1; the batch ``Dim`` keeps the graph
+    valid for ``batch_min..batch_max``. Weights stay inside the file (``external_data=False``; fine below 2 GB).
+    """
+    path = Path(path)
+    if batch_min == batch_max:  # a fixed batch: nothing dynamic to declare
+        example, dyn = torch.randn(batch_min, 3, *img_size), None
+    else:
+        example = torch.randn(min(max(2, batch_min), batch_max), 3, *img_size)
+        dyn = {"x": {0: torch.export.Dim("batch", min=batch_min, max=batch_max)}}
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=True, external_data=False, opset_version=opset,
+                input_names=[input_name], output_names=[output_name], dynamic_shapes=dyn, verbose=False,
+            )
+        except ImportError as exc:
+            raise ExportError(f"ONNX export needs onnx + onnxscript ({exc}); pip install 'mffzoo[onnx]'") from None
+    if slim:
+        _slim(path)
+    check_onnx(path, dynamic_batch=dyn is not None)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """The exporter's passes log every rewrite at INFO; keep the user's console to our own progress lines."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if not _logger.isEnabledFor(logging.DEBUG):
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _slim(path: Path) -> None:
+    """onnxslim folds constants and fuses leftovers of the exporter; skipped (logged) when not installed."""
+    try:
+        import onnxslim
+    except ImportError:
+        _logger.info("onnxslim not installed: skipping the slim pass (pip install onnxslim)")
+        return
+    import onnx
+
+    slimmed = onnxslim.slim(onnx.load(str(path)))
+    onnx.save(slimmed, str(path))
+
+
+def onnx_batch_dim(path: str | os.PathLike[str]) -> str | int:
+    """The first input's batch dimension: a symbol (dynamic) or a number (fixed)."""
+    import onnx
+
+    dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_param or dim.dim_value
+
+
+def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> None:
+    """``onnx.checker`` full check (with shape inference) plus: the batch dimension is still symbolic."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ExportError(f"exported ONNX '{path}' fails onnx.checker: {first}") from None
+    if dynamic_batch and not isinstance(onnx_batch_dim(path), str):
+        raise ExportError(f"exported ONNX '{path}' lost its dynamic batch dimension (try slim: false)")
+
+
+def ort_supports(precision: str) -> tuple[bool, str]:
+    """Whether this ONNX Runtime can run an artefact of ``precision``; else why not (for a one-line error)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "onnxruntime is not installed: pip install 'mffzoo[onnx]'"
+    if precision == "bf16" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, ("ONNX Runtime's CPU provider has no bf16 kernels (Conv, Expand, MatMul); check a bf16 ONNX "
+                       "with onnxruntime-gpu or TensorRT on an NVIDIA GPU (--format trt), or use --precision fp16 "
+                       "for ONNX Runtime on CPU, or --no-check to write the file unchecked")
+    return True, ""
+
+
+class OrtRunner:
+    """An ONNX Runtime session with full graph optimisation: fp32 numpy NCHW in, fp32 numpy out."""
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        if providers is None:
+            avail = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+        except Exception as exc:  # ORT raises its own exception types per failure
+            first = str(exc).strip().splitlines()[0]
+            raise ExportError(f"ONNX Runtime cannot load '{path}': {first}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.path = Path(path)
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]

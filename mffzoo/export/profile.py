@@ -1,0 +1,205 @@
+"""Export profiles: one typed dataclass tree on the shared :mod:`mffzoo.config` machinery.
+
+A profile says everything an export needs (model, format, precision, shape range, parity gates), so
+``mffzoo export --profile export/trt-fp16.yaml`` is reproducible and a typo fails before the model loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import load_config, read_yaml, require
+from ..errors import ConfigError
+
+__all__ = [
+    "BatchRange", "Gates", "GateSet", "CheckConfig", "QuantizeConfig", "TrtConfig", "ExportProfile",
+    "PRECISIONS", "load_profile", "find_profile",
+]
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+
+
+@dataclass
+class BatchRange:
+    """Dynamic batch range of the artefact; ``opt`` is what TensorRT tunes its kernels for."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def validate(self) -> None:
+        require(self.min >= 1, "batch.min", f"must be >= 1, got {self.min}")
+        require(self.min <= self.opt <= self.max, "batch",
+                f"needs min <= opt <= max, got {self.min}:{self.opt}:{self.max}; write e.g. --batch 1:8:32")
+
+    def check_batches(self) -> list[int]:
+        """Minimum, an odd middle and maximum: odd sizes catch shape bugs that powers of two hide."""
+        mid = (self.min + self.max) // 2
+        if mid % 2 == 0:
+            mid = mid + 1 if mid + 1 < self.max else mid - 1
+        return sorted({b for b in (self.min, mid, self.max) if self.min <= b <= self.max})
+
+    @classmethod
+    def parse(cls, text: str) -> BatchRange:
+        """``"MIN:OPT:MAX"``, ``"MIN:MAX"`` (opt = max) or ``"N"`` (fixed)."""
+        try:
+            parts = [int(p) for p in str(text).split(":")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2, 3):
+            raise ConfigError(f"--batch '{text}' is not MIN:OPT:MAX; write e.g. --batch 1:8:32")
+        lo, hi = parts[0], parts[-1]
+        opt = parts[1] if len(parts) == 3 else hi
+        out = cls(lo, opt, hi)
+        out.validate()
+        return out
+
+
+@dataclass
+class Gates:
+    """Thresholds one comparison must meet; ``null`` disables a metric."""
+
+    max_abs: float | None = None  # upper bound
+    mean_abs: float | None = None  # upper bound
+    cosine: float | None = None  # lower bound on the worst sample's cosine similarity
+    top1: float | None = None  # lower bound on top-1 agreement (classifiers only)
+
+    def validate(self) -> None:
+        for k in ("max_abs", "mean_abs"):
+            v = getattr(self, k)
+            require(v is None or v >= 0, k, f"must be >= 0 or null, got {v}")
+        for k in ("cosine", "top1"):
+            v = getattr(self, k)
+            require(v is None or -1.0 <= v <= 1.0, k, f"must be in [-1, 1] or null, got {v}")
+
+
+@dataclass
+class GateSet:
+    """Gates per precision, applied to the artefact vs fp32 PyTorch (what a user's model is)."""
+
+    fp32: Gates = field(default_factory=lambda: Gates(max_abs=1e-4, cosine=0.99999, top1=1.0))
+    fp16: Gates = field(default_factory=lambda: Gates(mean_abs=2e-3, cosine=0.999, top1=0.99))
+    # bf16 keeps 8 mantissa bits (fp16: 10), so its mean error is ~4x fp16's; the cosine gate is the same.
+    bf16: Gates = field(default_factory=lambda: Gates(mean_abs=1e-2, cosine=0.999, top1=0.98))
+    int8: Gates = field(default_factory=lambda: Gates(cosine=0.99, top1=0.9))
+
+    def for_precision(self, precision: str) -> Gates:
+        return getattr(self, precision)
+
+
+@dataclass
+class CheckConfig:
+    """Parity check run after every export (random tensors AND real images)."""
+
+    enabled: bool = True
+    images: Path | None = None  # image folder; default: the built-in demo dataset (written on first use)
+    seed: int = 0
+    gates: GateSet = field(default_factory=GateSet)
+
+
+@dataclass
+class QuantizeConfig:
+    """ONNX Runtime int8 quantisation (CPU serving)."""
+
+    mode: Literal["dynamic", "static"] = "dynamic"
+    calibration_images: Path | None = None  # static only; default: the parity image folder
+    num_calibration: int = 64
+    per_channel: bool = False
+
+    def validate(self) -> None:
+        require(self.num_calibration >= 1, "quantize.num_calibration", f"must be >= 1, got {self.num_calibration}")
+
+
+@dataclass
+class TrtConfig:
+    """TensorRT engine build settings (precision itself comes from the ONNX dtypes: strongly typed network)."""
+
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None  # default: ~/.cache/mffzoo/trt-timing.cache, shared across builds
+    tf32: bool = False  # off keeps fp32 engines inside the fp32 parity gate
+    optimization_level: int = 3
+
+    def validate(self) -> None:
+        require(self.workspace_gb > 0, "trt.workspace_gb", f"must be > 0, got {self.workspace_gb}")
+        require(0 <= self.optimization_level <= 5, "trt.optimization_level",
+                f"must be 0..5, got {self.optimization_level}")
+
+
+@dataclass
+class ExportProfile:
+    """Everything ``mffzoo export`` does, as data. CLI flags are overrides of these keys."""
+
+    model: str = "mff_vit_small"  # registered name[.tag], model folder, checkpoint file, hf-hub:/local-dir:
+    weights: str | None = None  # a tag of ``model`` or a weights path; overrides the weights ``model`` implies
+    random_init: bool = False  # explicit random weights (smoke tests, speed); otherwise weights must exist
+    seed: int = 0  # seeds random_init, so a random-init artefact can be re-checked later
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. a tiny test model
+    format: Literal["onnx", "trt"] = "onnx"
+    precision: Precision = "fp32"
+    features: Literal["auto", "pooled", "tokens", "logits"] = "auto"  # auto: logits for classifiers, else pooled
+    batch: BatchRange = field(default_factory=BatchRange)
+    img_size: int | None = None  # default: the model's
+    opset: int = 20
+    slim: bool = True  # onnxslim pass (keeps the dynamic batch)
+    output: Path | None = None  # default: exports/<model>-<features>-<precision>.<onnx|engine>
+    check: CheckConfig = field(default_factory=CheckConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    trt: TrtConfig = field(default_factory=TrtConfig)
+
+    def validate(self) -> None:
+        require(bool(self.model), "model", "must name a model, e.g. mff_vit_small or a model folder")
+        require(17 <= self.opset <= 23, "opset",
+                f"must be 17..23 (>= 17 for exact LayerNorm, 20 recommended), got {self.opset}")
+        require(not (self.format == "trt" and self.precision == "int8"), "precision",
+                "int8 is for ONNX Runtime CPU serving (--format onnx); TensorRT int8 needs calibration this "
+                "tool does not do: use --precision fp16 or bf16 with --format trt")
+        require(self.img_size is None or self.img_size > 0, "img_size", f"must be > 0, got {self.img_size}")
+
+
+def find_profile(name: str | os.PathLike[str]) -> Path:
+    """A profile path, or a bare name (``onnx-fp16``) looked up in ./export/ and the source checkout's export/."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    stem = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    for root in (Path.cwd() / "export", Path(__file__).resolve().parents[2] / "export"):
+        if (root / stem).is_file() and (p.parent == Path(".") or p.parent == Path("export")):
+            return root / stem
+    raise ConfigError(f"export profile '{name}' not found; pass a YAML path or a name from export/ "
+                      f"(e.g. onnx-fp32, onnx-fp16, onnx-int8-cpu, trt-fp16)")
+
+
+def default_profile_path() -> Path | None:
+    """``export/default.yaml`` (cwd, then the source checkout); None means the dataclass defaults."""
+    try:
+        return find_profile("default")
+    except ConfigError:
+        return None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_profile(
+    profile: str | os.PathLike[str] | ExportProfile | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> ExportProfile:
+    """Profile file (default ``export/default.yaml``) + Python ``fields`` (nested dicts ok) + ``a.b=v`` overrides."""
+    from ..config import to_dict
+
+    if isinstance(profile, ExportProfile):
+        data: dict[str, Any] = to_dict(profile)
+    else:
+        path = find_profile(profile) if profile is not None else default_profile_path()
+        data = read_yaml(path) if path is not None else {}
+    data = _merge(data, to_dict({k: v for k, v in fields.items() if v is not None}))
+    return load_config(ExportProfile, data, overrides)

@@ -1,0 +1,87 @@
+"""int8 for CPU serving with ONNX Runtime's own quantisation tools (dynamic, or static with calibration images).
+
+Dynamic quantisation stores int8 weights and quantises activations per batch at run time (no data needed);
+static quantisation fixes activation scales from calibration images (QDQ format), which needs representative
+images: the same preprocessed images the parity check uses, from ``--check-images`` or the demo dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError
+
+__all__ = ["quantize_onnx", "ArrayCalibrationReader"]
+
+
+class ArrayCalibrationReader:
+    """ORT ``CalibrationDataReader`` over preprocessed images, fed one small batch at a time."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int = 8) -> None:
+        self._batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+        self.input_name = input_name
+        self._it = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def quantize_onnx(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    mode: str = "dynamic",
+    calibration: np.ndarray | None = None,
+    input_name: str = "pixel_values",
+    per_channel: bool = False,
+) -> Path:
+    """fp32 ONNX ``src`` -> int8 ONNX ``dst`` (int8 weights; uint8/int8 activations)."""
+    try:
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"int8 needs onnxruntime's quantisation tools ({exc}); pip install 'mffzoo[onnx]'") from None
+    dst = Path(dst)
+    root = logging.getLogger()
+    level = root.level
+    if not logging.getLogger("mffzoo").isEnabledFor(logging.DEBUG):
+        root.setLevel(logging.WARNING)  # ORT's quantiser logs every skipped tensor on the root logger
+    try:
+        _quantize(src, dst, mode, calibration, input_name, per_channel)
+    finally:
+        root.setLevel(level)
+    return dst
+
+
+def _quantize(src: str | os.PathLike[str], dst: Path, mode: str, calibration: np.ndarray | None, input_name: str,
+              per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Shape inference + ORT-level optimisation first, as ORT's quantisation guide recommends.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        if mode == "dynamic":
+            quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+        elif mode == "static":
+            if calibration is None or not len(calibration):
+                raise ExportError("static int8 needs calibration images; pass --check-images DIR or use "
+                                  "quantize.mode=dynamic")
+            quantize_static(
+                str(pre), str(dst), ArrayCalibrationReader(calibration, input_name),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=per_channel, op_types_to_quantize=["MatMul", "Gemm"],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        else:
+            raise ExportError(f"quantize.mode must be dynamic or static, got {mode!r}")

@@ -1,0 +1,166 @@
+"""TensorRT: build an engine from the exported ONNX, and run it on torch CUDA tensors (no pycuda).
+
+Kept small on purpose: the ONNX export, parity check, sidecar and CLI are the shared, tested code; this module
+only turns a checked ONNX file into an engine and executes it. Written against TensorRT 10.12+ and 11: the
+network is strongly typed (fp16/bf16 come from the ONNX dtypes; TRT 11 has no FP16/BF16 builder flags), and
+every flag is looked up by name because enum values moved between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ExportError
+
+__all__ = ["require_trt", "build_engine", "TrtRunner", "default_timing_cache"]
+
+_logger = logging.getLogger("mffzoo")
+INSTALL_HINT = "pip install 'mffzoo[gpu]' on a machine with an NVIDIA GPU"
+
+
+def require_trt() -> None:
+    """One-line error naming what is missing (the package, the GPU, or both) before anything is written."""
+    missing = []
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        missing.append("the 'tensorrt' Python package is not installed")
+    except Exception as exc:  # the PyPI stub raises at import when NVIDIA's wheels could not be fetched
+        missing.append(f"the 'tensorrt' package does not import ({str(exc).splitlines()[0][:80]})")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible to torch")
+    if missing:
+        raise ExportError(f"--format trt needs TensorRT and a CUDA GPU: {' and '.join(missing)}; {INSTALL_HINT} "
+                          "(or use --format onnx)")
+
+
+def default_timing_cache() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mffzoo" / "trt-timing.cache"
+
+
+def _logger_cls() -> Any:
+    import tensorrt as trt
+
+    class Collect(trt.ILogger):
+        """Keeps errors so a failed build says why in one line."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(msg)
+            if severity <= trt.ILogger.Severity.WARNING:
+                _logger.debug("tensorrt: %s", msg)
+
+    return Collect()
+
+
+def gpu_info() -> dict[str, Any]:
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}"}
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    engine_path: str | os.PathLike[str],
+    *,
+    input_name: str,
+    img_size: tuple[int, int],
+    batch: tuple[int, int, int],
+    workspace_gb: float = 4.0,
+    timing_cache: str | os.PathLike[str] | None = None,
+    tf32: bool = False,
+    optimization_level: int = 3,
+) -> dict[str, Any]:
+    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine; returns build facts."""
+    require_trt()
+    import tensorrt as trt
+
+    log = _logger_cls()
+    builder = trt.Builder(log)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)] or log.errors
+        raise ExportError(f"TensorRT cannot parse '{onnx_path}': {'; '.join(errs)[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.builder_optimization_level = optimization_level
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; fp32 parity needs it off
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = batch
+    profile.set_shape(input_name, (lo, 3, *img_size), (opt, 3, *img_size), (hi, 3, *img_size))
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
+    blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another GPU/version is ignored, not fatal
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from '{onnx_path}': "
+                          f"{'; '.join(log.errors)[:300] or 'see mffzoo -v export ... for the builder log'}")
+    Path(engine_path).write_bytes(bytes(serialized))
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    os.replace(tmp, cache_path)  # reused by the next build: engine builds drop from minutes to seconds
+    return {"tensorrt": trt.__version__, **gpu_info(), "timing_cache": str(cache_path),
+            "workspace_gb": workspace_gb, "tf32": tf32, "optimization_level": optimization_level,
+            "profile": {"min": lo, "opt": opt, "max": hi}}
+
+
+_TORCH_DTYPE = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+                "INT64": torch.int64}
+
+
+class TrtRunner:
+    """Executes an engine with torch CUDA tensors as the buffers; callable on numpy like :class:`OrtRunner`."""
+
+    def __init__(self, engine_path: str | os.PathLike[str]) -> None:
+        require_trt()
+        import tensorrt as trt
+
+        self._log = _logger_cls()
+        self.runtime = trt.Runtime(self._log)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(f"TensorRT cannot load engine '{engine_path}' (built with another TensorRT version or "
+                              f"GPU?): {'; '.join(self._log.errors)[:200]}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.out_dtype = _TORCH_DTYPE[self.engine.get_tensor_dtype(self.output_name).name]
+        self.stream = torch.cuda.Stream()  # execute_async_v3 must not run on the legacy default stream
+
+    def run_torch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device="cuda", dtype=torch.float32).contiguous()
+        ctx = self.context
+        ctx.set_input_shape(self.input_name, tuple(x.shape))
+        out = torch.empty(tuple(ctx.get_tensor_shape(self.output_name)), dtype=self.out_dtype, device="cuda")
+        ctx.set_tensor_address(self.input_name, x.data_ptr())
+        ctx.set_tensor_address(self.output_name, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # x may still be being written on the current stream
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise ExportError(f"TensorRT execution failed: {'; '.join(self._log.errors)[:200]}")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        x.record_stream(self.stream)
+        out.record_stream(self.stream)
+        return out
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        out = self.run_torch(t)
+        torch.cuda.current_stream().synchronize()
+        return out.float().cpu().numpy()
