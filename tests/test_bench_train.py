@@ -60,8 +60,10 @@ def test_isolated_rows_for_both_implementations_and_ratio_from_measurements():
         assert r["flops_per_step"] is None and r["mfu"] is None  # CPU: no FLOP count, no MFU
     assert hf["precision"] == "fp32" and hf["attention"].startswith("transformers")
     assert ours["precision"] in ("bf16", "fp32")  # the engine's resolution of the recipe's bf16
-    assert hf["ratio"] == 1.0
+    assert hf["ratio"] == 1.0 and hf["ratio_best"] == 1.0
     assert ours["ratio"] == pytest.approx(ours["img_s"] / hf["img_s"])
+    assert ours["ratio_best"] == pytest.approx(ours["img_s_best"] / hf["img_s_best"])
+    assert ours["img_s_best"] == pytest.approx(2 / min(ours["step_times_s"]))
 
 
 def test_in_process_repeats_keep_every_run():
@@ -80,6 +82,8 @@ def test_repeated_ratio_is_the_median_of_paired_per_run_ratios():
     assert len(ours["ratio_runs"]) == 3 and hf["ratio_runs"] == [1.0, 1.0, 1.0]
     assert ours["ratio_runs"] == pytest.approx([a / b for a, b in zip(ours["img_s_runs"], hf["img_s_runs"])])
     assert ours["ratio"] == pytest.approx(statistics.median(ours["ratio_runs"]))
+    assert ours["img_s_best"] == pytest.approx(2 / min(ours["step_times_s"]))
+    assert ours["ratio_best"] == pytest.approx(statistics.median(ours["ratio_best_runs"]))
 
 
 def test_add_ratios_divides_by_the_peer_of_the_same_size():
@@ -92,13 +96,13 @@ def test_add_ratios_divides_by_the_peer_of_the_same_size():
 def test_table_and_markdown(capsys):
     rows = bt.add_ratios([
         dict(model="ViT-S/16", impl=i, precision=p, batch=32, params=47.6e6, trainable_params=47.4e6, img_s=v,
-             img_s_runs=[v, v], peak_mem_mib=1000.0, attention="sdpa", optimizer="adamw", load_before=0.1,
-             load_after=0.2, overrides=[], device="cpu", steps=5, warmup=2, mem_kind="rss")
+             img_s_runs=[v, v], img_s_best=v + 1, peak_mem_mib=1000.0, attention="sdpa", optimizer="adamw",
+             load_before=0.1, load_after=0.2, overrides=[], device="cpu", steps=5, warmup=2, mem_kind="rss")
         for i, p, v in (("hf", "fp32", 2.0), ("mffzoo", "bf16", 3.0))
     ])
     bt.print_results(rows, markdown=True)
     out = capsys.readouterr().out
-    assert "| ViT-S/16 | mffzoo | bf16 | 32 | 47.60 | 3.00 | 3.00 / 3.00 | 1000 | 1.50x | 1.50 |" in out
+    assert "| ViT-S/16 | mffzoo | bf16 | 32 | 47.60 | 3.00 | 4.00 | 1000 | 1.50x | 1.50 | 1.33x |" in out
     assert "ratio vs hf" in out and "MFU" not in out
 
 

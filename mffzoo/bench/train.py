@@ -286,6 +286,7 @@ def measure(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
             "attention": s["attention"], "optimizer": s["optimizer"], "overrides": list(spec.get("overrides", ())),
             "batch": batch, "params": s["params"], "trainable_params": s["trainable_params"], "steps": steps,
             "warmup": warmup, "step_times_s": times[impl], "step_s": step_s, "img_s": batch / step_s,
+            "img_s_best": batch / min(times[impl]),
             "peak_mem_mib": None, "mem_kind": "not measured", "flops_per_step": flops[impl], "tflops": tflops,
             "peak_tflops": peak, "mfu": tflops / peak if tflops and peak else None,
             "load_before": load_before, "load_after": load_after,
@@ -352,6 +353,10 @@ def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["img_s"] = statistics.median(row["img_s_runs"])
     row["step_s"] = row["batch"] / row["img_s"]
     row["ratio"] = None if None in row["ratio_runs"] else statistics.median(row["ratio_runs"])
+    row["img_s_best"] = max(r["img_s_best"] for r in runs)
+    bests = [r["ratio_best"] for r in runs]
+    row["ratio_best_runs"] = bests
+    row["ratio_best"] = None if None in bests else statistics.median(bests)
     if row.get("flops_per_step"):
         row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
         row["mfu"] = row["tflops"] / row["peak_tflops"] if row.get("peak_tflops") else None
@@ -361,11 +366,14 @@ def _merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict[str, Any]], peer: str = PEER) -> list[dict[str, Any]]:
-    """``ratio`` = img/s / the peer's img/s for the same model size (None when the peer was not measured)."""
-    peers = {r["model"]: r["img_s"] for r in rows if r["impl"] == peer}
+    """``ratio`` = img/s / the peer's img/s for the same model size (None when the peer was not measured); the
+    same for ``ratio_best`` (fastest step of each), the steadier number when other jobs share the machine."""
+    peers = {r["model"]: r for r in rows if r["impl"] == peer}
     for r in rows:
         p = peers.get(r["model"])
-        r["ratio"] = r["img_s"] / p if p else None
+        r["ratio"] = r["img_s"] / p["img_s"] if p else None
+        if "img_s_best" in r:
+            r["ratio_best"] = r["img_s_best"] / p["img_s_best"] if p else None
     return rows
 
 
@@ -453,16 +461,17 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def format_results(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of strings: what the table printers show."""
     cuda = any(r.get("flops_per_step") for r in rows)
-    header = ["model", "implementation", "precision", "batch", "params (M)", "img/s", "img/s per run",
-              "peak mem (MiB)", f"ratio vs {PEER}", "ratio per run"]
+    header = ["model", "implementation", "precision", "batch", "params (M)", "img/s", "img/s best",
+              "peak mem (MiB)", f"ratio vs {PEER}", "ratio per run", "ratio best"]
     if cuda:
         header += ["TFLOP/s", "MFU (bf16 peak)"]
     out = []
     for r in rows:
         line = [r["model"], r["impl"], r["precision"], str(r["batch"]), f"{r['params'] / 1e6:.2f}",
-                _fmt(r["img_s"]), " / ".join(_fmt(v) for v in r.get("img_s_runs", [r["img_s"]])),
-                _fmt(r["peak_mem_mib"], ".0f"), _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
-                " / ".join(_fmt(v) for v in r.get("ratio_runs", [r["ratio"]]))]
+                _fmt(r["img_s"]), _fmt(r.get("img_s_best")), _fmt(r["peak_mem_mib"], ".0f"),
+                _fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
+                " / ".join(_fmt(v) for v in r.get("ratio_runs", [r["ratio"]])),
+                _fmt(r.get("ratio_best"), ".2f") + ("x" if r.get("ratio_best") is not None else "")]
         if cuda:
             line += [_fmt(r.get("tflops"), ".1f"), _fmt(r["mfu"] * 100, ".1f") + "%" if r.get("mfu") else "-"]
         out.append(line)
@@ -494,4 +503,5 @@ def print_results(rows: list[dict[str, Any]], markdown: bool = False) -> None:
             click.echo(f"custom model: {', '.join(r['overrides'])}")
         click.echo(f"device: {r['device']}; img/s = batch / median of {r['steps']} timed steps after {r['warmup']} "
                    "warm-up, implementations' steps interleaved in one process per run; ratio = median over runs "
-                   f"of img/s / {PEER} img/s of the same run; memory: {r['mem_kind']}")
+                   f"of img/s / {PEER} img/s of the same run; best = fastest timed step (steadier when other jobs "
+                   f"share the machine); memory: {r['mem_kind']}")

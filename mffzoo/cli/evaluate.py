@@ -159,6 +159,7 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
 
     from ..eval.finetune import finetune as run_finetune
     from ..eval.finetune import load_finetune_recipe
+    from ..train.data import resolve_root
 
     _quiet_timm()
     rec = load_finetune_recipe(recipe, list(overrides))
@@ -171,7 +172,7 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
         return
     x = result.extra
     res = {"task": "finetune", "model": rec.model.pretrained, "random_init": rec.model.random_init,
-           "data": str(rec.data.root), "epochs": result.epoch,
+           "data": str(resolve_root(rec.data)), "epochs": result.epoch,
            "results": {"finetuned": {"top1": x["top1"], "top5": x["top5"], "best_top1": x["best_top1"]}},
            "run_dir": str(result.run_dir), "model_dir": str(x.get("model_dir"))}
     from ..eval.results import result_rows, update_zoo_metrics, write_json

@@ -49,6 +49,8 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
     )
+    if not verbose:  # timm narrates every weight load at INFO; our own messages say what matters
+        logging.getLogger("timm").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,25 +11,24 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
     """Plain aligned text table (what every mffzoo listing and report prints)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    click.echo(line)
+    click.echo(line.rstrip())
     click.echo("  ".join("-" * w for w in widths))
     for r in rows:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @click.command("zoo")
-@click.option("--all", "show_all", is_flag=True, help="Show full URLs / paths.")
+@click.option("--all", "show_all", is_flag=True, help="Also show each download URL / local folder.")
 def zoo(show_all: bool) -> None:
     """List every architecture/tag: source, whether it is present locally, reported metric."""
     from ..zoo.catalog import zoo_rows
     from ..zoo.home import zoo_home
 
-    rows = []
-    for r in zoo_rows():
-        loc = r.location if show_all or len(r.location) < 60 else "..." + r.location[-57:]
-        rows.append([f"{r.arch}.{r.tag}", r.source, "yes" if r.present else "no", r.metric, loc])
-    print_table(rows, ["model", "source", "local", "metric", "location"])
-    click.echo(f"\nzoo home: {zoo_home()} (set MFFZOO_HOME to change)")
+    header = ["model", "source", "local", "metric"] + (["location"] if show_all else [])
+    rows = [[f"{r.arch}.{r.tag}", r.source, "yes" if r.present else "no", r.metric]
+            + ([r.location] if show_all else []) for r in zoo_rows()]
+    print_table(rows, header)
+    click.echo(f"\nzoo home: {zoo_home()} (set MFFZOO_HOME to change; --all shows URLs and folders)")
 
 
 @click.command("convert")

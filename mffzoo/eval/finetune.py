@@ -215,6 +215,29 @@ class _SeededPythonRandom:
         return f"{type(self).__name__}({self.transform!r})"
 
 
+def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's posterize, with Pillow < 11's result for 0 bits (a black image) instead of Pillow >= 11's error.
+
+    RandAugment ``inc1`` maps magnitude 10 (reached by the ``mstd0.5`` noise ~2% of the time) to 0 bits; MAE ran
+    on a Pillow that returned black there, current Pillow raises and kills the loader."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _pillow_safe(tf: Any) -> Any:
+    from timm.data.auto_augment import posterize
+
+    for t in getattr(tf, "transforms", []):
+        ops = list(getattr(t, "ops", []) or []) + [op for sub in getattr(t, "policy", []) or [] for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is posterize:
+                op.aug_fn = _posterize
+    return tf
+
+
 class FinetuneTask(Task):
     recipe: FinetuneRecipe
 
@@ -291,7 +314,7 @@ class FinetuneTask(Task):
                               color_jitter=a.color_jitter, auto_augment=a.auto_augment, interpolation=a.interpolation,
                               mean=tuple(d.mean), std=tuple(d.std), re_prob=a.re_prob, re_mode=a.re_mode,
                               re_count=a.re_count)
-        return _SeededPythonRandom(tf)
+        return _SeededPythonRandom(_pillow_safe(tf))
 
     def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch.images, batch.targets

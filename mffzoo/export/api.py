@@ -260,7 +260,7 @@ def export_model(
     files.append(write_json(sidecar_path(out), side))
     if report is not None:
         files.append(write_json(report_path(out), report.to_dict()))
-    _logger.info("wrote %s (+ %s)", out, sidecar_path(out).name)
+    _logger.debug("wrote %s (+ %s)", out, sidecar_path(out).name)
     result = ExportResult(out, sidecar_path(out), report, files)
     if report is not None and not report.passed:
         raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept, report in "

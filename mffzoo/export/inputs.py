@@ -6,7 +6,6 @@ what int8 calibration and low-precision overflow depend on). Both are fp32 NCHW 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -19,7 +18,6 @@ from ..errors import DataError
 
 __all__ = ["preprocessing", "random_inputs", "image_files", "load_images", "default_image_root"]
 
-_logger = logging.getLogger("mffzoo")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 

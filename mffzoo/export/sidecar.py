@@ -44,6 +44,9 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a sidecar is as readable as its artefact
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -56,9 +56,9 @@ def _logger_cls() -> Any:
             self.errors: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 _logger.debug("tensorrt: %s", msg)
 
     return Collect()
