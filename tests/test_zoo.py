@@ -160,3 +160,16 @@ def test_cli_zoo_and_convert(tmp_path, zoo_home):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "corrupt" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_load_model_random_init_keeps_the_described_architecture(tmp_path):
+    src = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    folder = write_model_folder(tmp_path / "f", "mff_vit_small_patch16_224", src, model_args=TINY)
+    torch.save({"model": {"encoder." + k: v for k, v in src.state_dict().items()}, "model_args": TINY},
+               tmp_path / "c.pth")
+    for spec in (folder, tmp_path / "c.pth"):
+        fresh = load_model(spec, random_init=True)
+        assert (len(fresh.blocks), fresh.embed_dim, fresh.patch_embed.img_size) == (4, 64, (32, 32))
+        assert not torch.equal(fresh.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    loaded = load_model(tmp_path / "c.pth")
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)

@@ -29,6 +29,31 @@ def _download_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
+def _first_top1(obj: object) -> float | None:
+    """The first top-1 number in an eval record, whatever its nesting (knn: per read-out; linear: flat)."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("top1"), (int, float)):
+            return float(obj["top1"])
+        children = obj.values()
+    elif isinstance(obj, list):
+        children = obj
+    else:
+        return None
+    return next((v for v in map(_first_top1, children) if v is not None), None)
+
+
+def _measured(meta: dict) -> str:
+    """Metrics measured by `mffzoo eval --update-zoo` (evidence next to the weights), else the final loss."""
+    parts = []
+    for key, rec in (meta.get("eval") or {}).items():
+        top1 = _first_top1(rec)
+        if top1 is not None:
+            parts.append(f"{key} top-1 {top1:.1f}")
+    if not parts and isinstance(meta.get("final_loss"), float):
+        parts.append(f"final loss {meta['final_loss']:.4f}")
+    return ", ".join(parts)
+
+
 def zoo_rows() -> list[ZooRow]:
     from ..models.mff_vision_transformer import ZOO_TAGS, is_local_cfg
 
@@ -42,15 +67,12 @@ def zoo_rows() -> list[ZooRow]:
                 folder = entry_dir(arch, tag)
                 local = [e for e in list_local(arch) if e.tag == tag]
                 if local and not metric:
-                    m = local[0].meta
-                    metric = f"final loss {m['final_loss']:.4f}" if isinstance(m.get("final_loss"), float) else ""
+                    metric = _measured(local[0].meta)
                 rows.append(ZooRow(arch, tag, "local", bool(local), str(folder), metric))
             else:
                 cached = _download_cache_path(cfg["url"])
                 rows.append(ZooRow(arch, tag, "official", cached.is_file(), cfg["url"], metric))
     for e in list_local():
         if (e.arch, e.tag) not in seen:
-            loss = e.meta.get("final_loss")
-            rows.append(ZooRow(e.arch, e.tag, "local (unregistered)", True, str(e.path),
-                               f"final loss {loss:.4f}" if isinstance(loss, float) else ""))
+            rows.append(ZooRow(e.arch, e.tag, "local (unregistered)", True, str(e.path), _measured(e.meta)))
     return rows

@@ -138,7 +138,13 @@ def load_model(
 
     if random_init:
         pretrained = False
-    name, extra = parse_model_spec(spec) if pretrained else (str(spec), {})
+    name, extra = parse_model_spec(spec) if (pretrained or Path(str(spec)).expanduser().exists()) else (str(spec), {})
+    if not pretrained:  # keep the architecture a folder/checkpoint describes, drop its weights
+        if name.startswith("local-dir:"):
+            cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG_NAME).read_text())
+            name = cfg["architecture"]
+            extra = {**(cfg.get("model_args") or {}), "num_classes": cfg.get("num_classes", 0)}
+        extra.pop("pretrained_cfg_overlay", None)
     extra.update(kwargs)
     extra["pretrained"] = pretrained
     try:
