@@ -91,3 +91,17 @@ def timm_to_mm(sd: dict, *, final_key: str = "ln1") -> dict:
         else:
             raise KeyError(k)
     return out
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI in-process; it must exit 2 with exactly one ``error: ...`` line and no traceback."""
+    import pytest
+
+    from mffzoo.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]

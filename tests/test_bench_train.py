@@ -67,13 +67,21 @@ def test_isolated_rows_for_both_implementations_and_ratio_from_measurements():
 
 
 def test_in_process_repeats_keep_every_run():
-    rows = bt.bench_train(["s"], impls=["mffzoo-mae", "hf-bf16"], repeats=2, isolate=False, device="cpu", **FAST)
+    rows = bt.bench_train(["s"], impls=["mffzoo-mae", "hf-bf16", "mffzoo-sdpa"], repeats=2, isolate=False,
+                          device="cpu", **FAST)
     for r in rows:
         _check_row(r, r["impl"], steps=2, repeats=2)
         assert len(r["img_s_runs"]) == 2 and r["img_s"] == pytest.approx(statistics.median(r["img_s_runs"]))
         assert r["peak_mem_mib"] is None  # not isolated: a peak would mix implementations, so none is claimed
         assert r["ratio"] is None and r["ratio_runs"] == [None, None]  # the peer's default row was not measured
-    assert rows[1]["precision"] == "bf16"
+    ours, peer, sdpa = rows
+    assert peer["precision"] == "bf16" and peer["optimizer"] == "torch AdamW"
+    # mffzoo rows are configured by the engine's own functions: fused AdamW, and train.attention's choice
+    assert ours["optimizer"] == sdpa["optimizer"] == "timm adamw fused"
+    from mffzoo.train.engine import cpu_has_amx
+
+    assert ours["attention"] == ("timm math" if ours["precision"] == "bf16" and cpu_has_amx() else "timm sdpa")
+    assert sdpa["attention"] == "timm sdpa"
 
 
 def test_repeated_ratio_is_the_median_of_paired_per_run_ratios():

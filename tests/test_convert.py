@@ -62,12 +62,12 @@ def test_mmpretrain_pretraining_checkpoint(imgs):
         got = model.forward_head(model.forward_features(imgs), pre_logits=True)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # fusion + decoder land in the pretraining model's own names, and load back into it
-    assert conv.extras["fusion.weights"].shape == (3,)
+    assert conv.extras["fusion.weights"].shape == (3, 1, 1, 1)  # mmpretrain's own layout, loads as is
     pre = create_pretrain_model("mff_vit_small", fusion_layers=[0, 1, 3], **TINY, **TINY_DECODER)
     full = {**{"encoder." + k: v for k, v in conv.backbone.items()}, **conv.extras}
     pre.load_state_dict(full, strict=True)
     torch.testing.assert_close(pre.decoder_blocks[0].mlp.fc2.weight, ours["decoder_blocks.0.mlp.fc2.weight"])
-    torch.testing.assert_close(pre.fusion.weights.data, ckpt["state_dict"]["backbone.proj_weights"].view(-1))
+    torch.testing.assert_close(pre.fusion.weights.data, ckpt["state_dict"]["backbone.proj_weights"])
 
 
 def test_mmpretrain_finetuned_classifier_same_logits(imgs):
@@ -82,6 +82,25 @@ def test_mmpretrain_finetuned_classifier_same_logits(imgs):
     with torch.no_grad():
         expected = functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4, pool="avg")
         torch.testing.assert_close(clf(imgs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_finetuned_classifier_file_through_timm_overlay_keeps_its_head(tmp_path, imgs):
+    """`pretrained_cfg_overlay=dict(file=...)` with a fine-tuned classifier: the file's head and pooling decide,
+    with no extra kwargs (the tags' cfg says num_classes=0, which would otherwise drop the head)."""
+    clf = timm.create_model("mff_vit_small", num_classes=10, global_pool="avg", fc_norm=True, **TINY)
+    ckpt = {"meta": {"epoch": 100}, "state_dict": timm_to_mm(random_state_dict(clf, 6))}
+    torch.save(ckpt, tmp_path / "ft.pth")
+    overlay = dict(file=str(tmp_path / "ft.pth"))
+    model = timm.create_model("mff_vit_small", pretrained=True, pretrained_cfg_overlay=overlay, num_heads=4).eval()
+    assert model.num_classes == 10 and model.global_pool == "avg"
+    assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept around
+    with torch.no_grad():
+        expected = functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4, pool="avg")
+        torch.testing.assert_close(model(imgs), expected, rtol=1e-4, atol=1e-5)
+    # asking for another head is timm's fine-tuning behaviour: a fresh head, the backbone kept
+    fresh = timm.create_model("mff_vit_small", pretrained=True, num_classes=3, num_heads=4,
+                              pretrained_cfg_overlay=overlay)
+    assert fresh.num_classes == 3 and torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
 def test_mae_release_format_with_decoder(imgs):
@@ -194,9 +213,14 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
     torch.save({"state_dict": {"backbone.cls_token": torch.zeros(1)}, "meta": _Evil(str(marker))}, path)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint_file(path)
-    # timm's own loader path is weights_only too
-    with pytest.raises((pickle.UnpicklingError, RuntimeError), match="weights_only"):
+    # timm's own route (pretrained_cfg_overlay=dict(file=...)) goes through the same weights-only loader
+    with pytest.raises(CheckpointError, match="refusing to load"):
         timm.create_model("mff_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY)
+    # and timm's loader itself, should anything reach it, is weights_only too
+    from timm.models import load_checkpoint
+
+    with pytest.raises((pickle.UnpicklingError, RuntimeError), match="weights_only"):
+        load_checkpoint(tiny_backbone(), str(path))
     assert not marker.exists()
 
 

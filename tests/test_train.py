@@ -102,6 +102,72 @@ def test_training_reduces_loss(finished: Any) -> None:
     assert rec["img_s"] > 0 and rec["mem_mb"] > 0 and rec["lr"] > 0
 
 
+def test_attention_choice_is_a_kernel_switch_only() -> None:
+    """train.attention=auto picks math attention exactly on AMX CPUs + bf16; both kernels compute the same loss."""
+    from mffzoo.models import create_pretrain_model
+    from mffzoo.train.engine import configure_attention, cpu_has_amx
+
+    torch.manual_seed(0)
+    model = create_pretrain_model("mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                  fusion_layers=[0, 1], decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attns) == 3  # two encoder blocks + one decoder block
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto_bf16 = "math" if cpu_has_amx() else "sdpa"  # where it was measured to pay (docs/benchmarks.md)
+    assert configure_attention(model, "auto", cpu, torch.bfloat16) == auto_bf16
+    assert all(a.fused_attn == (auto_bf16 == "sdpa") for a in attns)
+    assert configure_attention(model, "math", cpu, torch.bfloat16) == "math" and not any(a.fused_attn for a in attns)
+    assert configure_attention(model, "auto", cpu, None) == "sdpa" and all(a.fused_attn for a in attns)
+    assert configure_attention(model, "auto", cuda, torch.bfloat16) == "sdpa"
+    assert configure_attention(model, "math", cuda, None) == "math"
+    assert configure_attention(model, "sdpa", cpu, torch.bfloat16) == "sdpa"
+    assert configure_attention(torch.nn.Linear(2, 2), "auto", cpu, torch.bfloat16) == "n/a"
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    losses = {}
+    for mode in ("sdpa", "math"):
+        configure_attention(model, mode, cpu, None)
+        losses[mode] = model(x, noise=noise).loss
+    torch.testing.assert_close(losses["sdpa"], losses["math"], atol=1e-5, rtol=0)
+
+
+def test_optimizer_is_fused_adamw_with_no_decay_groups() -> None:
+    from mffzoo.models import create_pretrain_model
+    from mffzoo.train.engine import build_optimizer
+    from mffzoo.train.recipe import OptimConfig
+
+    model = create_pretrain_model("mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                  fusion_layers=[0, 1], decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    opt = build_optimizer(model, OptimConfig(), 4096, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    assert opt.defaults["lr"] == pytest.approx(1.5e-4 * 4096 / 256) and opt.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert set(decay) == {0.0, 0.05}
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.norm1.weight", "decoder_embed.bias",
+            "fusion.proj.0.bias"} <= decay[0.0]
+    # as mmpretrain's paramwise_cfg (no decay only for ln/bias/pos_embed/mask_token/cls_token): the fusion
+    # logits are decayed
+    assert {"encoder.blocks.0.attn.qkv.weight", "fusion.proj.0.weight", "fusion.weights",
+            "decoder_pred.weight"} <= decay[0.05]
+    assert not any("pos_embed" in n for group in decay.values() for n in group)  # fixed sin-cos, not trained
+    sgd = build_optimizer(model, OptimConfig(opt="sgd"), 256, torch.device("cpu"))
+    assert "fused" not in sgd.defaults or not sgd.defaults["fused"]
+
+
+def test_bf16_run_on_cpu_logs_its_precision_and_attention(data_root: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from mffzoo.train.engine import cpu_has_amx, resolve_precision
+
+    amp, _ = resolve_precision("bf16", torch.device("cpu"))
+    with caplog.at_level("INFO", logger="mffzoo.train"):
+        res = train(tiny_recipe(data_root, train={"epochs": 1, "precision": "bf16"}, publish={"tag": None},
+                                log={"vis_images": 0}), output_dir=tmp_path / "bf16")
+    assert res.completed and res.final_loss is not None and res.final_loss == res.final_loss  # finite
+    want = ("fp32 on cpu (sdpa attention)" if amp is None else
+            f"bfloat16 on cpu ({'math' if cpu_has_amx() else 'sdpa'} attention)")
+    assert any(want in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records][:3]
+
+
 def test_run_directory_holds_resolved_recipe_and_summary(finished: Any) -> None:
     r = load_recipe(finished.run_dir / "recipe.yaml")
     assert r.model.fusion_layers == [0, 1, 3] and r.model.depth == 4 and r.train.batch_size == 8
@@ -182,6 +248,36 @@ def test_push_lays_out_a_timm_hub_repo(finished: Any, tmp_path: Path, capsys: py
     with pytest.raises(SystemExit) as info:
         main(["push", str(finished.run_dir), "--repo", "not a repo", "--local-dir", str(tmp_path / "x")])
     assert info.value.code == 2
+
+    # The same repo as a download in the Hugging Face cache (the layout hf_hub_download writes: blobs, a
+    # snapshot of links, refs/main): timm loads it offline by its hub name and `mffzoo zoo` lists it.
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--me--mff-tiny"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in out.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("../../blobs") / blob.name)
+    monkeypatch_env = pytest.MonkeyPatch()
+    monkeypatch_env.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch_env.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        import huggingface_hub.constants as hc
+
+        monkeypatch_env.setattr(hc, "HF_HUB_CACHE", str(cache))
+        monkeypatch_env.setattr(hc, "HF_HUB_OFFLINE", True)
+        hub = timm.create_model("hf-hub:me/mff-tiny", pretrained=True)
+        assert_same_state(hub.state_dict(), ref.state_dict())
+        main(["zoo"])
+        listing = capsys.readouterr().out
+        row = next(ln for ln in listing.splitlines() if ln.startswith("hf-hub:me/mff-tiny"))
+        assert row.split()[1:4] == ["hub", "yes", "final"], row
+    finally:
+        monkeypatch_env.undo()
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -266,6 +362,12 @@ def test_empty_or_missing_data_is_a_data_error(tmp_path: Path) -> None:
     for root, match in ((tmp_path / "empty", "cannot read dataset"), (tmp_path / "missing", "does not exist")):
         with pytest.raises(DataError, match=match):
             train(tiny_recipe(root), output_dir=tmp_path / "run")
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:  # a Hugging Face dataset without its package: say so
+        with pytest.raises(DataError, match="pip install datasets"):
+            train(tiny_recipe(tmp_path / "empty", data={"dataset": "hfds/x"}), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------- subprocess runs

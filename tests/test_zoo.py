@@ -114,11 +114,12 @@ def test_hub_folder_layout_loads_through_timm_local_dir(tmp_path):
     folder = write_model_folder(tmp_path / "repo", "mff_vit_small_patch16_224", clf, model_args=TINY)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architecture"] == "mff_vit_small_patch16_224" and cfg["num_classes"] == 5
-    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, global_pool="avg", fc_norm=True)
+    assert cfg["model_args"]["global_pool"] == "avg" and cfg["model_args"]["fc_norm"] is True  # the head's layout
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), clf.eval()(x))
     # the same folder through the generic front door used by export/eval
-    torch.testing.assert_close(load_model(folder, global_pool="avg", fc_norm=True).eval()(x), clf(x))
+    torch.testing.assert_close(load_model(folder).eval()(x), clf(x))
 
 
 def test_load_model_accepts_checkpoint_files(tmp_path):
@@ -160,6 +161,29 @@ def test_cli_zoo_and_convert(tmp_path, zoo_home):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "corrupt" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_arch_and_heads_errors_are_one_line(tmp_path, zoo_home, monkeypatch, capsys):
+    from mffzoo.cli.main import main
+
+    monkeypatch.setenv("MFFZOO_HOME", str(zoo_home))
+    clf = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    torch.save({"state_dict": timm_to_mm(random_state_dict(clf, 1)), "meta": {}}, tmp_path / "m.pth")
+    vits = timm.create_model("mff_vit_small", num_classes=0)  # exactly ViT-S: labelling it ViT-B is an error
+    torch.save({"state_dict": timm_to_mm(vits.state_dict()), "meta": {}}, tmp_path / "s.pth")
+    for src, args, msg in (
+        ("m.pth", ["--arch", "nope_vit"], "unknown --arch 'nope_vit'"),
+        ("m.pth", [], "pass --num-heads (e.g. 1 for 64-dim heads)"),  # 64 wide: no registered width says
+        ("s.pth", ["--arch", "mff_vit_base"], "does not match the weights, which are mff_vit_small_patch16_224"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", str(tmp_path / src), str(tmp_path / "bad"), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and msg in err, err
+        assert not (tmp_path / "bad").exists()
+    # a custom width may carry any registered arch label (there is no better one), given its head count
+    main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "ok"), "--arch", "mff_vit_base", "--num-heads", "4"])
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["model_args"]["num_heads"] == 4
 
 
 def test_load_model_random_init_keeps_the_described_architecture(tmp_path):

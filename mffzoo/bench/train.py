@@ -2,13 +2,17 @@
 
 The peer is what a user would pick instead of mffzoo: ``transformers.ViTMAEForPreTraining`` built with the same
 dimensions (encoder, 512x8 decoder, mask 0.75, norm_pix) and run with *its* defaults (fp32, its default attention
-implementation). mffzoo runs with the recipe defaults (:mod:`mffzoo.train.recipe`: bf16 autocast, AdamW with the
-no-decay groups, fused on CUDA). A step is forward + backward + optimizer step on the same random batch; img/s is
-the batch over the median step time after warm-up. Speed claims are the ``ratio`` column (mffzoo / peer, same
-model size, same run, same machine), never absolute numbers from another day.
+implementation). mffzoo runs with the recipe defaults (:mod:`mffzoo.train.recipe`: bf16 autocast, the attention
+kernel ``train.attention=auto`` picks, fused AdamW with the no-decay groups), built, configured and stepped by the
+training engine's own functions and task. A step is forward +
+backward + optimizer step on the same random batch; img/s is the batch over the median step time after warm-up.
+Speed claims are the ``ratio`` column (mffzoo / peer, same model size, same run, same machine), never absolute
+numbers from another day.
 
-Every configuration runs in a fresh subprocess: on CPU the peak resident memory (``VmHWM``) is per process and
-the allocator keeps freed pages, so measuring two models in one process would contaminate the second peak.
+Speed: per size, one fresh process builds every implementation and interleaves their steps, so other jobs on a
+shared machine slow them alike. Memory: one fresh process per implementation, because on CPU the peak resident
+memory (``VmHWM``) is per process and the allocator keeps freed pages — two models in one process would
+contaminate the second peak.
 """
 
 from __future__ import annotations
@@ -40,14 +44,15 @@ IMPLS = {
     "mffzoo": "mffzoo MFF, recipe defaults",
     "mffzoo-mae": "mffzoo MAE mode (fusion_layers=[last]), recipe defaults",
     "hf-bf16": "HF ViTMAEForPreTraining + bf16 autocast (not its default)",
+    "mffzoo-sdpa": "mffzoo MFF, recipe defaults but train.attention=sdpa (what the attention choice is worth)",
 }
 PEER = "hf"  # the ratio column divides by this row of the same model size
 DEFAULT_IMPLS = ("hf", "mffzoo", "mffzoo-mae")
 
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match wins.
+# Unknown GPUs get no MFU rather than a guessed one.
 GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("A100", 312.0),
-    ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
 )
 
 _RESULT_MARK = "MFFZOO_BENCH_RESULT "
@@ -58,16 +63,16 @@ class BenchError(MffzooError):
 
 
 # --- models -------------------------------------------------------------------------------------------------
-def resolve_recipe(size: str, overrides: Sequence[str] = (), mae: bool = False) -> Any:
+def resolve_recipe(size: str, overrides: Sequence[str] = (), mae: bool = False, attention: str = "auto") -> Any:
     """The default pretraining recipe for a size, with ``key=value`` model overrides (e.g. ``depth=4``) checked
     by the same schema as ``mffzoo train`` — so the benchmarked model is exactly what a recipe builds.
-    ``mae`` switches to the MAE baseline (``fusion_layers=[depth - 1]``)."""
+    ``mae`` switches to the MAE baseline (``fusion_layers=[depth - 1]``); ``attention`` is ``train.attention``."""
     from ..config import load_config
     from ..train.recipe import PretrainRecipe
 
     if size not in SIZES:
         raise ConfigError(f"unknown model size '{size}'; allowed: {', '.join(SIZES)} (e.g. --models s,b)")
-    sets = [o if o.startswith("model.") else f"model.{o}" for o in overrides]
+    sets = [o if o.startswith("model.") else f"model.{o}" for o in overrides] + [f"train.attention={attention}"]
     recipe = load_config(PretrainRecipe, {"model": {"arch": SIZES[size]}}, overrides=sets)
     if mae:
         sets.append(f"model.fusion_layers=[{recipe.model.depth - 1}]")
@@ -97,7 +102,8 @@ def build_model(impl: str, size: str, overrides: Sequence[str] = ()) -> tuple[An
     the peer gets the recipe's model dimensions and computes its own masking, as its users would run it."""
     if impl not in IMPLS:
         raise ConfigError(f"unknown implementation '{impl}'; allowed: {', '.join(IMPLS)}")
-    recipe = resolve_recipe(size, overrides, mae=impl == "mffzoo-mae")
+    recipe = resolve_recipe(size, overrides, mae=impl == "mffzoo-mae",
+                            attention="sdpa" if impl == "mffzoo-sdpa" else "auto")
     if impl.startswith("mffzoo"):
         import torch
 
@@ -126,36 +132,14 @@ def count_params(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def _optimizer(impl: str, model: Any, recipe: Any, batch: int, device: str) -> tuple[Any, str]:
-    """Same AdamW hyper-parameters for both (speed-neutral); each side built the way its user would: mffzoo as
-    the engine does (timm factory, no-decay groups, fused on CUDA), the peer with plain ``torch.optim.AdamW``."""
+def _peer_optimizer(model: Any, recipe: Any, batch: int) -> Any:
+    """Plain ``torch.optim.AdamW``, as the peer's users would build it; same hyper-parameters as the recipe's
+    (they do not change speed)."""
     import torch
-    from timm.optim import create_optimizer_v2
 
     oc = recipe.optim
-    lr = oc.resolved_lr(batch)
-    if impl.startswith("mffzoo"):
-        fused = {"fused": True} if device == "cuda" and oc.opt in ("adamw", "adam") else {}
-        opt = create_optimizer_v2(model, opt=oc.opt, lr=lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
-                                  eps=oc.eps, **fused)
-        return opt, f"timm {oc.opt}" + (" fused" if fused else "")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(oc.betas), eps=oc.eps,
-                            weight_decay=oc.weight_decay)
-    return opt, "torch AdamW"
-
-
-def _amp(impl: str, recipe: Any, device: str) -> tuple[Any, bool]:
-    """(autocast dtype or None, GradScaler?): mffzoo resolves ``train.precision`` as the engine does; the peer
-    runs fp32 unless its (labelled) bf16 row is asked for."""
-    import torch
-
-    from ..train.engine import _precision
-
-    if impl.startswith("mffzoo"):
-        return _precision(recipe.train.precision, torch.device(device))
-    if impl == "hf-bf16" and (device == "cpu" or torch.cuda.is_bf16_supported()):
-        return torch.bfloat16, False
-    return None, False
+    return torch.optim.AdamW(model.parameters(), lr=oc.resolved_lr(batch), betas=tuple(oc.betas), eps=oc.eps,
+                             weight_decay=oc.weight_decay)
 
 
 # --- memory -------------------------------------------------------------------------------------------------
@@ -202,8 +186,19 @@ def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     torch.manual_seed(int(spec.get("seed", 0)))
     model, loss_fn, recipe = build_model(impl, spec["size"], spec.get("overrides", ()))
     model.to(device).train()
-    opt, opt_name = _optimizer(impl, model, recipe, batch, device)
-    amp_dtype, use_scaler = _amp(impl, recipe, device)
+    if impl.startswith("mffzoo"):  # exactly what the engine does with the recipe
+        from ..train.engine import build_optimizer, configure_attention, resolve_precision
+
+        dev = torch.device(device)
+        amp_dtype, use_scaler = resolve_precision(recipe.train.precision, dev)
+        attention = "timm " + configure_attention(model, recipe.train.attention, dev, amp_dtype)
+        opt = build_optimizer(model, recipe.optim, batch, dev)
+        opt_name = f"timm {recipe.optim.opt}" + (" fused" if opt.defaults.get("fused") else "")
+    else:  # the peer in fp32 unless its (labelled) bf16 row is asked for
+        bf16 = impl == "hf-bf16" and (device == "cpu" or torch.cuda.is_bf16_supported())
+        amp_dtype, use_scaler = (torch.bfloat16 if bf16 else None), False
+        attention = f"transformers {model.config._attn_implementation}"
+        opt, opt_name = _peer_optimizer(model, recipe, batch), "torch AdamW"
     autocast = torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device, enabled=use_scaler)
     size = recipe.model.img_size
@@ -217,11 +212,6 @@ def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         scaler.step(opt)
         scaler.update()
 
-    if impl.startswith("hf"):
-        attention = f"transformers {model.config._attn_implementation}"
-    else:
-        fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-        attention = "timm sdpa" if all(fused) else "timm math" if not any(fused) else "timm sdpa+math"
     total, trainable = count_params(model)
     return dict(step=step, impl=impl, params=total, trainable_params=trainable, optimizer=opt_name,
                 precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],

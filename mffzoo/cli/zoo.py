@@ -20,12 +20,12 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 @click.command("zoo")
 @click.option("--all", "show_all", is_flag=True, help="Also show each download URL / local folder.")
 def zoo(show_all: bool) -> None:
-    """List every architecture/tag: source, whether it is present locally, reported metric."""
+    """List every architecture/tag (and cached hub models): source, whether it is present locally, metric."""
     from ..zoo.catalog import zoo_rows
     from ..zoo.home import zoo_home
 
     header = ["model", "source", "local", "metric"] + (["location"] if show_all else [])
-    rows = [[f"{r.arch}.{r.tag}", r.source, "yes" if r.present else "no", r.metric]
+    rows = [[r.name, r.source, "yes" if r.present else "no", r.metric]
             + ([r.location] if show_all else []) for r in zoo_rows()]
     print_table(rows, header)
     click.echo(f"\nzoo home: {zoo_home()} (set MFFZOO_HOME to change; --all shows URLs and folders)")

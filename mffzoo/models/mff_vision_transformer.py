@@ -195,10 +195,19 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
         kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"], saved_args = resolve_pretrained(
             variant, tag, kwargs.get("pretrained_cfg_overlay")
         )
-    kwargs = {**ARCHS[variant], **saved_args, **kwargs}
+    kwargs = {**saved_args, **kwargs}
+    width = kwargs.get("embed_dim", ARCHS[variant]["embed_dim"])
+    if width != ARCHS[variant]["embed_dim"] and "num_heads" not in kwargs:
+        from ..errors import ConfigError
+
+        raise ConfigError(  # a silent guess would build a model that loads the weights and computes garbage
+            f"a {width}-wide {variant} needs num_heads=... (weights from mffzoo record it; other "
+            "checkpoints of non-standard widths do not)"
+        )
+    kwargs = {**ARCHS[variant], **kwargs}
     # timm loads .pth files with weights_only=True; mmengine's `meta` may hold numpy scalars, which are data.
     with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             VisionTransformer,
             variant,
             pretrained,
@@ -206,6 +215,10 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
             feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
             **kwargs,
         )
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        cfg.pop("state_dict", None)  # the weights were copied into the model; do not hold a second copy
+    return model
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:

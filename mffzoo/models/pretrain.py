@@ -47,7 +47,10 @@ class MultiLevelFusion(nn.Module):
         self.layers = layers
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(len(layers) - 1))
         # Initialised to ones (uniform 1/K after softmax); frozen when there is a single level (plain MAE).
-        self.weights = nn.Parameter(torch.ones(len(layers)), requires_grad=len(layers) > 1)
+        # Shape (K, 1, 1, 1) as mmpretrain's ``proj_weights``: that is also why the official optimizer config
+        # applies weight decay to it (it matches none of its no-decay keys), and timm's rule (no decay for 1-D
+        # params) does the same for this shape.
+        self.weights = nn.Parameter(torch.ones(len(layers), 1, 1, 1), requires_grad=len(layers) > 1)
 
     def project(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """Transform the output of the ``level``-th selected block (level indexes ``self.layers``)."""
@@ -55,8 +58,8 @@ class MultiLevelFusion(nn.Module):
 
     def forward(self, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         w = F.softmax(self.weights, dim=0)
-        fused = (torch.stack(list(levels)) * w.view(-1, 1, 1, 1)).sum(dim=0)
-        return fused, w
+        fused = (torch.stack(list(levels)) * w).sum(dim=0)
+        return fused, w.view(-1)
 
 
 class MFFPretrainModel(nn.Module):

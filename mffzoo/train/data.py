@@ -199,8 +199,12 @@ class SampleDataset(Dataset):
 
 def build_dataset(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor] | None) -> SampleDataset:
     """Open the recipe's dataset through timm's ``create_dataset`` (folder, tar, Hugging Face datasets)."""
+    import importlib.util
+
     from timm.data import create_dataset
 
+    if cfg.dataset.lower().startswith("hfds/") and importlib.util.find_spec("datasets") is None:
+        raise DataError(f"data.dataset '{cfg.dataset}' needs Hugging Face datasets; pip install datasets")
     root = resolve_root(cfg)
     try:
         ds = create_dataset(cfg.dataset, root=str(root), split=cfg.split, is_training=True)

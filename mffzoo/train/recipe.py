@@ -96,6 +96,9 @@ class TrainConfig:
     batch_per_device: int = 512  # micro-batch per process (official: 8 GPUs x 512); lower it to fit memory
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # bf16 autocast where supported, else fp32 (CPU)/fp16
     compile: bool = False  # torch.compile the model
+    # auto: plain matmul + softmax attention on AMX CPUs under bf16 autocast (torch's CPU flash-attention kernel
+    # was several times slower there, docs/benchmarks.md), fused SDPA everywhere else. Speed only: same weights.
+    attention: Literal["auto", "sdpa", "math"] = "auto"
     fsdp: bool = False  # shard parameters/gradients/optimizer with torch FSDP2 (fully_shard), for ViT-L
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU intra-op threads per process (null: torch's default, all cores). On a small or shared CPU, 1 thread

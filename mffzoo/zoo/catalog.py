@@ -1,4 +1,5 @@
-"""What the zoo offers: registered tags (official downloads and local recipes) plus whatever is in the home."""
+"""What the zoo offers: registered tags (official downloads and local recipes), whatever is in the home, and
+mffzoo models in the local Hugging Face Hub cache."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ from urllib.parse import urlparse
 
 from .home import entry_dir, list_local
 
-__all__ = ["ZooRow", "zoo_rows"]
+__all__ = ["ZooRow", "zoo_rows", "hub_rows"]
 
 
 @dataclass(frozen=True)
 class ZooRow:
     arch: str
     tag: str
-    source: str  # "official", "local" or "local (unregistered)"
+    source: str  # "official", "local", "local (unregistered)" or "hub"
     present: bool
     location: str
     metric: str
+
+    @property
+    def name(self) -> str:
+        """What to pass to ``timm.create_model``."""
+        return self.location if self.source == "hub" else f"{self.arch}.{self.tag}"
 
 
 def _download_cache_path(url: str) -> Path:
@@ -75,4 +81,35 @@ def zoo_rows() -> list[ZooRow]:
     for e in list_local():
         if (e.arch, e.tag) not in seen:
             rows.append(ZooRow(e.arch, e.tag, "local (unregistered)", True, str(e.path), _measured(e.meta)))
+    return rows + hub_rows()
+
+
+def hub_rows() -> list[ZooRow]:
+    """mffzoo models in the local Hugging Face Hub cache (repos made by ``mffzoo push`` and downloaded once):
+    they load offline as ``hf-hub:org/name``. Repos we never downloaded are not known here."""
+    import json
+
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    from .home import CONFIG_NAME, META_NAME
+
+    try:
+        cache = scan_cache_dir()
+    except (CacheNotFound, OSError):
+        return []
+    rows = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revs = sorted(repo.revisions, key=lambda r: ("main" not in r.refs, -r.last_modified))
+        snap = next((r.snapshot_path for r in revs if (r.snapshot_path / META_NAME).is_file()), None)
+        if snap is None:
+            continue  # not an mffzoo model
+        try:
+            meta = json.loads((snap / META_NAME).read_text())
+            arch = meta.get("arch") or json.loads((snap / CONFIG_NAME).read_text()).get("architecture", "?")
+        except (OSError, ValueError):
+            continue
+        rows.append(ZooRow(arch, meta.get("tag") or "", "hub", True, f"hf-hub:{repo.repo_id}", _measured(meta)))
     return rows

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 __all__ = ["Converted", "convert_state_dict", "convert_checkpoint", "unwrap_checkpoint", "detect_format"]
 
@@ -87,7 +87,7 @@ DROPPED: dict[str, list[str]] = {
 }
 
 _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "fusion.weights": lambda t: t.reshape(-1),  # mmpretrain stores (K, 1, 1, 1)
+    "fusion.weights": lambda t: t.reshape(-1, 1, 1, 1),  # (K, 1, 1, 1) as mmpretrain; older files held (K,)
 }
 
 
@@ -106,7 +106,8 @@ class Converted:
         return "head.weight" in self.backbone
 
     def arch_kwargs(self) -> dict[str, Any]:
-        """timm kwargs this backbone needs, read from tensor shapes (num_heads assumes 64-dim heads)."""
+        """timm kwargs this backbone needs, read from tensor shapes. The head count is not in the tensors: it
+        comes from our checkpoints' metadata or a registered width, and is left out otherwise (callers ask)."""
         from ..models.mff_vision_transformer import ARCHS
 
         sd = self.backbone
@@ -118,12 +119,14 @@ class Converted:
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         n_prefix = 1 if "cls_token" in sd else 0
         grid = int(round((sd["pos_embed"].shape[1] - n_prefix) ** 0.5))
-        known = {(a["embed_dim"], a["depth"]): a["num_heads"] for a in ARCHS.values()}
+        known = {a["embed_dim"]: a["num_heads"] for a in ARCHS.values()}
         kwargs: dict[str, Any] = dict(
-            patch_size=int(patch), embed_dim=int(embed_dim), depth=int(depth),
-            num_heads=int(self.meta.get("num_heads") or known.get((embed_dim, depth), max(1, embed_dim // 64))),
-            img_size=int(grid * patch), in_chans=int(in_chans),
+            patch_size=int(patch), embed_dim=int(embed_dim), depth=int(depth), img_size=int(grid * patch),
+            in_chans=int(in_chans),
         )
+        heads = self.meta.get("num_heads") or known.get(int(embed_dim))
+        if heads:
+            kwargs["num_heads"] = int(heads)
         if self.is_classifier:
             kwargs["num_classes"] = int(sd["head.weight"].shape[0])
             if "fc_norm.weight" in sd:
@@ -264,17 +267,28 @@ def convert_checkpoint(
     """
     import timm
 
+    from ..models.mff_vision_transformer import ARCHS, canonical_arch
     from .checkpoint_io import load_checkpoint_file
     from .home import write_model_folder
 
+    if arch is not None and canonical_arch(arch) not in ARCHS:
+        raise ConfigError(f"unknown --arch '{arch}'; allowed: {', '.join(ARCHS)} (or omit it: it is inferred)")
     conv = convert_state_dict(load_checkpoint_file(src))
     if num_heads:
         conv.meta["num_heads"] = num_heads
     kwargs = conv.arch_kwargs()
-    arch = arch or conv.arch_name()
-    from ..models.mff_vision_transformer import canonical_arch
-
-    arch = canonical_arch(arch)
+    if "num_heads" not in kwargs:
+        raise ConfigError(
+            f"the weights do not say how many attention heads this {kwargs['embed_dim']}-wide ViT has; pass "
+            f"--num-heads (e.g. {max(1, kwargs['embed_dim'] // 64)} for 64-dim heads)"
+        )
+    inferred = conv.arch_name()
+    if arch is not None:
+        arch = canonical_arch(arch)
+        if arch != inferred and all(ARCHS[inferred][k] == kwargs[k] for k in ("embed_dim", "depth", "patch_size")):
+            raise ConfigError(f"--arch {arch} does not match the weights, which are {inferred} "
+                              f"({kwargs['embed_dim']} wide, {kwargs['depth']} blocks); omit --arch")
+    arch = arch or inferred
     model = timm.create_model(arch, pretrained=False, **kwargs)
     _check_against(conv.backbone, model)
     try:

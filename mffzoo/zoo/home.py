@@ -103,12 +103,18 @@ def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any]
     if img is not None:
         cfg["input_size"] = [3, int(img[0]), int(img[1])]
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if v is not None}
+    args = dict(model_args or {})
+    # The head's structure is part of the architecture: without these a classifier folder (avg pool + fc_norm)
+    # would be rebuilt with a cls-token head and fail to load.
+    args.setdefault("global_pool", getattr(model, "global_pool", "token"))
+    if not isinstance(getattr(model, "fc_norm", None), torch.nn.Identity) and hasattr(model, "fc_norm"):
+        args.setdefault("fc_norm", True)
     return {
         "architecture": arch,
         "num_classes": getattr(model, "num_classes", 0),
         "num_features": getattr(model, "num_features", None),
         "global_pool": getattr(model, "global_pool", "token"),
-        "model_args": dict(model_args or {}),
+        "model_args": args,
         "pretrained_cfg": cfg,
     }
 

@@ -67,18 +67,35 @@ def _preference(entry: Any) -> tuple[int, int]:
     return family, -epochs
 
 
+def _file_source(overlay: dict[str, Any], path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A weights file of any supported format, converted here rather than by timm's loader: its tensors (and
+    the config.json beside ours) decide the architecture kwargs, including a classifier's head (num_classes,
+    avg pool + fc_norm), which timm would otherwise drop against the tag's ``num_classes=0``."""
+    from .checkpoint_io import load_checkpoint_file
+    from .convert import convert_state_dict
+
+    path = Path(path).expanduser()
+    conv = convert_state_dict(load_checkpoint_file(path))
+    args = {**conv.arch_kwargs(), **_saved_model_args(path)}
+    overlay = {k: v for k, v in overlay.items() if k != "file"}
+    overlay.update(state_dict=conv.backbone, num_classes=args["num_classes"])
+    return overlay, args
+
+
 def resolve_pretrained(
     arch: str, pretrained_cfg: Any = None, overlay: Mapping[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
-    """Point a local tag at its folder in the *current* zoo home; leave downloads and explicit sources to timm.
+    """Point a local tag at its folder in the *current* zoo home; leave downloads and hub/folder cfgs to timm.
 
     Returns ``(pretrained_cfg, pretrained_cfg_overlay, model_args)`` where ``model_args`` are the architecture
-    kwargs saved with local weights (empty for downloads).
+    kwargs the weights need (read from local weights and their config.json; empty for downloads).
     """
     overlay = dict(overlay or {})
     explicit_cfg = pretrained_cfg is not None and not isinstance(pretrained_cfg, str)
+    if overlay.get("file") and not explicit_cfg and not any(overlay.get(k) for k in _SOURCE_KEYS if k != "file"):
+        return (pretrained_cfg, *_file_source(overlay, overlay["file"]))  # pretrained_cfg_overlay=dict(file=...)
     if any(overlay.get(k) for k in _SOURCE_KEYS) or explicit_cfg:
-        return pretrained_cfg, overlay or None, {}  # explicit file/url/hub, or a full cfg from hf-hub:/local-dir:
+        return pretrained_cfg, overlay or None, {}  # explicit url/hub/state dict, or a cfg from hf-hub:/local-dir:
     from ..models.mff_vision_transformer import is_local_cfg
 
     tags = _zoo_tags(arch)
@@ -93,16 +110,14 @@ def resolve_pretrained(
         entries.sort(key=_preference)
         best = entries[0]
         _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
-        overlay.update(file=str(best.weights))
-        return (best.tag if best.tag in tags else None), overlay, _saved_model_args(best.weights)
+        return ((best.tag if best.tag in tags else None), *_file_source(overlay, best.weights))
     if tag in tags and not is_local_cfg(tags[tag]):
         return tag, overlay or None, {}
     path = entry_dir(arch, tag) / WEIGHTS_NAME
     if not path.is_file():
         raise _missing(arch, tag)
     _logger.info("mffzoo: %s.%s -> %s", arch, tag, path)
-    overlay.update(file=str(path))
-    return (tag if tag in tags else None), overlay, _saved_model_args(path)
+    return ((tag if tag in tags else None), *_file_source(overlay, path))
 
 
 def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
