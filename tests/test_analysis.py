@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_error
 from PIL import Image
 
 from mffzoo.analysis.filters import filter_accuracy, filter_images, filter_mask, plot_filters
@@ -152,7 +153,7 @@ def test_fusion_weights_from_checkpoint_zoo_folder_and_run(pretrain_run: Path, t
     net = create_pretrain_model("mff_vit_small", fusion_layers=[0, 2, 3], decoder_dim=32, decoder_depth=1,
                                 decoder_heads=4, **TINY)
     with torch.no_grad():
-        net.fusion.weights.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        net.fusion.weights.copy_(torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1))
     ckpt = atomic_torch_save({"model": net.state_dict(), "arch": "mff_vit_small_patch16_224", "model_args": TINY,
                               "recipe": {"model": {"fusion_layers": [0, 2, 3]}}}, tmp_path / "ckpt.pth")
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).tolist()
@@ -198,3 +199,49 @@ def test_cli_fusion_of_a_missing_path_is_one_line(tmp_path: Path, capsys: pytest
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "check the path" in err[0]
+
+
+def test_frequency_axis_stops_below_nyquist_on_even_grids() -> None:
+    """fftshift puts the Nyquist bin at index 0, off the DC-to-edge diagonal: the curve ends at (h - 2) / h."""
+    assert normalized_frequencies(8)[-1] == 0.75 and len(normalized_frequencies(8)) == 4
+    assert normalized_frequencies(14)[-1] == pytest.approx(12 / 14)
+    assert normalized_frequencies(7)[-1] == pytest.approx(6 / 7)  # odd grid: no Nyquist bin at all
+    assert relative_log_amplitude(torch.randn(2, 3, 8, 8)).shape == (4,)
+
+
+def test_cli_analyze_freq_and_filter_bad_inputs_are_one_line(demo: Path, tiny: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    only_train = tmp_path / "only_train"
+    (only_train / "train" / "a").mkdir(parents=True)
+    only_val = tmp_path / "only_val"
+    (only_val / "val" / "a").mkdir(parents=True)
+    out = ["--out-dir", str(tmp_path / "out")]
+    assert "no val/ folder" in cli_error(["analyze", "freq", str(tiny), "--data", str(only_train), *out], capsys)
+    assert "no train/ folder" in cli_error(["analyze", "filter", str(tiny), "--data", str(only_val), *out],
+                                                 capsys)
+    assert "does not exist" in cli_error(["analyze", "filter", str(tiny), "--data", str(tmp_path / "no"), *out],
+                                               capsys)
+    assert "one label per model" in cli_error(["analyze", "freq", str(tiny), "--label", "a", "--label", "b",
+                                                     "--data", str(demo), *out], capsys)
+    assert "--radii 'x,0.5'" in cli_error(["analyze", "filter", str(tiny), "--radii", "x,0.5", "--data",
+                                                 str(demo), *out], capsys)
+    assert "unknown model 'no_such_model_xyz'" in cli_error(["analyze", "freq", "no_such_model_xyz", "--data",
+                                                                   str(demo), *out], capsys)
+    if not torch.cuda.is_available():
+        assert "use --device cpu" in cli_error(["analyze", "freq", str(tiny), "--device", "cuda", "--data",
+                                                      str(demo), *out], capsys)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_analyze_marks_random_init_runs(demo: Path, tiny: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    main(["analyze", "freq", str(tiny), "--label", "net", "--random-init", "--num-images", "4", "--device", "cpu",
+          "--data", str(demo), "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "net (random init)" in out
+    res = json.loads((tmp_path / "freq.json").read_text())
+    assert res["random_init"] is True and res["device"] == "cpu"
+    main(["analyze", "freq", str(tiny), "--label", "net", "--num-images", "4", "--data", str(demo), "--out-dir",
+          str(tmp_path)])
+    assert "random init" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "freq.json").read_text())["random_init"] is False

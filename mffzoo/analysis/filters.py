@@ -5,6 +5,7 @@ filtered with an ideal circular mask in its centred 2-D spectrum: low-pass keeps
 radius ``r <= cutoff``, high-pass keeps ``r > cutoff``, so the two are exact complements. ``r`` is measured per
 axis as a fraction of Nyquist (``r = 1`` touches the edge of the spectrum; corners are at ``sqrt(2)``). The head
 (k-NN or linear probe) is fitted on clean training features and only the validation images are filtered.
+Encoder, filtering and head run on ``device`` (``auto``: a CUDA GPU when one is visible).
 """
 
 from __future__ import annotations
@@ -46,27 +47,34 @@ def filter_images(imgs: torch.Tensor, cutoff: float, mode: Literal["low", "high"
     return torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real.to(imgs.dtype)
 
 
-def _features(net: torch.nn.Module, imgs: torch.Tensor, pool: str, batch_size: int, bf16: bool) -> torch.Tensor:
+def _features(net: torch.nn.Module, imgs: torch.Tensor, pool: str, batch_size: int, bf16: bool,
+              filt: tuple[float, Literal["low", "high"]] | None = None) -> torch.Tensor:
+    """``pool`` features of ``imgs``, each batch moved to the model's device and (optionally) filtered there."""
     from ..eval.features import extract_features
 
-    labels = torch.zeros(len(imgs), dtype=torch.long)
-    batches = zip(imgs.split(batch_size), labels.split(batch_size))
-    return extract_features(net, batches, bf16=bf16)[pool]
+    dev = next(net.parameters()).device
+
+    def batches() -> Any:
+        for x in imgs.split(batch_size):
+            x = x.to(dev, non_blocking=True)
+            yield (x if filt is None else filter_images(x, *filt)), torch.zeros(len(x), dtype=torch.long)
+
+    return extract_features(net, batches(), bf16=bf16)[pool]
 
 
 def _scorer(train: Any, num_classes: int, y: torch.Tensor, head: str, pool: str, linear_epochs: int,
-            seed: int) -> Any:
+            seed: int, device: torch.device) -> Any:
     """``features -> top-1`` with a head fitted once on clean training features."""
     from ..eval.knn import knn_accuracy
     from ..eval.linear import LinearProbeConfig, evaluate_head, tensor_batches, train_linear_head
 
     if head == "knn":
-        return lambda x: knn_accuracy(train[pool], train.labels, x, y, num_classes)["top1"]
+        return lambda x: knn_accuracy(train[pool], train.labels, x, y, num_classes, device=device)["top1"]
     cfg = LinearProbeConfig(epochs=linear_epochs, optimizer="sgd", warmup_epochs=min(10, linear_epochs // 10),
                             pool=pool, seed=seed)
     bs = min(cfg.batch_size, len(train))
     probe, _ = train_linear_head(train[pool].shape[1], num_classes, tensor_batches(train[pool], train.labels, bs, seed),
-                                 max(1, len(train) // bs), cfg)
+                                 max(1, len(train) // bs), cfg, device=device)
     return lambda x: evaluate_head(probe, x, y)["top1"]
 
 
@@ -75,14 +83,15 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
                     pool: Literal["cls", "avg"] = "cls", labels: Sequence[str] | None = None,
                     img_size: int | None = None, random_init: bool = False, num_images: int | None = None,
                     batch_size: int = 128, workers: int = 0, bf16: bool = False, cache: bool | str = True,
-                    linear_epochs: int = 90, seed: int = 0) -> dict[str, Any]:
+                    linear_epochs: int = 90, seed: int = 0, device: str | torch.device = "auto") -> dict[str, Any]:
     """Top-1 of each model on clean, low-pass and high-pass filtered validation images for every cut-off.
 
     The linear head here is trained with SGD (lr 0.1 per 256) for ``linear_epochs`` on cached clean features.
     """
     from ..eval.data import check_image_folder, eval_transform, load_images, open_split
-    from ..eval.features import frozen_features, load_eval_model
+    from ..eval.features import frozen_features, load_eval_model, resolve_device
 
+    dev = resolve_device(device)
     check_image_folder(data)
 
     if head not in ("knn", "linear"):
@@ -93,17 +102,18 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
     labels = list(labels) if labels else [str(m) for m in models]
     if len(labels) != len(models):
         raise DataError(f"got {len(labels)} labels for {len(models)} models; give one label per model")
-    out: dict[str, Any] = {"data": str(data), "head": head, "pool": pool, "radii": radii, "models": {}}
+    out: dict[str, Any] = {"data": str(data), "head": head, "pool": pool, "radii": radii, "random_init": random_init,
+                           "device": dev.type, "models": {}}
     for spec, label in zip(models, labels):
-        net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed)
+        net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed, device=dev)
         train, _, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                   workers=workers, bf16=bf16, cache=cache)
         imgs, y = load_images(open_split(data, "val", eval_transform(net, img_size)), limit=num_images,
                               workers=workers)
-        score = _scorer(train, len(classes), y, head, pool, linear_epochs, seed)
+        score = _scorer(train, len(classes), y, head, pool, linear_epochs, seed, dev)
         res: dict[str, Any] = {"model": str(spec), "clean": score(_features(net, imgs, pool, batch_size, bf16))}
         for mode in ("low", "high"):
-            res[mode] = [score(_features(net, filter_images(imgs, r, mode), pool, batch_size, bf16)) for r in radii]
+            res[mode] = [score(_features(net, imgs, pool, batch_size, bf16, (r, mode))) for r in radii]
         out["models"][label] = res
         out.update(num_val=len(imgs), num_classes=info["num_classes"], img_size=info["img_size"])
     return out
@@ -120,7 +130,8 @@ def plot_filters(result: dict[str, Any], path: str | os.PathLike[str], title: st
     radii = result["radii"]
     for i, (label, m) in enumerate(result["models"].items()):
         colour = f"C{i}"
-        short = label if len(label) < 40 else "..." + label[-37:]
+        short = (label if len(label) < 40 else "..." + label[-37:]) + (" (random init)" if result.get("random_init")
+                                                                      else "")
         for ax, mode in zip(axes, ("low", "high")):
             ax.plot(radii, m[mode], marker="o", markersize=3, color=colour, label=short)
             ax.axhline(m["clean"], color=colour, linestyle="--", linewidth=0.8)

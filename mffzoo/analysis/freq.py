@@ -7,8 +7,11 @@ the DC value. A curve that falls faster means a more low-pass (smoother, more se
 paper's claim is that MFF's deep features are lower-frequency than MAE's because shallow levels feed the
 decoder the detail it needs.
 
-The frequency axis is the diagonal index as a fraction of Nyquist along each axis (``2 i / h``); the last
-point is the highest diagonal frequency the grid can represent.
+The frequency axis is the diagonal index as a fraction of Nyquist along each axis (``2 i / h``). The curve
+runs from DC to the last bin *below* Nyquist: on an even grid the Nyquist bin (which fftshift puts at the
+array's first row/column, not on the diagonal towards the edge) is left out, so the last point is
+``(h - 2) / h`` x Nyquist — 0.75 on an 8 x 8 grid, 0.857 on 14 x 14 — and ``(h - 1) / h`` on an odd grid.
+Encoder and FFTs run on ``device`` (``auto``: a CUDA GPU when one is visible).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ __all__ = ["relative_log_amplitude", "normalized_frequencies", "block_feature_ma
 
 
 def relative_log_amplitude(fmap: torch.Tensor) -> torch.Tensor:
-    """Δ log amplitude along the spectrum's diagonal for ``(B, C, H, W)`` maps: ``[0, ..., high]`` with ``[0] = 0``."""
+    """Δ log amplitude along the spectrum's diagonal for ``(B, C, H, W)`` maps, DC to the last bin below Nyquist
+    (see the module docstring), with ``[0] = 0``."""
     if fmap.ndim != 4:
         raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(fmap.shape)}")
     h, w = fmap.shape[-2:]
@@ -40,7 +44,7 @@ def relative_log_amplitude(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_frequencies(h: int, w: int | None = None) -> list[float]:
-    """Frequency of each diagonal point as a fraction of the Nyquist frequency (per axis)."""
+    """Frequency of each diagonal point as a fraction of the Nyquist frequency (per axis); ends below 1."""
     w = w or h
     n = min(h - h // 2, w - w // 2)
     return [2.0 * i / min(h, w) for i in range(n)]
@@ -59,11 +63,13 @@ def block_feature_maps(model: nn.Module, imgs: torch.Tensor) -> list[torch.Tenso
 
 @torch.no_grad()
 def model_frequency_profile(model: nn.Module, imgs: torch.Tensor, batch_size: int = 64) -> dict[str, Any]:
-    """Per-block Δ log-amplitude curves, averaged over ``imgs`` (log-amplitudes averaged batch by batch)."""
+    """Per-block Δ log-amplitude curves, averaged over ``imgs`` (log-amplitudes averaged batch by batch); each
+    batch runs on the model's device."""
+    dev = next(model.parameters()).device
     sums: list[torch.Tensor] | None = None
     shape = None
     for x in imgs.split(batch_size):
-        maps = block_feature_maps(model, x)
+        maps = block_feature_maps(model, x.to(dev, non_blocking=True))
         shape = maps[0].shape[-2:]
         curves = [relative_log_amplitude(m) * len(x) for m in maps]
         sums = curves if sums is None else [s + c for s, c in zip(sums, curves)]
@@ -72,7 +78,7 @@ def model_frequency_profile(model: nn.Module, imgs: torch.Tensor, batch_size: in
     if min(shape) < 4:
         raise DataError(f"the feature grid is {shape[0]}x{shape[1]} tokens, too small for a spectrum; use a larger "
                         "--img-size (at least 4 patches per side)")
-    curves = [(s / len(imgs)).tolist() for s in sums]
+    curves = [(s / len(imgs)).cpu().tolist() for s in sums]
     freqs = normalized_frequencies(int(shape[0]), int(shape[1]))
     return {"grid": [int(shape[0]), int(shape[1])], "frequencies": freqs, "blocks": curves,
             "high_freq": [c[-1] for c in curves],
@@ -82,18 +88,22 @@ def model_frequency_profile(model: nn.Module, imgs: torch.Tensor, batch_size: in
 def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.PathLike[str], *,
                        num_images: int = 256, img_size: int | None = None, random_init: bool = False,
                        split: str = "val", labels: Sequence[str] | None = None, seed: int = 0,
-                       batch_size: int = 64) -> dict[str, Any]:
-    """Frequency profiles of several MODEL specs on the same images from ``data/split`` (each model's transform)."""
-    from ..eval.data import check_image_folder, eval_transform, load_images, open_split
-    from ..eval.features import load_eval_model
+                       batch_size: int = 64, device: str | torch.device = "auto") -> dict[str, Any]:
+    """Frequency profiles of several MODEL specs on the same images from ``data/split`` (each model's transform).
 
+    ``random_init`` is recorded in the result so an architecture-only run is never mistaken for the weights'."""
+    from ..eval.data import check_image_folder, eval_transform, load_images, open_split
+    from ..eval.features import load_eval_model, resolve_device
+
+    dev = resolve_device(device)
     check_image_folder(data, (split,))
     labels = list(labels) if labels else [str(m) for m in models]
     if len(labels) != len(models):
         raise DataError(f"got {len(labels)} labels for {len(models)} models; give one label per model")
-    out: dict[str, Any] = {"data": str(data), "split": split, "num_images": None, "models": {}}
+    out: dict[str, Any] = {"data": str(data), "split": split, "num_images": None, "random_init": random_init,
+                           "device": dev.type, "models": {}}
     for spec, label in zip(models, labels):
-        net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed)
+        net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed, device=dev)
         imgs, _ = load_images(open_split(data, split, eval_transform(net, img_size)), limit=num_images)
         out["num_images"] = len(imgs)
         out["models"][label] = {"model": str(spec), **model_frequency_profile(net, imgs, batch_size)}
@@ -118,7 +128,8 @@ def plot_frequency(result: dict[str, Any], path: str | os.PathLike[str], title: 
     for ax, (label, m) in zip(axes[0], models.items()):
         for i, curve in enumerate(m["blocks"]):
             ax.plot(m["frequencies"], curve, color=cmap(norm(i + 1)), marker="o", markersize=2.5, linewidth=1.2)
-        ax.set_title(label if len(label) < 40 else "..." + label[-37:], fontsize=9)
+        name = label if len(label) < 40 else "..." + label[-37:]
+        ax.set_title(name + (" (random init)" if result.get("random_init") else ""), fontsize=9)
         ax.set_xlabel("normalised frequency (x Nyquist)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Δ log amplitude")

@@ -54,7 +54,7 @@ def _from_checkpoint(path: Path) -> tuple[torch.Tensor, list[int] | None]:
     if "fusion.weights" not in conv.extras:
         raise CheckpointError(f"'{path}' has no fusion weights: it is not an MFF/MAE pretraining checkpoint "
                               "(backbone-only and fine-tuned weights drop them)")
-    return conv.extras["fusion.weights"], _find_fusion_layers(ckpt, conv.meta)
+    return conv.extras["fusion.weights"].reshape(-1), _find_fusion_layers(ckpt, conv.meta)
 
 
 def _from_zoo_folder(folder: Path) -> tuple[torch.Tensor, list[int] | None]:

@@ -40,6 +40,11 @@ def _data_root(data: str) -> Path:
     return Path(data).expanduser()
 
 
+def _marked(label: str, random_init: bool) -> str:
+    """A table label that says when the numbers are an architecture's, not its weights' (as ``eval`` does)."""
+    return label + (" (random init)" if random_init else "")
+
+
 def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zoo: bool, spec: str) -> None:
     from ..eval.results import result_rows, update_zoo_metrics, write_json
     from .zoo import print_table
@@ -64,6 +69,8 @@ def _frozen_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", type=int, default=128, show_default=True, help="Images per encoder forward."),
         click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
         click.option("--bf16", is_flag=True, help="bf16 autocast for the encoder (fast on AMX CPUs / GPUs)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where the encoder runs (auto: a CUDA GPU when one is visible)."),
         click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help=f"JSON result file (default: {DEFAULT_OUT}/<task>-<model>.json)."),
@@ -91,7 +98,7 @@ def eval_group() -> None:
 @click.option("--k", type=int, default=20, show_default=True, help="Neighbours (DINO: 20).")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote temperature (DINO: 0.07).")
 def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
-        no_cache: bool, output: Path | None, update_zoo: bool, k: int, temperature: float) -> None:
+        device: str, no_cache: bool, output: Path | None, update_zoo: bool, k: int, temperature: float) -> None:
     """Weighted k-NN top-1/top-5 on frozen cls-token and avg-pooled features."""
     from ..eval.knn import knn_eval
 
@@ -99,7 +106,8 @@ def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_si
     if k < 1 or temperature <= 0:
         raise click.BadParameter("--k must be >= 1 and --temperature > 0")
     result = knn_eval(model, _data_root(data), k=k, temperature=temperature, img_size=img_size,
-                      random_init=random_init, batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache)
+                      random_init=random_init, batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache,
+                      device=device)
     _emit(result, output, f"knn-{_slug(model)}.json", update_zoo, model)
 
 
@@ -117,9 +125,9 @@ def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_si
 @click.option("--augment", is_flag=True, help="RandomResizedCrop + flip every step (runs the encoder; no cache).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def linear(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
-           no_cache: bool, output: Path | None, update_zoo: bool, epochs: int, probe_batch: int, blr: float,
-           lr: float | None, optimizer: str, warmup_epochs: int, weight_decay: float, pool: str, augment: bool,
-           seed: int) -> None:
+           device: str, no_cache: bool, output: Path | None, update_zoo: bool, epochs: int, probe_batch: int,
+           blr: float, lr: float | None, optimizer: str, warmup_epochs: int, weight_decay: float, pool: str,
+           augment: bool, seed: int) -> None:
     """Linear probe (BatchNorm without affine + linear on the frozen cls token), as in MAE/MFF."""
     from ..config import from_dict
     from ..eval.linear import LinearProbeConfig, linear_probe
@@ -135,7 +143,8 @@ def linear(model: str, data: str, img_size: int | None, random_init: bool, batch
             click.echo(f"epoch {rec['epoch']}/{cfg.epochs}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{acc}", err=True)
 
     result = linear_probe(model, _data_root(data), cfg, img_size=img_size, random_init=random_init,
-                          batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache, log=log)
+                          batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache, device=device,
+                          log=log)
     _emit(result, output, f"linear-{_slug(model)}.json", update_zoo, model)
 
 
@@ -203,6 +212,8 @@ def _analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--img-size", type=int, default=None, help="Input size (default: each model's own)."),
         click.option("--random-init", is_flag=True, help="Use the architectures without weights (smoke tests)."),
         click.option("--num-images", type=int, default=None, help="Validation images to use (default: see each)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where the encoder runs (auto: a CUDA GPU when one is visible)."),
         click.option("--out-dir", type=click.Path(path_type=Path), default=None,
                      help="Where the PNG and JSON go (default: runs/analysis)."),
     ]
@@ -214,7 +225,7 @@ def _analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @analyze.command("freq")
 @_analysis_options
 def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: int | None, random_init: bool,
-         num_images: int | None, out_dir: Path | None) -> None:
+         num_images: int | None, device: str, out_dir: Path | None) -> None:
     """Relative log amplitude of each block's feature-map spectrum (one panel per MODEL)."""
     from ..analysis.freq import frequency_analysis, plot_frequency
     from ..eval.results import write_json
@@ -222,18 +233,18 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
 
     _quiet_timm()
     res = frequency_analysis(list(models), _data_root(data), num_images=num_images or 256, img_size=img_size,
-                             random_init=random_init, labels=list(labels) or None)
+                             random_init=random_init, labels=list(labels) or None, device=device)
     out_dir = out_dir or Path("runs") / "analysis"
     rows = []
     for label, m in res["models"].items():
         hf = m["high_freq"]
-        rows.append([label, f"{m['grid'][0]}x{m['grid'][1]}", str(len(hf)), f"{hf[0]:+.3f}", f"{hf[-1]:+.3f}",
-                     f"{m['mean_high_freq']:+.3f}"])
+        rows.append([_marked(label, random_init), f"{m['grid'][0]}x{m['grid'][1]}", str(len(hf)), f"{hf[0]:+.3f}",
+                     f"{hf[-1]:+.3f}", f"{m['mean_high_freq']:+.3f}"])
     print_table(rows, ["model", "grid", "blocks", "Δ@high first", "Δ@high last", "Δ@high mean"])
     png = plot_frequency(res, out_dir / "freq.png")
     js = write_json(res, out_dir / "freq.json")
-    click.echo(f"\nplot: {png}\nnumbers: {js}\n(Δ@high: log-amplitude at the highest frequency minus DC; lower = "
-               "more low-pass features)")
+    click.echo(f"\nplot: {png}\nnumbers: {js}\n(Δ@high: log-amplitude at the highest frequency below Nyquist minus "
+               "DC; lower = more low-pass features)")
 
 
 @analyze.command("filter")
@@ -242,8 +253,8 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
 @click.option("--radii", default=None, help="Comma-separated cut-off radii (x Nyquist), e.g. 0.1,0.25,0.5,1.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache.")
 def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: int | None,
-               random_init: bool, num_images: int | None, out_dir: Path | None, head: str, radii: str | None,
-               no_cache: bool) -> None:
+               random_init: bool, num_images: int | None, device: str, out_dir: Path | None, head: str,
+               radii: str | None, no_cache: bool) -> None:
     """Top-1 on low-/high-pass filtered validation images across cut-off radii."""
     from ..analysis.filters import DEFAULT_RADII, filter_accuracy, plot_filters
     from ..errors import DataError
@@ -256,12 +267,14 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
     except ValueError:
         raise DataError(f"--radii '{radii}' is not a comma-separated list of numbers (e.g. 0.1,0.25,0.5)") from None
     res = filter_accuracy(list(models), _data_root(data), radii=rs, head=head, labels=list(labels) or None,
-                          img_size=img_size, random_init=random_init, num_images=num_images, cache=not no_cache)
+                          img_size=img_size, random_init=random_init, num_images=num_images, cache=not no_cache,
+                          device=device)
     out_dir = out_dir or Path("runs") / "analysis"
     rows = []
     for label, m in res["models"].items():
         for mode in ("low", "high"):
-            rows.append([label, f"{mode}-pass", f"{m['clean']:.1f}", *[f"{v:.1f}" for v in m[mode]]])
+            rows.append([_marked(label, random_init), f"{mode}-pass", f"{m['clean']:.1f}",
+                         *[f"{v:.1f}" for v in m[mode]]])
     print_table(rows, ["model", "filter", "clean", *[f"r={r:g}" for r in res["radii"]]])
     png = plot_filters(res, out_dir / "filter.png")
     js = write_json(res, out_dir / "filter.json")
@@ -298,7 +311,7 @@ def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
               help="Where runs, JSON, table and plots go (reruns reuse finished runs).")
 @click.option("--seeds", type=int, default=3, show_default=True)
 @click.option("--epochs", type=int, default=None, help="Pretraining epochs per run (default: the budgeted value).")
-@click.option("--quick", is_flag=True, help="A 1-minute smoke version (tiny data, 1 epoch); not a result.")
+@click.option("--quick", is_flag=True, help="A ~1-minute smoke run on 2 CPU cores (tiny data, 1 epoch); not a result.")
 @click.option("--workers", type=int, default=None, help="Parallel runs (default: one per core, at most 2).")
 def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers: int | None) -> None:
     """MAE vs MFF at small scale on the demo data: same recipe except fusion_layers, several seeds.

@@ -4,12 +4,17 @@ Every evaluation (kNN, linear probe, fine-tune, filter analysis) reads ``ROOT/tr
 ``ROOT/val/<class>/*``. A missing split, an empty split or train/val class lists that differ would otherwise
 show up as a shape error deep inside a head or as silently wrong labels, so they are one-line
 :class:`~mffzoo.errors.DataError` here.
+
+Class indices follow timm's folder reader (``create_dataset``, which the training engine uses): class folders
+sorted by timm's ``natural_key`` (case-insensitive, numbers by value: ``apple, Bird, c1, c2, c10``). A plain
+``sorted`` (torchvision's ``ImageFolder``) would give ``Bird, apple, c1, c10, c2`` and silently permute the
+labels of a model trained on the engine's labels, so every split here uses :func:`class_to_idx`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +25,41 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DataError
 
-__all__ = ["SPLITS", "check_image_folder", "model_input_size", "eval_transform", "train_transform", "open_split",
-           "open_splits", "make_loader", "load_images"]
+__all__ = ["SPLITS", "class_order", "class_to_idx", "check_image_folder", "model_input_size", "eval_transform",
+           "train_transform", "EvalImageFolder", "open_split", "open_splits", "make_loader", "load_images"]
 
 SPLITS = ("train", "val")
 _HINT = "expected ROOT/train/<class>/*.png and ROOT/val/<class>/*.png (`mffzoo data demo ROOT` writes one)"
 
 
+def class_order(names: Iterable[str]) -> list[str]:
+    """Class names in the order timm's folder reader indexes them (``natural_key``), i.e. the training labels."""
+    from timm.utils.misc import natural_key
+
+    return sorted(names, key=natural_key)
+
+
+def class_to_idx(classes: Iterable[str]) -> dict[str, int]:
+    """``{class: index}`` in timm's training order, whatever order ``classes`` came in."""
+    return {c: i for i, c in enumerate(class_order(classes))}
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return class_order(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` (recursively) holds a file ImageFolder reads; stops at the first one, so it is cheap."""
+    exts = tuple(IMG_EXTENSIONS)
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(exts) for f in files):
+            return True
+    return False
 
 
 def check_image_folder(root: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS) -> list[str]:
-    """Class names shared by every split of ``root``, or a one-line :class:`DataError` saying what is wrong."""
+    """Class names shared by every split of ``root`` in training-label order (:func:`class_order`), or a one-line
+    :class:`DataError` saying what is wrong (missing/empty split, a class folder without images, a mismatch)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset folder '{root}' does not exist; {_HINT}")
@@ -56,6 +83,11 @@ def check_image_folder(root: str | os.PathLike[str], splits: tuple[str, ...] = S
                 f"class folders differ between {first}/ and {split}/ in '{root}' ({'; '.join(p for p in parts if p)}); "
                 "both splits need the same class folders so labels mean the same thing"
             )
+    for split in splits:  # last: the scan stops at each folder's first image, but it does touch every folder
+        empty = [n for n in classes[split] if not _has_image(root / split / n)]
+        if empty:
+            raise DataError(f"class folder '{root / split / empty[0]}' has no images ({len(empty)} empty in {split}/); "
+                            f"add images ({', '.join(IMG_EXTENSIONS)}) or remove the folder")
     return classes[first]
 
 
@@ -98,14 +130,25 @@ def train_transform(model: nn.Module, img_size: int | None = None, **aug: Any) -
     return create_transform(**{**cfg, **aug}, is_training=True)
 
 
+class EvalImageFolder(ImageFolder):
+    """ImageFolder whose class indices are timm's training order (:func:`class_order`), not a plain sort."""
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        classes = _class_dirs(Path(directory))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, class_to_idx(classes)
+
+
 def open_split(root: str | os.PathLike[str], split: str, transform: Callable[[Any], Any] | None) -> ImageFolder:
-    """ImageFolder for one split; unreadable/empty class folders become a :class:`DataError`."""
+    """ImageFolder for one split with training-order labels; unreadable/empty class folders become a
+    :class:`DataError`."""
     path = Path(root).expanduser() / split
     try:
-        return ImageFolder(str(path), transform=transform)
+        return EvalImageFolder(str(path), transform=transform)
     except (FileNotFoundError, OSError) as exc:
-        msg = str(exc).splitlines()[0]
-        raise DataError(f"cannot read '{path}': {msg}; supported image types: {', '.join(IMG_EXTENSIONS)}") from None
+        msg = str(exc).splitlines()[0]  # torchvision's message already lists the supported extensions
+        raise DataError(f"cannot read '{path}': {msg}") from None
 
 
 def open_splits(

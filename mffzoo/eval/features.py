@@ -1,7 +1,10 @@
 """Frozen features: the cls token after the final norm and the average of the patch tokens.
 
 These are the two read-outs the MAE/MFF papers evaluate (linear probing uses the cls token after the pretrained
-norm; fine-tuning pools the patch tokens). Features are cached on disk keyed by a hash of the model's weights,
+norm; fine-tuning pools the patch tokens). For a timm ViT whose final norm is ``fc_norm`` (``global_pool='avg'``
+classifiers: the ``mff_ft_*`` tags, fine-tune outputs) ``forward_features`` returns un-normalised tokens, so
+``fc_norm`` is applied to both read-outs here: ``avg`` is then exactly the model's own pre-logits output
+(``forward_head(tokens, pre_logits=True)``). Features are cached on disk keyed by a hash of the model's weights,
 the image files and the transform, so a second kNN/linear/filter run on the same model and data skips the
 encoder entirely, and a changed weight or image can never be served stale features.
 """
@@ -23,10 +26,37 @@ from .data import make_loader
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["FeatureSet", "POOLS", "load_eval_model", "pool_tokens", "extract_features", "compute_features",
-           "model_fingerprint", "dataset_fingerprint", "feature_cache_dir", "frozen_features"]
+__all__ = ["FeatureSet", "POOLS", "DEVICES", "resolve_device", "load_eval_model", "pool_tokens",
+           "extract_features", "compute_features", "model_fingerprint", "dataset_fingerprint", "feature_cache_dir",
+           "features_info", "frozen_features"]
 
 POOLS = ("cls", "avg")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): the first CUDA GPU if one is visible, else the CPU; ``cuda`` without a GPU is an error."""
+    from ..errors import ConfigError
+
+    if isinstance(device, torch.device):
+        return device
+    name = str(device or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} but no CUDA GPU is visible; use --device cpu (or auto)")
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                              "use --device cuda:0")
+        return dev
+    raise ConfigError(f"--device '{device}' is not one of auto, cpu, cuda (or cuda:N)")
 
 
 @dataclass
@@ -50,8 +80,9 @@ class FeatureSet:
 
 
 def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None, random_init: bool = False,
-                    seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A headless backbone for any MODEL spec (via :func:`mffzoo.zoo.load_model`), in eval mode.
+                    seed: int = 0, device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
+    """A headless backbone for any MODEL spec (via :func:`mffzoo.zoo.load_model`), in eval mode, on ``device``
+    (None: left on the CPU, as built; see :func:`resolve_device`).
 
     ``random_init`` builds the architecture without weights (seeded, so smoke runs are reproducible).
     """
@@ -69,11 +100,23 @@ def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None
             spec = name
             kwargs = {**arch_kwargs, **kwargs}
     model = load_model(spec, pretrained=not random_init, random_init=random_init, **kwargs)
+    if device is not None:
+        model = model.to(resolve_device(device))
     return model.eval()
 
 
+def _fc_norm(model: nn.Module) -> nn.Module | None:
+    """The model's ``fc_norm`` when it is its final norm (timm then sets ``norm`` to Identity), else None."""
+    fc_norm = getattr(model, "fc_norm", None)
+    return fc_norm if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity) else None
+
+
 def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cls, avg) from ``forward_features`` output; CNN maps (B, C, H, W) give the spatial mean for both."""
+    """(cls, avg) from ``forward_features`` output; CNN maps (B, C, H, W) give the spatial mean for both.
+
+    ``avg`` is the mean of the patch tokens (cls/register prefix tokens excluded); a model with an ``fc_norm``
+    gets it applied to both, so ``avg`` equals ``forward_head(tokens, pre_logits=True)`` of an avg-pool model.
+    """
     if tokens.ndim == 4:
         avg = tokens.mean(dim=(2, 3))
         return avg, avg
@@ -82,14 +125,19 @@ def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, t
     n_prefix = int(getattr(model, "num_prefix_tokens", 1))
     has_cls = getattr(model, "cls_token", None) is not None and n_prefix > 0
     avg = tokens[:, n_prefix:].mean(dim=1)
-    return (tokens[:, 0] if has_cls else avg), avg
+    cls = tokens[:, 0] if has_cls else avg
+    fc_norm = _fc_norm(model)
+    if fc_norm is not None:
+        cls, avg = fc_norm(cls), fc_norm(avg)
+    return cls, avg
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Any, *, bf16: bool = False,
                      device: torch.device | str | None = None) -> FeatureSet:
-    """Run the frozen encoder over ``loader`` (yielding ``(images, labels)``)."""
-    device = torch.device(device or next(model.parameters()).device)
+    """Run the frozen encoder over ``loader`` (yielding ``(images, labels)``) on the model's device (or
+    ``device``); autocast uses that device's type."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     cls_out, avg_out, labels = [], [], []
     for x, y in loader:
@@ -146,7 +194,9 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
     path: Path | None = None
     if cache is not False:
         root = feature_cache_dir() if cache is True else Path(cache)
+        dev = next(model.parameters()).device.type
         key = f"{model_key or model_fingerprint(model)}-{dataset_fingerprint(ds)}-{'bf16' if bf16 else 'fp32'}"
+        key += "" if dev == "cpu" else f"-{dev}"  # GPU kernels round differently: keep their features apart
         path = root / f"{key}.pt"
         if path.is_file():
             from ..errors import CheckpointError
@@ -166,12 +216,23 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
     return feats
 
 
+def features_info(model: nn.Module, classes: list[str], num_train: int, val: FeatureSet,
+                  img_size: int | None = None) -> dict[str, Any]:
+    """The sizes every frozen-feature result reports."""
+    from .data import model_input_size
+
+    return {"num_classes": len(classes), "num_train": num_train, "num_val": len(val),
+            "img_size": model_input_size(model, img_size), "feature_dim": int(val.cls.shape[1])}
+
+
 def frozen_features(model: nn.Module, data: str | os.PathLike[str], *, img_size: int | None = None,
                     batch_size: int = 128, workers: int = 0, bf16: bool = False,
                     cache: bool | str | os.PathLike[str] = True,
                     ) -> tuple[FeatureSet, FeatureSet, list[str], dict[str, Any]]:
-    """(train, val, classes, info) features of a checked ImageNet-style folder with the model's test transform."""
-    from .data import eval_transform, model_input_size, open_splits
+    """(train, val, classes, info) features of a checked ImageNet-style folder with the model's test transform.
+
+    ``classes[i]`` is the class of label ``i`` (timm's training order, see :mod:`mffzoo.eval.data`)."""
+    from .data import eval_transform, open_splits
 
     tf = eval_transform(model, img_size)
     train_ds, val_ds = open_splits(data, tf, tf)
@@ -179,6 +240,5 @@ def frozen_features(model: nn.Module, data: str | os.PathLike[str], *, img_size:
     kw = dict(batch_size=batch_size, workers=workers, bf16=bf16, cache=cache, model_key=key)
     train = compute_features(model, train_ds, **kw)
     val = compute_features(model, val_ds, **kw)
-    info = {"num_classes": len(train_ds.classes), "num_train": len(train), "num_val": len(val),
-            "img_size": model_input_size(model, img_size), "feature_dim": int(train.cls.shape[1])}
-    return train, val, list(train_ds.classes), info
+    classes = list(train_ds.classes)
+    return train, val, classes, features_info(model, classes, len(train), val, img_size)

@@ -11,6 +11,10 @@ This module only says *what* is trained (a :class:`~mffzoo.train.engine.Task`): 
 checkpoints and exact resume, DDP/FSDP, precision, progress and ``metrics.jsonl``. Validation top-1/top-5 is
 measured at the end of every ``evaluation.every_epochs`` epochs (sharded over ranks) and appended to
 ``RUN/eval.jsonl``; the final classifier is written as a timm model folder to ``RUN/model``.
+
+The validation split is read with timm's ``create_dataset`` and the training reader's own ``class_to_idx``, so
+validation label ``i`` is the class the engine trained as ``i`` (timm sorts class folders naturally and
+case-insensitively; a plain sort would permute them).
 """
 
 from __future__ import annotations
@@ -269,6 +273,7 @@ class FinetuneTask(Task):
         self.history: list[dict[str, Any]] = []
 
     def _classes(self) -> list[str]:
+        """Class names in training-label order (timm's folder reader: natural, case-insensitive sort)."""
         r = self.recipe
         if r.data.dataset or not self.root.is_dir():
             return []  # tar / hfds: the recipe's model.num_classes says how many
@@ -276,7 +281,48 @@ class FinetuneTask(Task):
 
         return check_image_folder(self.root, (r.data.split, r.evaluation.split))
 
+    def train_class_map(self, dataset: Any) -> dict[str, int] | None:
+        """The training reader's ``class_to_idx`` (the labels the model learns), checked against the folders."""
+        mapping = getattr(getattr(dataset, "reader", None), "class_to_idx", None)
+        if not mapping:
+            return None
+        mapping = {str(k): int(v) for k, v in mapping.items()}
+        if self.classes and mapping != {c: i for i, c in enumerate(self.classes)}:
+            only_reader = sorted(set(mapping) - set(self.classes))[:5]
+            only_dirs = sorted(set(self.classes) - set(mapping))[:5]
+            raise DataError(f"the training reader's classes differ from the class folders of '{self.root}' (only in "
+                            f"the reader: {only_reader or '-'}; folders it skipped: {only_dirs or '-'}); remove hidden "
+                            "or stray image folders and use .png/.jpg/.jpeg images so train and val labels agree")
+        return mapping
+
+    def eval_dataset(self, ctx: RunContext, transform: Callable[[Any], torch.Tensor]) -> Any:
+        """The validation split through timm's ``create_dataset`` with the training reader's class map."""
+        from timm.data import create_dataset
+
+        r = self.recipe
+        mapping = self.train_class_map(ctx.dataset)
+        try:
+            ds = create_dataset(r.data.dataset, root=str(self.root), split=r.evaluation.split,
+                                class_map=mapping or None, is_training=False, transform=transform)
+        except (RuntimeError, FileNotFoundError, OSError, ValueError, AssertionError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"cannot read the validation split '{r.evaluation.split}' of '{self.root}' "
+                            f"({msg[:160]}); set --set evaluation.split=NAME to the folder holding it") from None
+        if len(ds) == 0:
+            raise DataError(f"the validation split '{r.evaluation.split}' of '{self.root}' has no images")
+        return ds
+
+    def _class_names(self, ctx: RunContext) -> list[str]:
+        """Name of each output index, from the training reader's map (the folder scan when it has none)."""
+        mapping = getattr(getattr(ctx.dataset, "reader", None), "class_to_idx", None)
+        if mapping:
+            return [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        return list(self.classes)
+
     # ---- engine interface
+    def on_dataset(self, dataset: Any) -> None:
+        self.train_class_map(dataset)  # a reader/folder class mismatch fails now, not after the first epoch
+
     def _model(self) -> nn.Module:
         """The classifier, built once: the engine asks for the transform (which needs its input size) first."""
         if self._built is None:
@@ -343,32 +389,37 @@ class FinetuneTask(Task):
     # ---- evaluation
     @torch.no_grad()
     def evaluate(self, ctx: RunContext) -> dict[str, float]:
-        """Top-1/top-5 on the validation split, sharded over ranks and summed."""
+        """Top-1/top-5 on the validation split, sharded over ranks and summed.
+
+        Every rank runs the same number of equal-sized batches (the last shard is padded with repeats that are
+        masked out of the sums), so FSDP's per-forward collectives can never wait on a rank that has finished.
+        """
         from timm.data import create_transform
 
         from ..train.distributed import all_reduce
-        from .data import make_loader, open_split
+        from .data import make_loader
 
         r, d = self.recipe, self.recipe.data
         tf = create_transform(self._size(), is_training=False, interpolation=r.aug.interpolation
                               if r.aug.interpolation != "random" else "bicubic", mean=tuple(d.mean),
                               std=tuple(d.std), crop_pct=r.evaluation.crop_pct)
-        ds = open_split(self.root, r.evaluation.split, tf)
-        shard = torch.utils.data.Subset(ds, list(range(ctx.env.rank, len(ds), ctx.env.world_size)))
+        ds = self.eval_dataset(ctx, tf)
+        shard = _PaddedShard(ds, ctx.env.rank, ctx.env.world_size)
         model = ctx.model
         was_training = model.training
         model.eval()
         dev = next(model.parameters()).device
         sums = torch.zeros(4, dtype=torch.float64)  # top1 hits, top5 hits, loss sum, count
         try:
-            for x, y in make_loader(shard, r.evaluation.batch_size, workers=min(d.num_workers, 4)):
+            for x, y, real in make_loader(shard, r.evaluation.batch_size, workers=min(d.num_workers, 4)):
                 logits = model(x.to(dev)).float().cpu()
+                y, real = torch.as_tensor(y).long(), torch.as_tensor(real).bool()
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
-                hit = top.eq(y[:, None])
-                sums += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(),
-                                      nn.functional.cross_entropy(logits, y, reduction="sum").item(), len(y)],
-                                     dtype=torch.float64)
+                hit = top.eq(y[:, None]) & real[:, None]
+                loss = nn.functional.cross_entropy(logits, y, reduction="none")[real].sum()
+                sums += torch.tensor([hit[:, 0].sum().item(), hit.any(dim=1).sum().item(), loss.item(),
+                                      real.sum().item()], dtype=torch.float64)
         finally:
             model.train(was_training)
         sums = all_reduce(sums.to(dev)).cpu() if ctx.env.distributed else sums
@@ -389,10 +440,20 @@ class FinetuneTask(Task):
                          rec["val_loss"])
 
     def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
+        history = read_eval_log(ctx.run_dir) if ctx.env.is_main else []  # includes epochs before a resume
+        fresh: dict[str, float] | None = None
+        if ctx.env.distributed:  # rank 0 alone knows whether an evaluation is missing; all ranks must run it
+            from ..train.distributed import all_reduce
+
+            dev = next(ctx.model.parameters()).device
+            need = all_reduce(torch.tensor([0.0 if history or not ctx.env.is_main else 1.0], device=dev))
+            if float(need[0]) > 0:
+                fresh = self.evaluate(ctx)
+        elif not history:
+            fresh = self.evaluate(ctx)
         if not ctx.env.is_main:
             return {}
-        history = read_eval_log(ctx.run_dir)  # includes epochs evaluated before a resume
-        final = history[-1] if history else {"epoch": ctx.epoch, **self.evaluate(ctx)}
+        final = history[-1] if history else {"epoch": ctx.epoch, **(fresh or {})}
         best = max((h["top1"] for h in history), default=final["top1"])
         from ..zoo.home import git_commit, write_model_folder
 
@@ -404,12 +465,33 @@ class FinetuneTask(Task):
                                          random_init=True)
             model.load_state_dict(ctx.state_dict)
         meta = {"task": "finetune", "recipe_name": r.name, "recipe": to_dict(r), "pretrained": r.model.pretrained,
-                "classes": self.classes, "epochs": ctx.epoch, "global_step": ctx.global_step,
+                "classes": self._class_names(ctx), "epochs": ctx.epoch, "global_step": ctx.global_step,
                 "eval": {f"finetune:{Path(str(self.root)).name}": {"top1": final["top1"], "top5": final["top5"],
                                                                     "best_top1": best}},
                 "git_commit": git_commit(Path(__file__).parent)}
         model_dir = write_model_folder(ctx.run_dir / "model", self.arch, model, model_args=self.model_args, meta=meta)
         return {"model_dir": model_dir, "top1": final["top1"], "top5": final["top5"], "best_top1": best}
+
+
+class _PaddedShard(torch.utils.data.Dataset):
+    """Rank ``rank``'s strided share of ``ds`` padded to ``ceil(N / world)`` items, yielding ``(x, y, real)``;
+    padding repeats item 0 with ``real = False`` so equal batch counts on all ranks cost no accuracy."""
+
+    def __init__(self, ds: Any, rank: int, world_size: int) -> None:
+        self.ds = ds
+        n = len(ds)
+        per = -(-n // world_size)
+        self.indices = [rank + j * world_size for j in range(per)]
+        self.n = n
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, bool]:
+        idx = self.indices[i]
+        real = idx < self.n
+        x, y, *_ = self.ds[idx if real else 0]
+        return x, int(y), real
 
 
 def read_eval_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -20,20 +20,27 @@ __all__ = ["knn_scores", "topk_accuracy", "knn_accuracy", "knn_eval"]
 
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-               num_classes: int, *, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Class scores ``(N_query, num_classes)``: sum of ``exp(cos / T)`` over each query's k nearest neighbours."""
+               num_classes: int, *, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """Class scores ``(N_query, num_classes)``: sum of ``exp(cos / T)`` over each query's k nearest neighbours.
+
+    The similarity search runs on ``device`` (default: where ``train_feats`` lives); scores come back on the CPU.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    train = F.normalize(train_feats.float(), dim=1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dev = torch.device(device) if device is not None else train_feats.device
+    train = F.normalize(train_feats.to(dev).float(), dim=1)
     query = F.normalize(query_feats.float(), dim=1)
     k = min(k, train.shape[0])
-    labels = train_labels.long()
+    labels = train_labels.to(dev).long()
     out = []
     for q in query.split(chunk):
-        sim, idx = (q @ train.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], num_classes, dtype=sim.dtype)
+        sim, idx = (q.to(dev) @ train.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes, dtype=sim.dtype, device=dev)
         votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
-        out.append(votes)
+        out.append(votes.cpu())
     return torch.cat(out)
 
 
@@ -47,25 +54,30 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-                 val_labels: torch.Tensor, num_classes: int, *, k: int = 20,
-                 temperature: float = 0.07) -> dict[str, float]:
-    scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k=k, temperature=temperature)
+                 val_labels: torch.Tensor, num_classes: int, *, k: int = 20, temperature: float = 0.07,
+                 device: torch.device | str | None = None) -> dict[str, float]:
+    """Top-1/top-5 of :func:`knn_scores` against ``val_labels``."""
+    scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k=k, temperature=temperature,
+                        device=device)
     return topk_accuracy(scores, val_labels)
 
 
 def knn_eval(model: str | os.PathLike[str], data: str | os.PathLike[str], *, k: int = 20, temperature: float = 0.07,
              pools: Sequence[str] = POOLS, img_size: int | None = None, random_init: bool = False,
              batch_size: int = 128, workers: int = 0, bf16: bool = False, cache: bool | str = True,
-             seed: int = 0) -> dict[str, Any]:
-    """k-NN top-1/top-5 of a MODEL spec on an ImageNet-style folder, per pooling (``cls``, ``avg``)."""
-    from .data import check_image_folder
-    from .features import frozen_features, load_eval_model
+             seed: int = 0, device: str | torch.device = "auto") -> dict[str, Any]:
+    """k-NN top-1/top-5 of a MODEL spec on an ImageNet-style folder, per pooling (``cls``, ``avg``).
 
+    The encoder and the neighbour search run on ``device`` (``auto``: a CUDA GPU when one is visible)."""
+    from .data import check_image_folder
+    from .features import frozen_features, load_eval_model, resolve_device
+
+    dev = resolve_device(device)
     check_image_folder(data)  # bad data fails before any model is built
-    net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=seed)
+    net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=seed, device=dev)
     train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                 workers=workers, bf16=bf16, cache=cache)
     results = {p: knn_accuracy(train[p], train.labels, val[p], val.labels, len(classes), k=k,
-                               temperature=temperature) for p in pools}
+                               temperature=temperature, device=dev) for p in pools}
     return {"task": "knn", "model": str(model), "random_init": random_init, "data": str(data), "k": k,
-            "temperature": temperature, **info, "results": results}
+            "temperature": temperature, "device": dev.type, **info, "classes": classes, "results": results}

@@ -6,7 +6,8 @@ head weights ~ N(0, 0.01). The BatchNorm is what makes one learning rate work fo
 
 With augmentation off (the default here) every epoch sees the same images, so the encoder runs once and the
 head trains on cached features in seconds; ``augment=True`` runs the encoder on RandomResizedCrop + flip views
-every step, as the paper does at ImageNet scale.
+every step, as the paper does at ImageNet scale (then only the validation features are extracted and cached).
+Encoder and head run on ``device`` (``auto``: a CUDA GPU when one is visible).
 """
 
 from __future__ import annotations
@@ -103,13 +104,16 @@ def train_linear_head(
     cfg: LinearProbeConfig,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[LinearHead, list[dict[str, Any]]]:
-    """Train a :class:`LinearHead` on ``(features, labels)`` batches with a per-iteration warm-up + cosine lr."""
+    """Train a :class:`LinearHead` on ``device`` from ``(features, labels)`` batches (moved there per step) with
+    a per-iteration warm-up + cosine lr."""
+    dev = torch.device(device)
     # A small head step is microseconds of math: OpenMP threads only add spin-waiting (measured 25x slower with
     # 2 threads than 1 on a busy 2-core CPU), so tiny probes run single-threaded.
-    small = cfg.batch_size * dim * num_classes < 2**26
+    small = dev.type == "cpu" and cfg.batch_size * dim * num_classes < 2**26
     with _num_threads(1 if small else torch.get_num_threads()):
-        return _train_linear_head(dim, num_classes, epoch_batches, steps_per_epoch, cfg, evaluate, log)
+        return _train_linear_head(dim, num_classes, epoch_batches, steps_per_epoch, cfg, evaluate, log, dev)
 
 
 @contextlib.contextmanager
@@ -130,11 +134,12 @@ def _train_linear_head(
     cfg: LinearProbeConfig,
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
     log: Callable[[dict[str, Any]], None] | None,
+    device: torch.device,
 ) -> tuple[LinearHead, list[dict[str, Any]]]:
     from timm.scheduler import CosineLRScheduler
 
     torch.manual_seed(cfg.seed)
-    head = LinearHead(dim, num_classes)
+    head = LinearHead(dim, num_classes).to(device)
     opt = build_head_optimizer(head, cfg)
     warm = cfg.warmup_epochs * steps_per_epoch
     sched = CosineLRScheduler(opt, t_initial=max(1, cfg.epochs * steps_per_epoch - warm), lr_min=cfg.min_lr,
@@ -147,7 +152,8 @@ def _train_linear_head(
         total, count = 0.0, 0
         for x, y in epoch_batches(epoch):
             sched.step_update(step)
-            loss = loss_fn(head(x.float()), y)
+            x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+            loss = loss_fn(head(x), y)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"linear probe loss is {loss.item()} at epoch {epoch}; lower the lr")
             opt.zero_grad(set_to_none=True)
@@ -169,49 +175,57 @@ def _train_linear_head(
 
 
 @torch.no_grad()
-def evaluate_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def evaluate_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+    """Top-1/top-5 of ``head`` on features ``x`` (run on the head's device in chunks)."""
     head.eval()
-    return topk_accuracy(head(x.float()), y)
+    dev = next(head.parameters()).device
+    logits = torch.cat([head(c.to(dev).float()).float().cpu() for c in x.split(chunk)])
+    return topk_accuracy(logits, y.cpu())
 
 
 def linear_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cfg: LinearProbeConfig | None = None,
                  *, img_size: int | None = None, random_init: bool = False, batch_size: int = 128, workers: int = 0,
-                 bf16: bool = False, cache: bool | str = True,
+                 bf16: bool = False, cache: bool | str = True, device: str | torch.device = "auto",
                  log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Linear-probe top-1/top-5 of a MODEL spec on an ImageNet-style folder (``batch_size`` is for the encoder)."""
     from .data import check_image_folder, eval_transform, make_loader, open_splits, train_transform
-    from .features import frozen_features, load_eval_model, pool_tokens
+    from .features import compute_features, features_info, frozen_features, load_eval_model, pool_tokens, resolve_device
 
     cfg = cfg or LinearProbeConfig()
     cfg.validate()
+    dev = resolve_device(device)
     check_image_folder(data)  # bad data fails before any model is built
-    net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=cfg.seed)
-    train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
-                                                workers=workers, bf16=bf16, cache=cache)
-    x_val, y_val = val[cfg.pool], val.labels
+    net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=cfg.seed, device=dev)
 
     if not cfg.augment:
+        train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
+                                                    workers=workers, bf16=bf16, cache=cache)
         x_tr, y_tr = train[cfg.pool], train.labels
         batches = tensor_batches(x_tr, y_tr, min(cfg.batch_size, len(y_tr)), cfg.seed)
         steps = max(1, len(y_tr) // min(cfg.batch_size, len(y_tr)))
     else:
-        # MAE linprobe augmentation: RandomResizedCrop(bicubic) + flip, no colour jitter; the encoder runs per step.
-        aug_ds, _ = open_splits(data, train_transform(net, img_size, interpolation="bicubic", color_jitter=None),
-                                eval_transform(net, img_size))
+        # MAE linprobe augmentation: RandomResizedCrop(bicubic) + flip, no colour jitter; the encoder runs per step,
+        # so only the validation features are extracted (and cached) up front.
+        aug_ds, val_ds = open_splits(data, train_transform(net, img_size, interpolation="bicubic", color_jitter=None),
+                                     eval_transform(net, img_size))
+        val = compute_features(net, val_ds, batch_size=batch_size, workers=workers, bf16=bf16, cache=cache)
+        classes = list(aug_ds.classes)
+        info = features_info(net, classes, len(aug_ds), val, img_size)
         loader = make_loader(aug_ds, cfg.batch_size, shuffle=True, workers=workers,
                              drop_last=len(aug_ds) > cfg.batch_size, seed=cfg.seed)
         steps = len(loader)
 
         def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for imgs, y in loader:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    c, a = pool_tokens(net, net.forward_features(imgs))
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    c, a = pool_tokens(net, net.forward_features(imgs.to(dev, non_blocking=True)))
                 yield (c if cfg.pool == "cls" else a).float(), y
 
+    x_val, y_val = val[cfg.pool], val.labels
     head, history = train_linear_head(x_val.shape[1], len(classes), batches, steps, cfg,
-                                      evaluate=lambda h: evaluate_head(h, x_val, y_val), log=log)
+                                      evaluate=lambda h: evaluate_head(h, x_val, y_val), log=log, device=dev)
     final = evaluate_head(head, x_val, y_val)
     best = max((h["top1"] for h in history if "top1" in h), default=final["top1"])
-    return {"task": "linear", "model": str(model), "random_init": random_init, "data": str(data), **info,
-            "config": asdict(cfg), "results": {cfg.pool: {**final, "best_top1": best}},
-            "history": history}
+    return {"task": "linear", "model": str(model), "random_init": random_init, "data": str(data),
+            "device": dev.type, **info, "classes": classes, "config": asdict(cfg),
+            "results": {cfg.pool: {**final, "best_top1": best}}, "history": history}

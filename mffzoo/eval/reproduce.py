@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_MODEL", "FUSION", "pretrain_recipe", "reproduce", "summary_rows", "markdown_table",
-           "val_reconstruction_loss"]
+__all__ = ["TINY_MODEL", "FUSION", "pretrain_recipe", "reproduce", "aggregate", "summary_rows",
+           "markdown_table", "val_reconstruction_loss"]
 
 # The encoder both methods share. depth 6 keeps the frequency analysis meaningful (an 8x8 token grid at 64 px).
 TINY_MODEL: dict[str, Any] = dict(arch="mff_vit_small", img_size=64, patch_size=8, embed_dim=128, depth=6,
@@ -128,9 +128,10 @@ def _run_one(method: str, seed: int, epochs: int, data_root: Path, out: Path, mo
     t_train = time.time() - t0
     model_dir = run_dir / "model"
     cache = out / "feature_cache"
-    knn = knn_eval(model_dir, data_root, cache=str(cache))
-    probe = linear_probe(model_dir, data_root, LinearProbeConfig(**PROBE, seed=seed), cache=str(cache))
-    freq = frequency_analysis([model_dir], data_root, num_images=256, labels=[f"{method}_seed{seed}"])
+    # Read-outs on the CPU, like the pretraining: the recorded numbers do not depend on a GPU being visible.
+    knn = knn_eval(model_dir, data_root, cache=str(cache), device="cpu")
+    probe = linear_probe(model_dir, data_root, LinearProbeConfig(**PROBE, seed=seed), cache=str(cache), device="cpu")
+    freq = frequency_analysis([model_dir], data_root, num_images=256, labels=[f"{method}_seed{seed}"], device="cpu")
     meta = json.loads((model_dir / "mffzoo.json").read_text())
     rec = {
         "method": method, "seed": seed, "run_dir": str(run_dir),
@@ -152,6 +153,28 @@ METRICS = (("knn_cls_top1", "k-NN top-1 (cls)"), ("knn_avg_top1", "k-NN top-1 (a
            ("linear_top1", "linear top-1"), ("val_recon_loss", "val recon. loss"),
            ("train_loss_final", "final train loss"), ("high_freq_last", "Δ log-amp @ high freq, last block"),
            ("high_freq_mean", "Δ log-amp @ high freq, mean of blocks"))
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean ± std over seeds of every metric in :data:`METRICS`, the mean frequency curves and (MFF)
+    the mean fusion weights. Adds ``high_freq_last`` / ``high_freq_mean`` to each run record."""
+    for r in runs:
+        r["high_freq_last"] = r["freq"]["high_freq"][-1]
+        r["high_freq_mean"] = r["freq"]["mean_high_freq"]
+    agg: dict[str, dict[str, Any]] = {}
+    for method in ("mae", "mff"):
+        mine = [r for r in runs if r["method"] == method]
+        agg[method] = {k: _mean_std([float(r[k]) for r in mine]) for k, _ in METRICS if mine[0].get(k) is not None}
+        curves = torch.tensor([r["freq"]["blocks"] for r in mine]).mean(dim=0)
+        agg[method]["freq"] = {"frequencies": mine[0]["freq"]["frequencies"], "grid": mine[0]["freq"]["grid"],
+                               "blocks": curves.tolist(), "high_freq": curves[:, -1].tolist(),
+                               "mean_high_freq": float(curves[:, -1].mean())}
+        if method == "mff":
+            ws = torch.tensor([r["fusion_weights"] for r in mine if r.get("fusion_weights")])
+            if len(ws):
+                agg[method]["fusion_weights_mean"] = ws.mean(dim=0).tolist()
+                agg[method]["fusion_layers"] = mine[0]["fusion_layers"]
+    return agg
 
 
 def _init_worker(threads: int) -> None:
@@ -209,22 +232,7 @@ def reproduce(output: str | os.PathLike[str] = "runs/reproduce", *, seeds: int =
             futures = [pool.submit(_run_one, m, s, epochs, data_root, out, model, batch, _log_stderr, os.getpid())
                        for m, s in jobs]
             runs = [f.result() for f in futures]
-    for r in runs:
-        r["high_freq_last"] = r["freq"]["high_freq"][-1]
-        r["high_freq_mean"] = r["freq"]["mean_high_freq"]
-    agg: dict[str, dict[str, Any]] = {}
-    for method in ("mae", "mff"):
-        mine = [r for r in runs if r["method"] == method]
-        agg[method] = {k: _mean_std([float(r[k]) for r in mine]) for k, _ in METRICS if mine[0].get(k) is not None}
-        curves = torch.tensor([r["freq"]["blocks"] for r in mine]).mean(dim=0)
-        agg[method]["freq"] = {"frequencies": mine[0]["freq"]["frequencies"], "grid": mine[0]["freq"]["grid"],
-                               "blocks": curves.tolist(), "high_freq": curves[:, -1].tolist(),
-                               "mean_high_freq": float(curves[:, -1].mean())}
-        if method == "mff":
-            ws = torch.tensor([r["fusion_weights"] for r in mine if r.get("fusion_weights")])
-            if len(ws):
-                agg[method]["fusion_weights_mean"] = ws.mean(dim=0).tolist()
-                agg[method]["fusion_layers"] = mine[0]["fusion_layers"]
+    agg = aggregate(runs)
     n = len(runs) // 2
     plot_frequency({"models": {f"MAE (mean of {n} seeds)": agg["mae"]["freq"],
                                f"MFF (mean of {n} seeds)": agg["mff"]["freq"]}}, out / "freq.png",
@@ -246,6 +254,7 @@ def _fmt(m: dict[str, float], digits: int) -> str:
 
 
 def summary_rows(res: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """(rows, header): one row per metric, ``mean ± std`` for MAE and MFF (n/a where a metric is missing)."""
     a = res["aggregate"]
     rows = []
     for key, name in METRICS:
@@ -255,6 +264,7 @@ def summary_rows(res: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
 
 
 def markdown_table(res: dict[str, Any]) -> str:
+    """:func:`summary_rows` as a Markdown table (docs/reproduction.md), plus MFF's mean fusion weights."""
     rows, header = summary_rows(res)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
