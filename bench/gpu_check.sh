@@ -3,7 +3,8 @@
 # TensorRT export of ViT-S with its parity check, and `mffzoo bench infer` on the GPU (eager vs fp16/bf16 vs
 # compiled vs TensorRT). Results go to $OUT (default: gpu-check/). Exits 0 with a "skip:" line without a GPU.
 #
-#   bash bench/gpu_check.sh            # on a CUDA machine with: pip install -e '.[onnx,gpu]'
+#   bash bench/gpu_check.sh            # on a CUDA machine with: pip install -e '.[gpu]' pytest
+# ([gpu] brings onnxruntime-gpu, which conflicts with the CPU onnxruntime of [onnx]/[test]: do not add those.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

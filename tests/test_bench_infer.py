@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mffzoo.bench.infer import BACKENDS, available_backends
+from mffzoo.bench.infer import BACKENDS, _bench_profile, available_backends
 from mffzoo.cli.main import main
+from mffzoo.export import ExportProfile
 from mffzoo.zoo import load_model, write_model_folder
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -45,8 +46,14 @@ def test_bench_infer_table_and_json(tiny: Path, tmp_path: Path, capsys) -> None:
 
 def test_bench_infer_list_and_errors(tiny: Path, capsys) -> None:
     main(["bench", "infer", "x", "--list"])
-    text = capsys.readouterr().out
-    assert all(name in text for name in BACKENDS)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == set(BACKENDS)
+    assert all("  yes  " in rows[n] for n in ("eager", "ort-fp32", "ort-int8"))
+    if not torch.cuda.is_available():  # the GPU backends say no, and why
+        for n in ("cuda-eager", "cuda-fp16", "trt-fp16", "trt-fp32"):
+            assert "  no: no CUDA GPU  " in rows[n], rows[n]
+    for n, why in available_backends().items():
+        assert ("  yes  " in rows[n]) == (why is None) and (why is None or f"no: {why}" in rows[n])
     with pytest.raises(SystemExit) as exc:
         main(["bench", "infer", str(tiny), "--backends", "ort-fp64"])
     assert exc.value.code == 2 and "unknown backend 'ort-fp64'" in capsys.readouterr().err
@@ -54,6 +61,15 @@ def test_bench_infer_list_and_errors(tiny: Path, capsys) -> None:
         with pytest.raises(SystemExit) as exc:
             main(["bench", "infer", str(tiny), "--backends", "cuda-fp16"])
         assert exc.value.code == 2 and "cannot run here: no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch,want", [(1, (1, 1, 64)), (8, (1, 8, 64)), (96, (1, 96, 96))])
+def test_exported_backends_are_tuned_for_the_bench_batch(batch: int, want: tuple) -> None:
+    """TensorRT's profile (opt) follows --batch; every exported backend uses the export pipeline's settings."""
+    prof = _bench_profile(BACKENDS["trt-fp16"], batch)
+    assert (prof.format, prof.precision) == ("trt", "fp16") and (prof.batch.min, prof.batch.opt, prof.batch.max) == want
+    assert _bench_profile(BACKENDS["ort-int8-static"], batch).quantize.mode == "static"
+    assert _bench_profile(BACKENDS["ort-int8"], batch).quantize == ExportProfile().quantize  # export's defaults
 
 
 def test_bench_group_lists_infer(capsys) -> None:

@@ -6,8 +6,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,12 @@ from mffzoo.cli.main import main
 from mffzoo.config import to_dict
 from mffzoo.errors import CheckFailed, ConfigError, ExportError, WeightsNotFoundError
 from mffzoo.export import SIDECAR_KEYS, ExportModule, ExportProfile, OrtRunner, check_artefact, export_model
+from mffzoo.export.api import load_export_model
 from mffzoo.export.onnx import onnx_batch_dim, ort_supports
 from mffzoo.export.parity import compare, run_parity
+from mffzoo.export.pipeline import build_artefact
 from mffzoo.export.profile import BatchRange, Gates, find_profile, load_profile
+from mffzoo.export.quantize import cpu_has_vnni
 from mffzoo.export.sidecar import state_dict_sha256
 from mffzoo.zoo import load_model, write_model_folder
 
@@ -68,6 +73,14 @@ def test_fp32_export_checked_at_min_odd_max(fp32) -> None:
     assert total.gated and total.metrics.max_abs <= 1e-4 and total.metrics.cosine > 0.99999
     onnx.checker.check_model(str(fp32.artefact), full_check=True)
     assert not list(fp32.artefact.parent.glob(".*tmp*")), "temporary files left behind"
+    _assert_single_file(fp32.artefact)
+
+
+def _assert_single_file(artefact: Path) -> None:
+    """Weights inside the .onnx: no <file>.onnx.data next to it, no initializer pointing outside."""
+    assert not list(artefact.parent.glob("*.data")), "external data file written"
+    model = onnx.load(str(artefact), load_external_data=False)
+    assert not [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def test_dynamic_batch_is_really_dynamic(fp32, tiny: Path) -> None:
@@ -115,15 +128,22 @@ def test_low_precision_passes_its_gates(tiny: Path, images: Path, tmp_path: Path
                        quantize={"mode": quantize} if quantize else None, batch={"min": 1, "opt": 4, "max": 4},
                        check={"images": str(images)})
     assert res.report.passed, res.report.failures
-    refs = {r.reference for r in res.report.rows}
-    # fp16 is compared with fp32 PyTorch (gated) AND with PyTorch computing in fp16
-    assert refs == ({"torch fp32", "torch fp16"} if precision == "fp16" else {"torch fp32"})
-    total = next(r for r in res.report.rows if r.inputs == "all" and r.gated)
-    assert total.metrics.cosine >= (0.999 if precision == "fp16" else 0.99)
+    # compared with fp32 PyTorch (gated) AND with PyTorch computing in the same precision (reported, not gated)
+    peer = f"torch {precision}"
+    assert {r.reference for r in res.report.rows} == {"torch fp32", peer}
+    totals = {r.reference: r for r in res.report.rows if r.inputs == "all"}
+    assert totals["torch fp32"].gated and not totals[peer].gated and not totals[peer].failures
+    assert totals["torch fp32"].metrics.cosine >= (0.999 if precision == "fp16" else 0.99)
+    # the same-precision peer is a real int8/fp16 model: close to the artefact, but not bit-identical to fp32
+    assert 0.9 < totals[peer].metrics.cosine < 1.0 and totals[peer].metrics.max_abs > 0
     side = json.loads(res.sidecar.read_text())
     assert side["precision"] == precision
+    _assert_single_file(res.artefact)
     if precision == "int8":
-        assert side["quantization"]["mode"] == quantize
+        assert side["quantization"]["mode"] == quantize and side["quantization"]["per_channel"] is True
+        # auto: 7-bit weights unless this CPU has VNNI (full-range per-channel weights saturate u8s8 kernels)
+        assert side["quantization"]["reduce_range"] is (cpu_has_vnni() is not True)
+        onnx.checker.check_model(str(res.artefact), full_check=True)  # the served int8 file, not only its source
         kinds = {n.op_type for n in onnx.load(str(res.artefact)).graph.node}
         assert kinds & {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "QLinearMatMul"}
 
@@ -217,6 +237,9 @@ def test_shipped_profiles_validate() -> None:
     ({"format": "trt", "precision": "int8"}, "int8 is for ONNX Runtime"),
     ({"check": {"gates": {"fp16": {"cosin": 0.9}}}}, "did you mean 'cosine'"),
     ({"opset": 12}, "opset"),
+    ({"check": {"gates": {"fp32": {"max_abs": -1}}}}, "config key 'check.gates.fp32.max_abs'"),
+    ({"check": {"gates": {"int8": {"cosine": 2}}}}, "config key 'check.gates.int8.cosine'"),
+    ({"quantize": {"mode": "static"}}, "config key 'quantize.mode'"),
 ])
 def test_profile_validation_errors(data: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -260,14 +283,20 @@ def test_trt_without_tensorrt_is_one_line_exit_2_and_writes_nothing(tmp_path: Pa
     (["--img-size", "100"], "not divisible by the patch size 16"),
     (["--profile", "no-such-profile"], "export profile 'no-such-profile' not found"),
     (["--features", "logits"], "needs a classifier"),
+    (["--set", "model_args.bogus=1", "--no-check"], "config key 'model_args.bogus': not an argument"),
+    (["--set", "model_args.dept=1", "--no-check"], "did you mean 'depth'"),
+    (["--quantize", "static"], "applies to precision int8 only"),
+    (["--quantize", "dynamic", "--precision", "fp16"], "--quantize dynamic applies to --precision int8 only"),
+    (["--set", "check.gates.fp32.max_abs=-1"], "config key 'check.gates.fp32.max_abs'"),
+    (["--check-only", "x.onnx"], "--check-only re-checks an artefact"),
 ])
 def test_bad_options_exit_2_one_line(args: list[str], match: str, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["export", "mff_vit_small", "--random-init", "-o", str(tmp_path / "o" / "m.onnx"), *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and match in err
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(ort_supports("bf16")[0], reason="this ONNX Runtime has bf16 kernels (CUDA provider)")
@@ -291,6 +320,70 @@ def test_missing_check_images_fail_before_writing(tiny: Path, tmp_path: Path) ->
     assert not (tmp_path / "o").exists()
 
 
+def test_failed_onnx_export_leaves_no_folder(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output folder is created only when finished files move in place (fault injected into the exporter)."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_model(str(tiny), output=tmp_path / "new" / "deeper" / "x.onnx", check={"enabled": False})
+    assert not list(tmp_path.iterdir()), "output folder or temp folder left behind"
+
+
+def test_sigterm_during_export_cleans_up(tmp_path: Path) -> None:
+    """A terminated export (SIGTERM, what `kill`, systemd and schedulers send) removes its temp folder."""
+    out = tmp_path / "o" / "m.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "mffzoo", "export", "mff_vit_small", "--random-init", "--no-check",
+                             "-o", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".m.onnx.tmp-*")):  # the export has started writing
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "export never started"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err
+    assert not list(tmp_path.iterdir()), f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_gate_missed_during_export_exits_1_and_keeps_everything(tiny: Path, images: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    art = tmp_path / "g.onnx"
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(tiny), "-o", str(art), "--batch", "1:2:3", "--check-images", str(images),
+              "--set", "check.gates.fp32.max_abs=0"])
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert "FAIL: max abs" in out and err.strip().splitlines()[-1].startswith("error: parity gate missed")
+    assert "Traceback" not in err
+    report = json.loads((tmp_path / "g.onnx.parity.json").read_text())
+    side = json.loads((tmp_path / "g.onnx.json").read_text())
+    assert art.is_file() and report["passed"] is False and side["parity"]["failures"] == report["failures"]
+    assert "max abs" in report["failures"][0]
+
+
+def test_bench_and_export_share_one_pipeline(tiny: Path, tmp_path: Path) -> None:
+    """int8 is quantised from the very fp32 ONNX an fp32 build made (the bench's cache), and checked itself."""
+    model = load_model(str(tiny)).eval()
+    cache: dict = {}
+    prof = load_profile(None, model=str(tiny), batch={"min": 1, "opt": 2, "max": 4})
+    fp32 = build_artefact(model, "pooled", prof, tmp_path, onnx_cache=cache)
+    q = build_artefact(model, "pooled", load_profile(prof, precision="int8", quantize={"reduce_range": False}),
+                       tmp_path, onnx_cache=cache)
+    assert q.onnx == fp32.artefact and q.artefact != fp32.artefact and len(cache) == 1
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["model-fp32.onnx", "model-int8-dynamic.onnx"]
+    assert q.extra["quantization"]["per_channel"] is True and q.extra["quantization"]["reduce_range"] is False
+    inits = onnx.load(str(q.artefact)).graph.initializer
+    w = [numpy_helper.to_array(t) for t in inits if t.data_type == onnx.TensorProto.INT8]
+    assert w and max(int(np.abs(a.astype(np.int16)).max()) for a in w) == 127  # full 8-bit range, as asked
+    assert OrtRunner(fp32.artefact).output_name == "embedding" == OrtRunner(q.artefact).output_name
+
+
 def test_cli_export_random_init_short_form(tmp_path: Path, images: Path) -> None:
     """The documented smoke form, through the real console entry point."""
     p = _cli("export", "mff_vit_small", "--random-init", "--set", "model_args.img_size=32",
@@ -306,7 +399,12 @@ def test_real_size_vit_small(tmp_path: Path, images: Path) -> None:
     res = export_model("mff_vit_small", random_init=True, output=tmp_path / "vits.onnx",
                        batch={"min": 1, "opt": 2, "max": 5}, check={"images": str(images)})
     assert res.report.passed and res.report.batches == [1, 3, 5]
-    assert OrtRunner(res.artefact)(np.zeros((2, 3, 224, 224), np.float32)).shape == (2, 384)  # batch 2 too
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)  # batch 2 too, by value
+    with torch.no_grad():
+        want = ExportModule(load_export_model(ExportProfile(random_init=True)), "pooled")(torch.from_numpy(x))
+    got = OrtRunner(res.artefact)(x)
+    assert got.shape == (2, 384)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
     assert json.loads(res.sidecar.read_text())["model"]["img_size"] == [224, 224]
 
 

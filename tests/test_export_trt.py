@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mffzoo.errors import ExportError
 from mffzoo.export import export_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -43,3 +44,6 @@ def test_trt_runner_dynamic_batch_on_torch_tensors(tmp_path: Path) -> None:
         y = runner.run_torch(x)
         assert y.shape == (b, 64) and y.is_cuda
         assert np.isfinite(runner(x.cpu().numpy())).all()
+    assert runner.batch_range == (1, 8)
+    with pytest.raises(ExportError, match="built for batch 1..8"):  # set_input_shape returned False
+        runner.run_torch(torch.randn(9, 3, 32, 32, device="cuda"))

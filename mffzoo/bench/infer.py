@@ -3,8 +3,9 @@
 Every backend gets the same inputs (real demo images, preprocessed for the model) in the same process. Calls
 are interleaved (one call of every backend, then the next ...) so that load from other processes on a shared
 machine hits all backends alike; the spread of the per-round throughput is reported. Warm-up calls (and torch.compile's
-compilation, ONNX export, quantisation, engine builds) are excluded. Each backend's output is compared with
-eager fp32 through the export parity code and judged by the same per-precision gates.
+compilation, ONNX export, quantisation, engine builds) are excluded. Exported backends are built by the export
+pipeline itself (:func:`mffzoo.export.pipeline.build_artefact`; TensorRT tuned for ``--batch``). Each backend's
+output is compared with eager fp32 through the export parity code and judged by the same per-precision gates.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from ..errors import ConfigError
 from ..export.api import load_export_model
 from ..export.inputs import default_image_root, load_images, model_img_size
 from ..export.parity import compare, gate_failures
-from ..export.profile import ExportProfile, GateSet
+from ..export.pipeline import SigtermGuard, build_artefact
+from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
 from ..export.sidecar import tool_versions, write_json
-from ..export.wrappers import ExportModule, resolve_features
+from ..export.wrappers import TORCH_DTYPES, ExportModule, resolve_features
 
 __all__ = ["BACKENDS", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
 
@@ -170,12 +172,32 @@ def _torch_backend(module: torch.nn.Module, device: str, autocast: torch.dtype |
     return _Backend(run, lambda a: torch.from_numpy(a).to(device), device)
 
 
-def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: int,
-           calib: np.ndarray) -> _Backend:
-    from ..export.onnx import OrtRunner, export_onnx
+def _bench_profile(spec: BackendSpec, batch: int) -> ExportProfile:
+    """The export settings of an exported backend: the shipped defaults, tuned (TensorRT ``opt``) for ``batch``."""
+    return ExportProfile(
+        format="trt" if spec.kind == "tensorrt" else "onnx", precision=spec.precision,
+        batch=BatchRange(1, batch, max(batch, 64)),
+        quantize=QuantizeConfig(mode="static" if spec.name.endswith("-static") else "dynamic"))
 
-    img = model_img_size(fp32)
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: int, calib: np.ndarray,
+           batch: int, onnx_cache: dict[tuple[Any, ...], Path]) -> _Backend:
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown backend '{name}'")
+    if spec.exported:  # built exactly as `mffzoo export` builds it (one shared pipeline)
+        built = build_artefact(fp32, features, _bench_profile(spec, batch), tmp, calibration=calib,
+                               onnx_cache=onnx_cache)
+        if spec.kind == "tensorrt":
+            from ..export.trt import TrtRunner
+
+            trt_runner = TrtRunner(built.artefact)
+            return _Backend(trt_runner.run_torch, lambda a: torch.from_numpy(a).cuda(), "cuda")
+        from ..export.onnx import OrtRunner
+
+        runner = OrtRunner(built.artefact, threads=threads, providers=["CPUExecutionProvider"])
+        return _Backend(runner, lambda a: np.ascontiguousarray(a), "cpu")
+    dtype = TORCH_DTYPES[spec.precision]
     if name == "eager":
         return _torch_backend(ExportModule(fp32, features), "cpu")
     if name == "eager-bf16":
@@ -185,37 +207,10 @@ def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: 
     if name == "cuda-eager":
         return _torch_backend(ExportModule(copy.deepcopy(fp32), features), "cuda")
     if name in ("cuda-fp16", "cuda-bf16"):
-        return _torch_backend(ExportModule(fp32, features, dt[name[-4:]]), "cuda")  # ExportModule copies
+        return _torch_backend(ExportModule(fp32, features, dtype), "cuda")  # ExportModule copies
     if name == "cuda-compile-fp16":
-        return _torch_backend(torch.compile(ExportModule(fp32, features, torch.float16).cuda(), dynamic=False), "cuda")
-
-    def onnx_file(precision: str) -> Path:
-        path = tmp / f"{precision}.onnx"
-        if not path.exists():
-            export_onnx(ExportModule(fp32, features, dt.get(precision, torch.float32)), path, img_size=img,
-                        input_name="pixel_values", output_name="output", batch_min=1, batch_max=64, slim=True)
-        return path
-
-    if name.startswith("ort-"):
-        precision = name.split("-")[1]
-        path = onnx_file("fp32" if precision == "int8" else precision)
-        if precision == "int8":
-            from ..export.quantize import quantize_onnx
-
-            static = name.endswith("static")
-            path = quantize_onnx(path, tmp / f"{name}.onnx", mode="static" if static else "dynamic",
-                                 calibration=calib if static else None, per_channel=True)
-        runner = OrtRunner(path, threads=threads, providers=["CPUExecutionProvider"])
-        return _Backend(runner, lambda a: np.ascontiguousarray(a), "cpu")
-    if name.startswith("trt-"):
-        from ..export.trt import TrtRunner, build_engine
-
-        precision = name.split("-")[1]
-        engine = tmp / f"{name}.engine"
-        build_engine(onnx_file(precision), engine, input_name="pixel_values", img_size=img, batch=(1, 8, 64))
-        trt_runner = TrtRunner(engine)
-        return _Backend(trt_runner.run_torch, lambda a: torch.from_numpy(a).cuda(), "cuda")
-    raise ConfigError(f"unknown backend '{name}'")
+        return _torch_backend(torch.compile(ExportModule(fp32, features, dtype).cuda(), dynamic=False), "cuda")
+    raise ConfigError(f"backend '{name}' has no builder")
 
 
 def _time_calls(b: _Backend, x: Any, n: int) -> list[float]:
@@ -296,11 +291,14 @@ def run_infer_bench(
     built: dict[str, _Backend] = {}
     setup: dict[str, float] = {}
     inputs: dict[str, tuple[Any, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="mffzoo-bench-") as tmpdir, _strict_fp32():
+    onnx_cache: dict[tuple[Any, ...], Path] = {}
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="mffzoo-bench-", ignore_cleanup_errors=True)  # SIGTERM removes it
+    with SigtermGuard() as guard, tmp_ctx as tmpdir, _strict_fp32():
+        guard.remove_on_term(tmpdir)
         for n in names:
             t = time.perf_counter()
             _logger.info("bench: preparing %s", n)
-            b = _build(n, fp32, features, Path(tmpdir), threads, calib)
+            b = _build(n, fp32, features, Path(tmpdir), threads, calib, batch, onnx_cache)
             inputs[n] = (b.prepare(x1), b.prepare(xb))
             for x in inputs[n]:  # warm-up (and compilation), excluded
                 for _ in range(2):

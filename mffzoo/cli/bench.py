@@ -36,8 +36,8 @@ def infer(model: str, random_init: bool, batch: int, backends: str | None, list_
 
     if list_backends:
         avail = available_backends()
-        print_table([[b.name, b.device, b.precision, "yes" if b.name in avail else "no", b.description]
-                     for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
+        print_table([[b.name, b.device, b.precision, "yes" if avail[b.name] is None else f"no: {avail[b.name]}",
+                      b.description] for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
         return
     result = run_infer_bench(
         model, random_init=random_init, batch=batch,

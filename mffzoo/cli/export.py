@@ -47,12 +47,21 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
     Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
     <artefact>.parity.json. Exit code 1 if a parity gate is missed (artefact and report kept), 2 on bad input.
     """
+    from ..errors import ConfigError
     from ..export import check_artefact, export_model
     from ..export.parity import ParityFailed
-    from ..export.profile import BatchRange
+    from ..export.profile import BatchRange, load_profile
 
     try:
         if check_only is not None:
+            given = [flag for flag, v in (
+                ("MODEL", model), ("--format", fmt), ("--profile", profile), ("--weights", weights),
+                ("--random-init", random_init), ("--precision", precision), ("--batch", batch),
+                ("--img-size", img_size), ("--output", output), ("--features", features), ("--opset", opset),
+                ("--quantize", quantize), ("--no-check", no_check), ("--set", overrides)) if v not in (None, False, ())]
+            if given:
+                raise ConfigError(f"--check-only re-checks an artefact with the settings recorded in its sidecar: "
+                                  f"drop {', '.join(given)} (only --check-images combines with it)")
             report = check_artefact(check_only, images=check_images)
             _print_report(report)
             click.echo(f"parity passed: {check_only}")
@@ -62,12 +71,15 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
             check["enabled"] = False
         if check_images is not None:
             check["images"] = check_images
-        result = export_model(
-            model, profile=profile, overrides=list(overrides), format=fmt, weights=weights,
-            random_init=random_init, precision=precision, batch=BatchRange.parse(batch) if batch else None,
-            img_size=img_size, output=output, features=features, opset=opset,
-            quantize={"mode": quantize} if quantize else None, check=check or None,
+        prof = load_profile(
+            profile, list(overrides), model=model, format=fmt, weights=weights, random_init=random_init,
+            precision=precision, batch=BatchRange.parse(batch) if batch else None, img_size=img_size, output=output,
+            features=features, opset=opset, quantize={"mode": quantize} if quantize else None, check=check or None,
         )
+        if quantize and prof.precision != "int8":  # dynamic is the default mode, so the profile cannot see this
+            raise ConfigError(f"--quantize {quantize} applies to --precision int8 only (this export is "
+                              f"{prof.precision}); add --precision int8 or drop --quantize")
+        result = export_model(profile=prof)
     except ParityFailed as exc:
         _print_report(exc.report)
         raise

@@ -1,7 +1,9 @@
 """``export_model``: profile -> model -> ONNX (-> int8 | TensorRT engine) -> parity -> artefact + sidecar.
 
 Everything a user can get wrong is checked before the first file is written; files are built in a temporary
-folder next to the output and moved into place at the end, so a failed export leaves nothing half-written.
+folder (in the nearest existing folder of the output) and moved into place at the end, so a failed, interrupted
+(Ctrl-C) or terminated (SIGTERM) export leaves nothing half-written, not even an empty output folder. The build
+itself is :func:`~mffzoo.export.pipeline.build_artefact`, shared with ``mffzoo bench infer``.
 A missed parity gate still moves the artefact and writes its report (to inspect), then raises
 :class:`~mffzoo.export.parity.ParityFailed` (exit code 1).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,11 +24,12 @@ import numpy as np
 import torch
 
 from ..config import load_config, to_dict
-from ..errors import ExportError, WeightsNotFoundError
+from ..errors import ConfigError, ExportError, WeightsNotFoundError
 from ..zoo import load_model
 from .inputs import default_image_root, load_images, model_img_size, preprocessing, random_inputs
-from .onnx import OrtRunner, export_onnx, ort_supports
+from .onnx import OrtRunner, ort_supports
 from .parity import ParityFailed, ParityReport, Runner, run_parity
+from .pipeline import INPUT_NAME, Built, SigtermGuard, build_artefact
 from .profile import ExportProfile, load_profile
 from .sidecar import file_sha256, read_sidecar, report_path, sidecar_path, state_dict_sha256, tool_versions, write_json
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
@@ -70,17 +74,21 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
                               f"use a multiple of {patch} (e.g. {prof.img_size // patch * patch or patch})")
         kwargs["img_size"] = prof.img_size
     spec = _model_spec(prof)
-    if prof.random_init:
-        torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
-        model = load_model(spec, random_init=True, **kwargs)
-    else:
-        try:
+    try:
+        if prof.random_init:
+            torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
+            model = load_model(spec, random_init=True, **kwargs)
+        else:
             model = load_model(spec, pretrained=True, **kwargs)
-        except WeightsNotFoundError as exc:
-            if "--random-init" in str(exc):
-                raise
-            raise WeightsNotFoundError(f"{exc} (or add --random-init for a smoke export with random weights)") \
-                from None
+    except WeightsNotFoundError as exc:
+        if prof.random_init or "--random-init" in str(exc):
+            raise
+        raise WeightsNotFoundError(f"{exc} (or add --random-init for a smoke export with random weights)") from None
+    except TypeError as exc:  # model_args is a free dict handed to timm: an unknown key surfaces as a TypeError
+        bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        if not bad or bad.group(1) not in prof.model_args:
+            raise
+        raise ConfigError(_unknown_model_arg(bad.group(1))) from None
     if not hasattr(model, "patch_embed") or not hasattr(model, "forward_head"):
         raise ExportError(f"model '{spec}' is not a ViT backbone (no patch_embed); export supports mff/timm ViTs")
     h, w = model_img_size(model)
@@ -91,6 +99,19 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
     return model.eval().float()
 
 
+def _unknown_model_arg(key: str) -> str:
+    import difflib
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    allowed = [n for n in inspect.signature(VisionTransformer.__init__).parameters if n != "self"]
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return (f"config key 'model_args.{key}': not an argument of the timm model{hint}; remove it or use one of "
+            f"timm's VisionTransformer arguments, e.g. {', '.join(allowed[:8])}")
+
+
 def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) -> Path:
     arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or prof.model.split(".")[0]
     tag = (getattr(model, "pretrained_cfg", {}) or {}).get("tag") if not prof.random_init else "random"
@@ -98,11 +119,34 @@ def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) 
     return Path("exports") / (stem + (".engine" if prof.format == "trt" else ".onnx"))
 
 
-def _references(model: torch.nn.Module, features: str, precision: str) -> dict[str, torch.nn.Module]:
+def _references(model: torch.nn.Module, features: str, prof: ExportProfile) -> dict[str, torch.nn.Module]:
+    """fp32 PyTorch (gated) and, for low precision, PyTorch in that precision (reported: the precision's own error)."""
     refs = {"torch fp32": ExportModule(model, features, torch.float32)}
-    if precision in ("fp16", "bf16"):
-        refs[f"torch {precision}"] = ExportModule(model, features, TORCH_DTYPES[precision])
+    if prof.precision in ("fp16", "bf16"):
+        refs[f"torch {prof.precision}"] = ExportModule(model, features, TORCH_DTYPES[prof.precision])
+    elif prof.precision == "int8":
+        q = _torch_int8(model, prof.quantize.per_channel)
+        if q is not None:
+            refs["torch int8"] = ExportModule(q, features)
     return refs
+
+
+def _torch_int8(model: torch.nn.Module, per_channel: bool) -> torch.nn.Module | None:
+    """PyTorch's own dynamic int8 (qint8 weights of every Linear, activations quantised per batch): int8's peer.
+
+    Informational only; ``None`` (row left out, logged) where this torch has no eager dynamic quantisation.
+    """
+    import warnings
+
+    try:
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as exc:
+        _logger.info("no 'torch int8' parity row: torch.ao.quantization is unavailable (%s)", exc)
+        return None
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
+        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)  # a copy: model stays fp32
 
 
 def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -129,7 +173,7 @@ def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, feature
     _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)", backend, prof.precision,
                  info["batches"])
     return run_parity(
-        runner, _references(model, features, prof.precision), pools, batches=info["batches"],
+        runner, _references(model, features, prof), pools, batches=info["batches"],
         gates=prof.check.gates.for_precision(prof.precision), classifier=features == "logits",
         backend=backend, precision=prof.precision, inputs_info=info,
     )
@@ -163,74 +207,84 @@ def export_model(
     _validate_machine(prof)
     fp32 = load_export_model(prof)
     features = resolve_features(prof.features, fp32)
-    out_name, meaning = OUTPUT_NAMES[features]
-    in_name = "pixel_values"
-    dtype = TORCH_DTYPES[prof.precision]
-    module = ExportModule(fp32, features, dtype)  # raises for logits on a backbone
-    img = model_img_size(fp32)
+    ExportModule(fp32, features)  # raises for logits on a backbone
     out = Path(prof.output or _default_output(prof, fp32, features)).expanduser()
     if prof.format == "onnx" and out.suffix != ".onnx":
         raise ExportError(f"--output '{out}' must end in .onnx for --format onnx")
     if prof.format == "trt" and out.suffix == ".onnx":
         raise ExportError(f"--output '{out}' is the engine path for --format trt: use .engine (the ONNX it is "
                           "built from is written next to it)")
+    if out.is_dir():
+        raise ExportError(f"--output '{out}' is a folder; pass a file path (e.g. {out / 'model.onnx'})")
+    base = _existing_folder(out)
     pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ({}, {})
     calib = None
     if prof.precision == "int8" and prof.quantize.mode == "static":
         root = prof.quantize.calibration_images or prof.check.images or default_image_root()
         calib = load_images(root, prof.quantize.num_calibration, fp32)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
-        onnx_tmp = tmp / "model.onnx"
-        _logger.info("exporting %s (%s, %s) to ONNX opset %d, batch %d..%d", prof.model, features, prof.precision,
-                     prof.opset, prof.batch.min, prof.batch.max)
-        export_onnx(module, onnx_tmp, img_size=img, input_name=in_name, output_name=out_name,
-                    batch_min=prof.batch.min, batch_max=prof.batch.max, opset=prof.opset, slim=prof.slim)
-        artefact_tmp: Path = onnx_tmp
-        extra: dict[str, Any] = {}
-        if prof.precision == "int8":
-            _logger.info("quantising to int8 (%s)", prof.quantize.mode)
-            from .quantize import quantize_onnx
+    # Everything is written into a temp folder in the nearest existing folder (same file system: renames are
+    # atomic); the output folder is created only when the finished files move in place, so a failed, interrupted
+    # or terminated export leaves nothing behind.
+    with SigtermGuard() as guard:
+        with guard.hold():  # no window between creating the folder and registering it for removal
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=base))
+            except OSError as exc:
+                raise ExportError(f"cannot write in '{base}' ({exc.strerror}); choose another --output") from None
+            guard.remove_on_term(tmp)
+        try:
+            t0 = time.perf_counter()
+            built = build_artefact(fp32, features, prof, tmp, calibration=calib)
+            export_s = time.perf_counter() - t0
+            report = _parity(_runner(prof.format, built.artefact), fp32, prof, features, pools, info) \
+                if prof.check.enabled else None
+            moves = [(built.artefact, out)]
+            if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
+                moves.append((built.onnx, out.with_suffix(".onnx")))
+            side = _sidecar(prof, fp32, features, out, built, report, export_s)
+            moves.append((write_json(tmp / "sidecar.json", side), sidecar_path(out)))
+            if report is not None:
+                moves.append((write_json(tmp / "parity.json", report.to_dict()), report_path(out)))
+            with guard.hold():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                for src, dst in moves:
+                    os.replace(src, dst)
+                if report is None:
+                    report_path(out).unlink(missing_ok=True)  # a stale report of an earlier export would mislead
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = [dst for _, dst in moves]
+    _logger.debug("wrote %s", ", ".join(map(str, files)))
+    result = ExportResult(out, sidecar_path(out), report, files)
+    if report is not None and not report.passed:
+        raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept, report in "
+                           f"{report_path(out)} (do not serve it; see docs/export.md#gates)", report)
+    return result
 
-            artefact_tmp = quantize_onnx(onnx_tmp, tmp / "model.int8.onnx", mode=prof.quantize.mode,
-                                         calibration=calib, input_name=in_name, per_channel=prof.quantize.per_channel)
-            extra["quantization"] = {"mode": prof.quantize.mode, "per_channel": prof.quantize.per_channel,
-                                     "weights": "int8", "activations": "uint8",
-                                     "calibration_images": None if calib is None else len(calib)}
-        if prof.format == "trt":
-            from .trt import build_engine
 
-            _logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d)", prof.batch.min,
-                         prof.batch.opt, prof.batch.max)
-            artefact_tmp = tmp / "model.engine"
-            extra["tensorrt"] = build_engine(
-                onnx_tmp, artefact_tmp, input_name=in_name, img_size=img,
-                batch=(prof.batch.min, prof.batch.opt, prof.batch.max), workspace_gb=prof.trt.workspace_gb,
-                timing_cache=prof.trt.timing_cache, tf32=prof.trt.tf32,
-                optimization_level=prof.trt.optimization_level)
-        export_s = time.perf_counter() - t0
-        report = _parity(_runner(prof.format, artefact_tmp), fp32, prof, features, pools, info) \
-            if prof.check.enabled else None
+def _existing_folder(out: Path) -> Path:
+    """The nearest existing folder above ``out`` (where the temp folder goes); a file in the way is bad input."""
+    p = out.absolute().parent
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ExportError(f"--output '{out}': '{p}' is a file, not a folder; choose another --output")
+    return p
 
-        files = []
-        if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
-            os.replace(onnx_tmp, out.with_suffix(".onnx"))
-            files.append(out.with_suffix(".onnx"))
-        os.replace(artefact_tmp, out)
-        files.insert(0, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
+def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, built: Built,
+             report: ParityReport | None, export_s: float) -> dict[str, Any]:
+    """What a serving process needs (input, preprocessing, output) and where the artefact came from."""
+    img = model_img_size(fp32)
+    out_name, meaning = OUTPUT_NAMES[features]
     with torch.no_grad():
         out_shape = list(ExportModule(fp32, features)(torch.zeros(1, 3, *img)).shape[1:])
     cfg = getattr(fp32, "pretrained_cfg", {}) or {}
-    side = {
+    return {
         "format": prof.format,
         "artefact": out.name,
-        "artefact_sha256": file_sha256(out),
+        "artefact_sha256": file_sha256(built.artefact),
         "onnx": out.with_suffix(".onnx").name if prof.format == "trt" else out.name,
         "model": {
             "spec": _model_spec(prof), "architecture": cfg.get("architecture"),
@@ -241,7 +295,7 @@ def export_model(
         },
         "weights": {"sha256": state_dict_sha256(fp32), "hashed": "state dict (names, dtypes, shapes, bytes)",
                     "file": None if prof.random_init else cfg.get("file")},
-        "input": {"name": in_name, "dtype": "float32", "layout": "NCHW",
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
                   "shape": ["batch", 3, *img], "batch": to_dict(prof.batch)},
         "output": {"name": out_name, "dtype": "float32", "shape": ["batch", *out_shape], "features": features,
                    "meaning": meaning},
@@ -250,22 +304,13 @@ def export_model(
         "compute_dtype": {"int8": "int8 weights / uint8 activations (MatMul), fp32 elsewhere"}.get(
             prof.precision, prof.precision),
         "opset": prof.opset,
-        **extra,
+        **built.extra,
         "tools": tool_versions(),
         "export_seconds": round(export_s, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "profile": to_dict(prof),
         "parity": report.to_dict() if report else {"skipped": "--no-check: parity was not verified"},
     }
-    files.append(write_json(sidecar_path(out), side))
-    if report is not None:
-        files.append(write_json(report_path(out), report.to_dict()))
-    _logger.debug("wrote %s (+ %s)", out, sidecar_path(out).name)
-    result = ExportResult(out, sidecar_path(out), report, files)
-    if report is not None and not report.passed:
-        raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept, report in "
-                           f"{report_path(out)} (do not serve it; see docs/export.md#gates)", report)
-    return result
 
 
 def check_artefact(

@@ -68,13 +68,14 @@ class Gates:
     cosine: float | None = None  # lower bound on the worst sample's cosine similarity
     top1: float | None = None  # lower bound on top-1 agreement (classifiers only)
 
-    def validate(self) -> None:
+    def check_range(self, prefix: str) -> None:
+        """Range checks, named by the full key (``check.gates.fp32.max_abs``): only the profile knows the path."""
         for k in ("max_abs", "mean_abs"):
             v = getattr(self, k)
-            require(v is None or v >= 0, k, f"must be >= 0 or null, got {v}")
+            require(v is None or v >= 0, f"{prefix}.{k}", f"must be >= 0 or null, got {v}")
         for k in ("cosine", "top1"):
             v = getattr(self, k)
-            require(v is None or -1.0 <= v <= 1.0, k, f"must be in [-1, 1] or null, got {v}")
+            require(v is None or -1.0 <= v <= 1.0, f"{prefix}.{k}", f"must be in [-1, 1] or null, got {v}")
 
 
 @dataclass
@@ -108,7 +109,8 @@ class QuantizeConfig:
     mode: Literal["dynamic", "static"] = "dynamic"
     calibration_images: Path | None = None  # static only; default: the parity image folder
     num_calibration: int = 64
-    per_channel: bool = False
+    per_channel: bool = True  # per-output-channel weight scales: what export/onnx-int8-cpu.yaml and the bench measure
+    reduce_range: bool | None = None  # 7-bit weights; null: auto, on unless the CPU has VNNI (see quantize.py)
 
     def validate(self) -> None:
         require(self.num_calibration >= 1, "quantize.num_calibration", f"must be >= 1, got {self.num_calibration}")
@@ -158,6 +160,11 @@ class ExportProfile:
                 "int8 is for ONNX Runtime CPU serving (--format onnx); TensorRT int8 needs calibration this "
                 "tool does not do: use --precision fp16 or bf16 with --format trt")
         require(self.img_size is None or self.img_size > 0, "img_size", f"must be > 0, got {self.img_size}")
+        require(self.quantize.mode == "dynamic" or self.precision == "int8", "quantize.mode",
+                f"'{self.quantize.mode}' quantisation applies to precision int8 only (this profile is "
+                f"{self.precision}); add --precision int8 or drop --quantize {self.quantize.mode}")
+        for p in PRECISIONS:
+            self.check.gates.for_precision(p).check_range(f"check.gates.{p}")
 
 
 def find_profile(name: str | os.PathLike[str]) -> Path:

@@ -112,8 +112,11 @@ def build_engine(
     Path(engine_path).write_bytes(bytes(serialized))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(tmp, cache_path)  # reused by the next build: engine builds drop from minutes to seconds
+    try:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        os.replace(tmp, cache_path)  # reused by the next build: engine builds drop from minutes to seconds
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"tensorrt": trt.__version__, **gpu_info(), "timing_cache": str(cache_path),
             "workspace_gb": workspace_gb, "tf32": tf32, "optimization_level": optimization_level,
             "profile": {"min": lo, "opt": opt, "max": hi}}
@@ -142,12 +145,17 @@ class TrtRunner:
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.out_dtype = _TORCH_DTYPE[self.engine.get_tensor_dtype(self.output_name).name]
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)  # min, opt, max shapes of profile 0
+        self.batch_range = (int(lo[0]), int(hi[0]))
         self.stream = torch.cuda.Stream()  # execute_async_v3 must not run on the legacy default stream
 
     def run_torch(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(device="cuda", dtype=torch.float32).contiguous()
         ctx = self.context
-        ctx.set_input_shape(self.input_name, tuple(x.shape))
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):  # False: outside the optimisation profile
+            lo, hi = self.batch_range
+            raise ExportError(f"TensorRT engine rejects input shape {tuple(x.shape)}: it was built for batch {lo}..{hi}"
+                              f" at its export size; rebuild it with --batch covering {x.shape[0]} (or feed that size)")
         out = torch.empty(tuple(ctx.get_tensor_shape(self.output_name)), dtype=self.out_dtype, device="cuda")
         ctx.set_tensor_address(self.input_name, x.data_ptr())
         ctx.set_tensor_address(self.output_name, out.data_ptr())
