@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks that the CPU-only development machine and CI cannot run: the TensorRT builder/runner tests, a real
-# TensorRT export of ViT-S with its parity check, and `mffzoo bench infer` on the GPU (eager vs fp16/bf16 vs
-# compiled vs TensorRT). Results go to $OUT (default: gpu-check/). Exits 0 with a "skip:" line without a GPU.
+# TensorRT export of ViT-S with its parity check, `mffzoo bench infer` on the GPU (eager vs fp16/bf16 vs
+# compiled vs TensorRT) and `mffzoo bench train` on the GPU (vs the HF peer, with TFLOP/s and MFU). Results go to $OUT (default: gpu-check/). Exits 0 with a "skip:" line without a GPU.
 #
 #   bash bench/gpu_check.sh            # on a CUDA machine with: pip install -e '.[gpu]' pytest
 # ([gpu] brings onnxruntime-gpu, which conflicts with the CPU onnxruntime of [onnx]/[test]: do not add those.)
@@ -29,4 +29,6 @@ for m in mff_vit_small mff_vit_base; do
   "$PY" -m mffzoo bench infer "$m" --random-init --batch 64 --backends "$backends" --json "$OUT/bench-$m.json" 2>&1 \
     | tee "$OUT/bench-$m.txt" || rc=1
 done
+"$PY" -m mffzoo bench train --device cuda --models s,b --json "$OUT/bench-train.json" 2>&1 \
+  | tee "$OUT/bench-train.txt" || rc=1
 exit $rc

@@ -55,7 +55,8 @@ def infer(model: str, random_init: bool, batch: int, backends: str | None, list_
 @bench.command("train")
 @click.option("--models", default="s,b", show_default=True, help="Comma-separated sizes: s, b, l.")
 @click.option("--impls", default="hf,mffzoo,mffzoo-mae", show_default=True,
-              help="Comma-separated: hf (the peer, its defaults), mffzoo (MFF), mffzoo-mae, hf-bf16.")
+              help="Comma-separated: hf (the peer, its defaults), mffzoo (MFF), mffzoo-mae, "
+                   "mffzoo-sdpa (train.attention=sdpa), hf-bf16.")
 @click.option("--peer-bf16", is_flag=True, help="Also time the peer under bf16 autocast (labelled; not its default).")
 @click.option("--batch-size", type=int, default=None, help="Per step, same for every implementation "
               "(default per size: s 16, b 8, l 4).")
