@@ -33,9 +33,8 @@ def main() -> None:
         if p.requires_grad:
             p.grad = torch.randn_like(p)
     oc = OptimConfig()
-    device = torch.device("cpu")
     opts = {
-        "engine (fused)": build_optimizer(model, oc, 4096, device),
+        "engine (fused)": build_optimizer(model, oc, 4096),
         "timm default (for-each)": create_optimizer_v2(model, opt=oc.opt, lr=oc.resolved_lr(4096),
                                                        weight_decay=oc.weight_decay, betas=tuple(oc.betas)),
     }

@@ -94,6 +94,7 @@ def test_finetuned_classifier_file_through_timm_overlay_keeps_its_head(tmp_path,
     model = timm.create_model("mff_vit_small", pretrained=True, pretrained_cfg_overlay=overlay, num_heads=4).eval()
     assert model.num_classes == 10 and model.global_pool == "avg"
     assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept around
+    assert model.pretrained_cfg["file"] == str(tmp_path / "ft.pth")  # provenance (export sidecars record it)
     with torch.no_grad():
         expected = functional_vit(ckpt["state_dict"], imgs, MM_NAMES, num_heads=4, pool="avg")
         torch.testing.assert_close(model(imgs), expected, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mffzoo.cli.main import main
 from mffzoo.data import write_demo_dataset
-from mffzoo.errors import DataError
+from mffzoo.errors import CheckpointError, DataError
 from mffzoo.train import PretrainTask, TrainingDiverged, train
 from mffzoo.train.checkpoint import CheckpointManager
 from mffzoo.train.data import GlobalBatchSampler
@@ -137,7 +137,7 @@ def test_optimizer_is_fused_adamw_with_no_decay_groups() -> None:
 
     model = create_pretrain_model("mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                                   fusion_layers=[0, 1], decoder_dim=32, decoder_depth=1, decoder_heads=4)
-    opt = build_optimizer(model, OptimConfig(), 4096, torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), 4096)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     assert opt.defaults["lr"] == pytest.approx(1.5e-4 * 4096 / 256) and opt.defaults["betas"] == (0.9, 0.95)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -150,7 +150,7 @@ def test_optimizer_is_fused_adamw_with_no_decay_groups() -> None:
     assert {"encoder.blocks.0.attn.qkv.weight", "fusion.proj.0.weight", "fusion.weights",
             "decoder_pred.weight"} <= decay[0.05]
     assert not any("pos_embed" in n for group in decay.values() for n in group)  # fixed sin-cos, not trained
-    sgd = build_optimizer(model, OptimConfig(opt="sgd"), 256, torch.device("cpu"))
+    sgd = build_optimizer(model, OptimConfig(opt="sgd"), 256)
     assert "fused" not in sgd.defaults or not sgd.defaults["fused"]
 
 
@@ -294,6 +294,23 @@ def test_corrupt_newest_checkpoint_falls_back_and_resume_is_exact(
     assert res.completed and res.global_step == 12
     # trained steps 11-12 again from checkpoint 10: bit-identical to the uninterrupted run
     assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
+
+
+def test_checkpoint_of_an_older_layout_is_refused_in_one_line(finished: Any, data_root: Path, tmp_path: Path) -> None:
+    """A checkpoint from before the fusion logits became (K, 1, 1, 1): a clear refusal, the run dir untouched."""
+    from mffzoo.zoo import atomic_torch_save
+
+    run = tmp_path / "old"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = load_checkpoint_file(CheckpointManager(finished.run_dir / "checkpoints").list()[1])  # step 10
+    ckpt["model"]["fusion.weights"] = ckpt["model"]["fusion.weights"].reshape(-1)
+    path = run / "checkpoints" / "checkpoint-00000010.pth"
+    atomic_torch_save(ckpt, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(fusion.weights \(3,\) there, "
+                                              r"\(3, 1, 1, 1\) now\)"):
+        train(tiny_recipe(data_root, publish={"tag": None}), output_dir=run)
+    assert path.read_bytes() == before and len(list((run / "checkpoints").iterdir())) == 1
 
 
 def test_sampler_resumes_mid_epoch_and_splits_global_batches() -> None:

@@ -68,12 +68,13 @@ def _scorer(train: Any, num_classes: int, y: torch.Tensor, head: str, pool: str,
     from ..eval.knn import knn_accuracy
     from ..eval.linear import LinearProbeConfig, evaluate_head, tensor_batches, train_linear_head
 
+    bank, bank_y = train[pool].to(device), train.labels.to(device)  # once, not per scored filter setting
     if head == "knn":
-        return lambda x: knn_accuracy(train[pool], train.labels, x, y, num_classes, device=device)["top1"]
+        return lambda x: knn_accuracy(bank, bank_y, x, y, num_classes, device=device)["top1"]
     cfg = LinearProbeConfig(epochs=linear_epochs, optimizer="sgd", warmup_epochs=min(10, linear_epochs // 10),
                             pool=pool, seed=seed)
     bs = min(cfg.batch_size, len(train))
-    probe, _ = train_linear_head(train[pool].shape[1], num_classes, tensor_batches(train[pool], train.labels, bs, seed),
+    probe, _ = train_linear_head(bank.shape[1], num_classes, tensor_batches(bank, bank_y, bs, seed),
                                  max(1, len(train) // bs), cfg, device=device)
     return lambda x: evaluate_head(probe, x, y)["top1"]
 

@@ -192,7 +192,7 @@ def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         dev = torch.device(device)
         amp_dtype, use_scaler = resolve_precision(recipe.train.precision, dev)
         attention = "timm " + configure_attention(model, recipe.train.attention, dev, amp_dtype)
-        opt = build_optimizer(model, recipe.optim, batch, dev)
+        opt = build_optimizer(model, recipe.optim, batch)
         opt_name = f"timm {recipe.optim.opt}" + (" fused" if opt.defaults.get("fused") else "")
     else:  # the peer in fp32 unless its (labelled) bf16 row is asked for
         bf16 = impl == "hf-bf16" and (device == "cpu" or torch.cuda.is_bf16_supported())

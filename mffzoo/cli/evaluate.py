@@ -58,6 +58,11 @@ def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zo
         click.echo(f"zoo entry updated: {folder / 'mffzoo.json'}")
 
 
+# auto, cpu, cuda or cuda:N; checked (one line on error) by mffzoo.eval.features.resolve_device
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="Where the encoder runs: auto (a CUDA GPU when one is visible), cpu, cuda, cuda:N.")
+
+
 def _frozen_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by the frozen-feature evaluations."""
     opts = [
@@ -69,8 +74,7 @@ def _frozen_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch-size", type=int, default=128, show_default=True, help="Images per encoder forward."),
         click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
         click.option("--bf16", is_flag=True, help="bf16 autocast for the encoder (fast on AMX CPUs / GPUs)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where the encoder runs (auto: a CUDA GPU when one is visible)."),
+        DEVICE_OPTION,
         click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
         click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
                      help=f"JSON result file (default: {DEFAULT_OUT}/<task>-<model>.json)."),
@@ -212,8 +216,7 @@ def _analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--img-size", type=int, default=None, help="Input size (default: each model's own)."),
         click.option("--random-init", is_flag=True, help="Use the architectures without weights (smoke tests)."),
         click.option("--num-images", type=int, default=None, help="Validation images to use (default: see each)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where the encoder runs (auto: a CUDA GPU when one is visible)."),
+        DEVICE_OPTION,
         click.option("--out-dir", type=click.Path(path_type=Path), default=None,
                      help="Where the PNG and JSON go (default: runs/analysis)."),
     ]

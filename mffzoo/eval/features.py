@@ -26,12 +26,11 @@ from .data import make_loader
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["FeatureSet", "POOLS", "DEVICES", "resolve_device", "load_eval_model", "pool_tokens",
+__all__ = ["FeatureSet", "POOLS", "resolve_device", "load_eval_model", "pool_tokens",
            "extract_features", "compute_features", "model_fingerprint", "dataset_fingerprint", "feature_cache_dir",
            "features_info", "frozen_features"]
 
 POOLS = ("cls", "avg")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -287,7 +287,9 @@ class FinetuneTask(Task):
         if not mapping:
             return None
         mapping = {str(k): int(v) for k, v in mapping.items()}
-        if self.classes and mapping != {c: i for i, c in enumerate(self.classes)}:
+        from .data import class_to_idx
+
+        if self.classes and mapping != class_to_idx(self.classes):
             only_reader = sorted(set(mapping) - set(self.classes))[:5]
             only_dirs = sorted(set(self.classes) - set(mapping))[:5]
             raise DataError(f"the training reader's classes differ from the class folders of '{self.root}' (only in "
@@ -314,7 +316,7 @@ class FinetuneTask(Task):
 
     def _class_names(self, ctx: RunContext) -> list[str]:
         """Name of each output index, from the training reader's map (the folder scan when it has none)."""
-        mapping = getattr(getattr(ctx.dataset, "reader", None), "class_to_idx", None)
+        mapping = self.train_class_map(ctx.dataset)
         if mapping:
             return [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         return list(self.classes)
@@ -441,16 +443,12 @@ class FinetuneTask(Task):
 
     def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
         history = read_eval_log(ctx.run_dir) if ctx.env.is_main else []  # includes epochs before a resume
-        fresh: dict[str, float] | None = None
-        if ctx.env.distributed:  # rank 0 alone knows whether an evaluation is missing; all ranks must run it
-            from ..train.distributed import all_reduce
+        from ..train.distributed import all_reduce  # a no-op in a single process
 
-            dev = next(ctx.model.parameters()).device
-            need = all_reduce(torch.tensor([0.0 if history or not ctx.env.is_main else 1.0], device=dev))
-            if float(need[0]) > 0:
-                fresh = self.evaluate(ctx)
-        elif not history:
-            fresh = self.evaluate(ctx)
+        # rank 0 alone knows whether an evaluation is missing; every rank must run it (FSDP)
+        dev = next(ctx.model.parameters()).device
+        need = all_reduce(torch.tensor([0.0 if history or not ctx.env.is_main else 1.0], device=dev))
+        fresh = self.evaluate(ctx) if float(need[0]) > 0 else None
         if not ctx.env.is_main:
             return {}
         final = history[-1] if history else {"epoch": ctx.epoch, **(fresh or {})}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import require
+from ..errors import ConfigError
 from .knn import topk_accuracy
 
 __all__ = ["LinearProbeConfig", "LinearHead", "build_head_optimizer", "train_linear_head", "linear_probe",
@@ -149,21 +150,21 @@ def _train_linear_head(
     step = 0
     for epoch in range(cfg.epochs):
         head.train()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0  # summed on the device: one host sync per epoch
         for x, y in epoch_batches(epoch):
             sched.step_update(step)
             x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
             loss = loss_fn(head(x), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"linear probe loss is {loss.item()} at epoch {epoch}; lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
             step += 1
-        rec: dict[str, Any] = {"epoch": epoch + 1, "loss": round(total / max(count, 1), 6),
-                               "lr": opt.param_groups[0]["lr"]}
+        mean_loss = float(total) / max(count, 1)
+        if not math.isfinite(mean_loss):
+            raise ConfigError(f"linear probe loss became {mean_loss} in epoch {epoch + 1}; lower --blr (or --lr)")
+        rec: dict[str, Any] = {"epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": opt.param_groups[0]["lr"]}
         if evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             head.eval()
             rec.update(evaluate(head))
@@ -200,7 +201,7 @@ def linear_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cf
     if not cfg.augment:
         train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                     workers=workers, bf16=bf16, cache=cache)
-        x_tr, y_tr = train[cfg.pool], train.labels
+        x_tr, y_tr = train[cfg.pool].to(dev), train.labels.to(dev)  # on the device once, not per step
         batches = tensor_batches(x_tr, y_tr, min(cfg.batch_size, len(y_tr)), cfg.seed)
         steps = max(1, len(y_tr) // min(cfg.batch_size, len(y_tr)))
     else:
@@ -221,7 +222,7 @@ def linear_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cf
                     c, a = pool_tokens(net, net.forward_features(imgs.to(dev, non_blocking=True)))
                 yield (c if cfg.pool == "cls" else a).float(), y
 
-    x_val, y_val = val[cfg.pool], val.labels
+    x_val, y_val = val[cfg.pool].to(dev), val.labels
     head, history = train_linear_head(x_val.shape[1], len(classes), batches, steps, cfg,
                                       evaluate=lambda h: evaluate_head(h, x_val, y_val), log=log, device=dev)
     final = evaluate_head(head, x_val, y_val)

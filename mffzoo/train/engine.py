@@ -140,9 +140,13 @@ class TrainResult:
 
 # --------------------------------------------------------------------------------------------- helpers
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it."""
+    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. On CUDA with
+    autocast it also allows TF32 matmuls, as every caller (engine, training benchmark) wants."""
     if name == "fp32":
         return None, False
+    if device.type == "cuda":  # mixed precision on a GPU: the ops left in fp32 may use TF32 too
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if name == "fp16":
         return torch.float16, True
     if device.type == "cuda":
@@ -179,8 +183,7 @@ def cpu_has_amx() -> bool:
     return bool(probe is not None and probe())
 
 
-def build_optimizer(model: nn.Module, oc: Any, batch_size: int, device: torch.device,
-                    **extra: Any) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, oc: Any, batch_size: int, **extra: Any) -> torch.optim.Optimizer:
     """timm's optimizer factory with the recipe's hyper-parameters: no weight decay for 1-D params (norms,
     biases) and ``model.no_weight_decay()``; AdamW/Adam use torch's fused kernel, which exists for CUDA and CPU
     (3x faster optimizer step than the for-each path on the dev CPU)."""
@@ -247,6 +250,19 @@ class _StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _check_shapes(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """One line instead of torch's size-mismatch report, e.g. for a checkpoint of an older mffzoo whose
+    parameter layout changed (fusion logits (K,) -> (K, 1, 1, 1)): its optimizer moments would not fit either."""
+    now = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} there, {tuple(now[k].shape)} now" for k, v in saved.items()
+           if k in now and tuple(v.shape) != tuple(now[k].shape)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit this model ({'; '.join(bad[:2])}): it was written by another model "
+            "or an older mffzoo; use another --output (convert it with `mffzoo convert` to keep its weights)"
+        )
 
 
 def _check_resumable(saved: dict[str, Any], recipe: EngineRecipe, path: Path) -> None:
@@ -319,9 +335,6 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     if device.type == "cpu" and tc.cpu_threads:
         torch.set_num_threads(tc.cpu_threads)
     amp_dtype, use_scaler = resolve_precision(tc.precision, device)
-    if amp_dtype is not None and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
     model = task.build_model().to(device)
     torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
@@ -350,7 +363,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     lr = oc.resolved_lr(tc.batch_size)
     from timm.scheduler import CosineLRScheduler
 
-    optimizer = build_optimizer(core, oc, tc.batch_size, device, **task.optimizer_kwargs(core))
+    optimizer = build_optimizer(core, oc, tc.batch_size, **task.optimizer_kwargs(core))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=oc.min_lr,
                                   warmup_t=warmup_steps, warmup_lr_init=lr * oc.warmup_start_factor,
                                   warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
@@ -375,6 +388,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             raise CheckpointError(f"checkpoint '{resumed_from}' was written with {state['steps_per_epoch']} steps per "
                                   f"epoch, now {steps_per_epoch} (the dataset changed); use another --output")
+        _check_shapes(state["model"], core, resumed_from)
         set_model_state_dict(core, state["model"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(core, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])

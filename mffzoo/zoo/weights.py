@@ -77,8 +77,8 @@ def _file_source(overlay: dict[str, Any], path: str | os.PathLike[str]) -> tuple
     path = Path(path).expanduser()
     conv = convert_state_dict(load_checkpoint_file(path))
     args = {**conv.arch_kwargs(), **_saved_model_args(path)}
-    overlay = {k: v for k, v in overlay.items() if k != "file"}
-    overlay.update(state_dict=conv.backbone, num_classes=args["num_classes"])
+    # timm loads ``state_dict`` first; ``file`` stays as the record of where the weights came from
+    overlay.update(file=str(path), state_dict=conv.backbone, num_classes=args["num_classes"])
     return overlay, args
 
 
