@@ -127,7 +127,7 @@ class RunContext:
 class TrainResult:
     run_dir: Path
     completed: bool
-    stop_reason: str  # "finished" or "sigterm"
+    stop_reason: str  # "finished", or the signal that stopped it: "sigterm", "sigint"
     epoch: int
     global_step: int
     total_steps: int
@@ -246,6 +246,11 @@ class _StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         self.signame = signal.Signals(signum).name
+
+    @property
+    def reason(self) -> str:
+        """The stop reason a run reports: the signal that arrived (``sigterm``, ``sigint``), lower case."""
+        return (self.signame or "SIGTERM").lower()  # another rank's signal stopped this one: torchrun sends TERM
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -565,7 +570,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                     if global_step % recipe.log.every_steps == 0 or ckpt_due or local_stop:
                         _, stop = flush(stopper.requested)
                         if stop:
-                            stop_reason = "sigterm"
+                            stop_reason = stopper.reason
                             _logger.info("%s received: saving a checkpoint at step %d", stopper.signame or "stop",
                                          global_step)
                             save_checkpoint()
@@ -595,7 +600,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                 task.on_epoch_end(_ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps,
                                        steps_per_epoch, last_loss, t_start, bad_total, None))
                 if stop:
-                    stop_reason = "sigterm"
+                    stop_reason = stopper.reason
                     _logger.info("%s received: checkpoint saved at the end of epoch %d", stopper.signame or "stop",
                                  epoch)
     finally:

@@ -1,0 +1,73 @@
+"""What a training run tells its user: the signal that stopped it, distinct unreadable files with their whole error,
+a warm-up that covers the whole schedule, third-party noise kept out of the terminal, one recipe error per torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mffzoo.cli.main import main
+from mffzoo.data import write_demo_dataset
+from mffzoo.train import PretrainTask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "model": dict(arch="mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                      fusion_layers=[0, 1], decoder_dim=32, decoder_depth=1, decoder_heads=4),
+        "data": dict(root=str(root), num_workers=0),
+        "train": dict(epochs=2, batch_size=8, batch_per_device=8, precision="fp32", cpu_threads=1),
+        "optim": dict(lr=1e-3, warmup_epochs=0),
+        "checkpoint": dict(every_steps=100),
+        "log": dict(every_steps=1, vis_every_epochs=0, vis_images=0, progress="epoch", tensorboard=False),
+        "publish": dict(tag=None),
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
+
+
+def write(recipe: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=6,
+                              val_per_class=2, image_size=32)
+
+
+def test_sigint_is_named_as_sigint(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A real SIGINT, sent by the run to itself at its second step, is reported as SIGINT everywhere."""
+    real_step = PretrainTask.step
+    calls = []
+
+    def step_then_interrupt(self: PretrainTask, model: Any, batch: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, model, batch)
+
+    monkeypatch.setattr(PretrainTask, "step", step_then_interrupt)
+    monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
+    recipe = write(tiny(data_root, train={"epochs": 20}), tmp_path / "tiny.yaml")
+    main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert "SIGINT received: saving a checkpoint at step 2" in err, err
+    assert "stopped by SIGINT at step 2" in out and "SIGTERM" not in out + err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"] == "sigint"
