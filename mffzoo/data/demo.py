@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..progress import Progress
+
 __all__ = ["DEMO_CLASSES", "DEMO_DATASET_VERSION", "default_demo_root", "write_demo_dataset"]
 
 DEMO_DATASET_NAME = "mffzoo-demo-shapes"
@@ -368,7 +370,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _generate(tmp: Path, chosen: tuple[tuple[str, int, int], ...], meta: dict) -> None:
+def _generate(tmp: Path, chosen: tuple[tuple[str, int, int], ...], meta: dict, root: Path) -> None:
     size, seed = meta["image_size"], meta["seed"]
     jobs = []
     for split_id, split in enumerate(_SPLITS):
@@ -380,16 +382,20 @@ def _generate(tmp: Path, chosen: tuple[tuple[str, int, int], ...], meta: dict) -
                 indices = range(start, min(start + _BATCH, count))
                 jobs.append((out_dir, indices, [[seed, split_id, class_id, i] for i in indices], shape_id, app_id))
 
-    def run(job: tuple) -> None:
+    def run(job: tuple) -> int:
         out_dir, indices, seeds, shape_id, app_id = job
         for i, pixels in zip(indices, _render_batch(seeds, shape_id, app_id, size), strict=True):
             Image.fromarray(pixels).save(out_dir / f"{i:05d}.png", format="PNG", compress_level=6)
+        return len(indices)
 
+    total = sum(len(job[1]) for job in jobs)
     # Threads suffice: large numpy ops and PNG compression both release the GIL.
     pool = ThreadPoolExecutor(max_workers=min(4, _cpu_count()))
     try:
-        for _ in pool.map(run, jobs):
-            pass
+        with Progress(total=total, desc=f"writing the demo dataset ({total} images, {size} px) to {root}",
+                      unit="img") as progress:
+            for n in pool.map(run, jobs):
+                progress.update(n)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     # Metadata last: its presence marks the tree as complete.
@@ -462,7 +468,7 @@ def write_demo_dataset(
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
-        _generate(tmp, chosen, meta)
+        _generate(tmp, chosen, meta, root)
         _publish(tmp, root, meta, overwrite)
     finally:
         if tmp.exists():

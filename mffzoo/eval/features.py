@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..progress import Progress
 from .data import make_loader
 
 _logger = logging.getLogger("mffzoo")
@@ -133,9 +134,9 @@ def pool_tokens(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Any, *, bf16: bool = False,
-                     device: torch.device | str | None = None) -> FeatureSet:
+                     device: torch.device | str | None = None, progress: Progress | None = None) -> FeatureSet:
     """Run the frozen encoder over ``loader`` (yielding ``(images, labels)``) on the model's device (or
-    ``device``); autocast uses that device's type."""
+    ``device``); autocast uses that device's type. ``progress`` advances by the images of each batch."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     cls_out, avg_out, labels = [], [], []
@@ -146,6 +147,8 @@ def extract_features(model: nn.Module, loader: Any, *, bf16: bool = False,
         cls_out.append(c.float().cpu())
         avg_out.append(a.float().cpu())
         labels.append(torch.as_tensor(y).long().cpu())
+        if progress is not None:
+            progress.update(len(labels[-1]))
     if not labels:
         raise DataError("no images to extract features from; the split is empty")
     return FeatureSet(torch.cat(cls_out), torch.cat(avg_out), torch.cat(labels))
@@ -207,7 +210,9 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
                 return FeatureSet(d["cls"], d["avg"], d["labels"])
             except (CheckpointError, KeyError) as exc:  # a damaged cache entry is recomputed, never fatal
                 _logger.warning("ignoring unreadable feature cache %s (%s)", path, exc)
-    feats = extract_features(model, make_loader(ds, batch_size, workers=workers), bf16=bf16)
+    split = Path(getattr(ds, "root", "")).name or "dataset"
+    with Progress(total=len(ds), desc=f"features: {split} split, {len(ds)} images", unit="img") as progress:
+        feats = extract_features(model, make_loader(ds, batch_size, workers=workers), bf16=bf16, progress=progress)
     if path is not None:
         from ..zoo import atomic_torch_save
 

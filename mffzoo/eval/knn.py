@@ -6,6 +6,7 @@ and no hyper-parameter search, which makes it the quickest honest read-out of a 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .features import POOLS
+
+_logger = logging.getLogger("mffzoo")
 
 __all__ = ["knn_scores", "topk_accuracy", "knn_accuracy", "knn_eval"]
 
@@ -77,6 +80,8 @@ def knn_eval(model: str | os.PathLike[str], data: str | os.PathLike[str], *, k: 
     net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=seed, device=dev)
     train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                 workers=workers, bf16=bf16, cache=cache)
+    _logger.info("k-NN (k=%d, T=%g): %d validation images against %d training features", k, temperature,
+                 len(val), len(train))
     results = {p: knn_accuracy(train[p], train.labels, val[p], val.labels, len(classes), k=k,
                                temperature=temperature, device=dev) for p in pools}
     return {"task": "knn", "model": str(model), "random_init": random_init, "data": str(data), "k": k,

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from ..progress import Progress as BaseProgress
+from ..progress import format_duration
 
 _logger = logging.getLogger("mffzoo.train")
 
 __all__ = ["MetricsWriter", "Progress", "read_metrics", "format_duration"]
 
 METRICS_NAME = "metrics.jsonl"
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:
@@ -93,38 +84,14 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _interactive() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-class Progress:
+class Progress(BaseProgress):
     """tqdm bar over optimizer steps (rank 0, on a TTY); otherwise one log line per epoch."""
 
     def __init__(self, mode: str, enabled: bool, total: int, initial: int) -> None:
-        self.bar = None
-        self.lines = enabled and mode in ("auto", "epoch")
-        if enabled and (mode == "bar" or (mode == "auto" and _interactive())):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            smoothing=0.05)
-            self.lines = False
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        super().__init__(mode, enabled, total, initial, unit="step", logger=_logger)
 
     def show(self, rec: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}",
-                                 refresh=False)
+        self.postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}")
 
     def epoch_line(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        elif self.lines:
-            _logger.info(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.line(text)
