@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,29 @@ def test_sigint_is_named_as_sigint(data_root: Path, tmp_path: Path, monkeypatch:
     assert "SIGINT received: saving a checkpoint at step 2" in err, err
     assert "stopped by SIGINT at step 2" in out and "SIGTERM" not in out + err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"] == "sigint"
+
+
+def test_unreadable_files_are_counted_once_with_their_whole_error(data_root: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """3 bad files, two of them adjacent (a retry walks over the second), met in 2 epochs: 3, not 4 then 8."""
+    from PIL import Image
+
+    from mffzoo.train import train
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    files = sorted((root / "train").rglob("*.png"))
+    victims = [files[5], files[6], files[13]]
+    for v in victims:
+        v.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    with pytest.raises(OSError) as pil, open(victims[0], "rb") as f:
+        Image.open(f)  # as the reader opens it: PIL names the file object
+    whole = f"{type(pil.value).__name__}: {pil.value}"
+    assert len(whole) > 80 and str(victims[0]) in whole  # the old report cut it at 80 characters
+    recipe = tiny(root, data={"max_bad_fraction": 0.2})
+    with caplog.at_level("WARNING", logger="mffzoo.train"):
+        res = train(recipe, output_dir=tmp_path / "run")
+    assert res.completed
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["bad_images"] == 3
+    assert f"{victims[0]} ({whole})" in caplog.text
+    assert "skipped 3 unreadable image(s) so far" in caplog.text and "skipped 4" not in caplog.text

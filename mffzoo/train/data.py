@@ -5,15 +5,16 @@ where ``seed`` derives from (recipe seed, epoch, dataset index), and the augment
 (the task) are drawn from that seed. So a run gives the same result on 1 or N processes with the same global
 batch, in any number of loader workers, and a run resumed mid-epoch continues exactly where it stopped.
 
-Unreadable images are skipped (replaced by the next readable image, so batch shapes stay fixed), counted, and
-reported with their paths; the engine stops when more than ``data.max_bad_fraction`` of the dataset fails.
+Unreadable images are skipped (replaced by the next readable image, so batch shapes stay fixed), counted once
+per file however often a run meets them (:class:`UnreadableFiles`), and reported with their paths and whole error;
+the engine stops when more than ``data.max_bad_fraction`` of the dataset fails.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ _logger = logging.getLogger("mffzoo.train")
 
 __all__ = [
     "Batch", "SampleDataset", "GlobalBatchSampler", "build_dataset", "build_loader", "pretrain_transform",
-    "eval_transform", "resolve_root", "sample_seed", "derive_seed",
+    "eval_transform", "resolve_root", "sample_seed", "derive_seed", "UnreadableFiles",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -126,7 +127,7 @@ class Batch:
     images: torch.Tensor  # (B, C, H, W), normalised
     targets: torch.Tensor  # (B,) class index, -1 when the dataset has no labels
     seeds: torch.Tensor  # (B,) int64 per-sample seeds (see :func:`sample_seed`)
-    bad: list[str] = field(default_factory=list)  # unreadable files skipped while building this batch
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (file, error) skipped while building this batch
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -139,10 +140,62 @@ class Batch:
                      self.targets.to(device, non_blocking=non_blocking), self.seeds, self.bad)
 
 
-def collate(items: list[tuple[torch.Tensor, int, int, list[str]]]) -> Batch:
+def collate(items: list[tuple[torch.Tensor, int, int, list[tuple[str, str]]]]) -> Batch:
     images, targets, seeds, bad = zip(*items, strict=True)
     return Batch(torch.stack(images), torch.as_tensor(targets, dtype=torch.long),
                  torch.as_tensor(seeds, dtype=torch.long), [p for b in bad for p in b])
+
+
+def _describe(path: str, error: str) -> str:
+    return f"{path} ({error})"
+
+
+class UnreadableFiles:
+    """The distinct unreadable files of a run, over all ranks, epochs and resumes.
+
+    A bad file is met again every epoch, and also by each position whose retry walks over it, so counting
+    meetings overstates the damage (3 bad files read as "4", then "8" after two epochs). Each rank records the
+    files new to it (:meth:`add`); :meth:`sync` merges them across ranks at the engine's log window.
+    """
+
+    def __init__(self, files: dict[str, str] | None = None) -> None:
+        self.files: dict[str, str] = dict(files or {})  # path -> error, in the order first met
+        self._pending: dict[str, str] = {}
+
+    @classmethod
+    def from_state(cls, stats: dict[str, Any] | None) -> UnreadableFiles:
+        return cls((stats or {}).get("bad_files"))
+
+    def add(self, bad: Iterable[tuple[str, str]]) -> int:
+        """Record a batch's skipped files; returns how many this rank had not seen yet."""
+        new = 0
+        for path, error in bad:
+            if path not in self.files and path not in self._pending:
+                self._pending[path] = error
+                new += 1
+        return new
+
+    def sync(self, gather: Callable[[Any], list[Any]]) -> int:
+        """Merge every rank's new files (``gather``: an all-gather of one object per rank, called on every rank);
+        returns how many files the run had not seen before."""
+        before = len(self.files)
+        for pending in gather(self._pending):
+            for path, error in pending.items():
+                self.files.setdefault(path, error)
+        self._pending = {}
+        return len(self.files) - before
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    def examples(self, n: int) -> str:
+        return "; ".join(_describe(p, e) for p, e in list(self.files.items())[:n])
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (``bad_images``/``bad_examples`` for readers, ``bad_files`` for resume)."""
+        return {"bad_images": self.count, "bad_examples": [_describe(p, e) for p, e in list(self.files.items())[:10]],
+                "bad_files": dict(self.files)}
 
 
 class SampleDataset(Dataset):
@@ -174,9 +227,9 @@ class SampleDataset(Dataset):
             if close is not None:
                 close()
 
-    def load(self, index: int) -> tuple[Image.Image, int, list[str]]:
-        """The image at ``index`` or, if unreadable, the next readable one; plus the files skipped."""
-        bad: list[str] = []
+    def load(self, index: int) -> tuple[Image.Image, int, list[tuple[str, str]]]:
+        """The image at ``index`` or, if unreadable, the next readable one; plus the (file, error) skipped."""
+        bad: list[tuple[str, str]] = []
         n = len(self)
         for attempt in range(_MAX_RETRIES):
             i = (index + attempt) % n
@@ -184,10 +237,11 @@ class SampleDataset(Dataset):
                 img, target = self.load_image(i)
                 return img, target, bad
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                bad.append(f"{self.filename(i)} ({type(exc).__name__}: {str(exc)[:80]})")
-        raise DataError(f"{_MAX_RETRIES} consecutive unreadable images starting at {bad[0]}; check the dataset")
+                bad.append((self.filename(i), f"{type(exc).__name__}: {' '.join(str(exc).split())}"))
+        raise DataError(f"{_MAX_RETRIES} consecutive unreadable images starting at {_describe(*bad[0])}; "
+                        "check the dataset")
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, list[str]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int, list[tuple[str, str]]]:
         index, seed = item
         img, target, bad = self.load(index)
         # The augmentation draws from torch's global RNG: run it under this sample's seed, restore afterwards.

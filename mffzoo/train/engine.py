@@ -55,7 +55,7 @@ from torch import nn
 from ..config import dump_yaml, to_dict
 from ..errors import CheckpointError, ConfigError, DataError, MffzooError
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
-from .data import Batch, GlobalBatchSampler, SampleDataset, build_dataset, build_loader, derive_seed
+from .data import Batch, GlobalBatchSampler, SampleDataset, UnreadableFiles, build_dataset, build_loader, derive_seed
 from .distributed import DistEnv, all_gather_object, all_reduce, barrier, destroy, init_distributed
 from .metrics import MetricsWriter, Progress, format_duration
 from .recipe import EngineRecipe
@@ -385,7 +385,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
-    bad_total, last_loss = 0, None
+    bad_total, last_loss, unreadable = 0, None, UnreadableFiles()
     found = ckpts.load_latest() if recipe.checkpoint.resume else None
     if found is not None:
         state, resumed_from = found
@@ -403,7 +403,8 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         rngs = state.get("rng") or []
         if len(rngs) == env.world_size:
             restore_rng(rngs[env.rank])
-        bad_total = int((state.get("data_stats") or {}).get("bad_images", 0))
+        unreadable = UnreadableFiles.from_state(state.get("data_stats"))
+        bad_total = unreadable.count
         last_loss = (state.get("metrics") or {}).get("loss")
         _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", resumed_from, epoch,
                      step_in_epoch, steps_per_epoch, global_step)
@@ -428,7 +429,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     window: list[torch.Tensor] = []  # per-step mean loss on this rank (device)
     metric_sums: dict[str, torch.Tensor] = {}
     metric_count = 0
-    bad_new, bad_epoch, bad_paths = 0, 0, []
+    bad_new = 0  # unreadable files new to this rank since the last flush
     t_window, imgs_window = time.time(), 0
     img_s = 0.0
     ckpt_path: Path | None = resumed_from
@@ -436,7 +437,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
 
     def flush(stop_requested: bool) -> tuple[dict[str, Any] | None, bool]:
         """Reduce the window across ranks (one collective, one host sync), check it, log it."""
-        nonlocal window, metric_sums, metric_count, bad_new, bad_epoch, bad_total, t_window, imgs_window, img_s
+        nonlocal window, metric_sums, metric_count, bad_new, bad_total, t_window, imgs_window, img_s
         nonlocal last_loss
         keys = sorted(metric_sums)
         parts = [torch.stack(window).float() if window else torch.zeros(0, device=device)]
@@ -446,16 +447,14 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         vals = packed.cpu()
         n = len(window)
         stop = bool(vals[-1] > 0)
-        new_bad = int(round(float(vals[-2]) * env.world_size))
-        bad_total += new_bad
-        bad_epoch += new_bad
-        if bad_new and bad_paths:
-            _logger.warning("skipped %d unreadable image(s) so far on rank %d, e.g. %s", len(bad_paths), env.rank,
-                            "; ".join(bad_paths[:3]))
-        if bad_epoch > recipe.data.max_bad_fraction * len(dataset):
+        if vals[-2] > 0 and unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
+            bad_total = unreadable.count
+            if env.is_main:
+                _logger.warning("skipped %d unreadable image(s) so far, e.g. %s", bad_total, unreadable.examples(3))
+        if bad_total > recipe.data.max_bad_fraction * len(dataset):
             raise DataError(
-                f"{bad_epoch} of {len(dataset)} images unreadable this epoch (more than data.max_bad_fraction="
-                f"{recipe.data.max_bad_fraction}), e.g. {bad_paths[0] if bad_paths else '?'}; fix or remove them"
+                f"{bad_total} of {len(dataset)} images unreadable (more than data.max_bad_fraction="
+                f"{recipe.data.max_bad_fraction}), e.g. {unreadable.examples(1)}; fix or remove them"
             )
         bad_new = 0
         losses = vals[:n]
@@ -501,7 +500,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                 "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": e, "step_in_epoch": s, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "world_size": env.world_size, "sampler": sampler_state, "rng": rngs,
-                "data_stats": {"bad_images": bad_total, "bad_examples": bad_paths[:10]},
+                "data_stats": unreadable.state(),
                 "metrics": {"loss": last_loss}, "recipe": to_dict(recipe),
             }
             ckpt_path = ckpts.save(state, global_step)
@@ -516,7 +515,6 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
             while epoch < tc.epochs and stop_reason == "finished":
                 sampler.set_epoch(epoch, step_in_epoch)
                 train_model.train()
-                bad_epoch = 0 if step_in_epoch == 0 else bad_epoch
                 t_window, imgs_window = time.time(), 0
                 micro = 0
                 step_loss: torch.Tensor | None = None
@@ -528,8 +526,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                     last_micro = micro == accum - 1
                     batch = batch.to(device)
                     if batch.bad:
-                        bad_new += len(batch.bad)
-                        bad_paths.extend(batch.bad[: max(0, 10 - len(bad_paths))])
+                        bad_new += unreadable.add(batch.bad)
                     if ddp is not None and not last_micro:
                         sync: Any = ddp.no_sync()
                     else:
