@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,45 @@ def test_unreadable_files_are_counted_once_with_their_whole_error(data_root: Pat
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["bad_images"] == 3
     assert f"{victims[0]} ({whole})" in caplog.text
     assert "skipped 3 unreadable image(s) so far" in caplog.text and "skipped 4" not in caplog.text
+
+
+def test_whole_run_warmup_is_named_and_timm_noise_stays_out(data_root: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """epochs=1, warmup_epochs=1: one warning of ours; timm's "Cosine annealing ... no effect" only with -v."""
+    monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
+    recipe = write(tiny(data_root, train={"epochs": 1}, optim={"warmup_epochs": 1}), tmp_path / "tiny.yaml")
+    main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "the warm-up (optim.warmup_epochs=1) covers the whole run (train.epochs=1)" in err, err
+    assert err.count("covers the whole run") == 1 and "Cosine annealing" not in err
+    main(["-v", "train", str(recipe), "--output", str(tmp_path / "run-v"), "--set", "train.epochs=2"])
+    assert "Cosine annealing" not in capsys.readouterr().err  # no whole-run warm-up: timm has nothing to say
+    main(["-v", "train", str(recipe), "--output", str(tmp_path / "run-v1")])
+    err = capsys.readouterr().err
+    assert "Cosine annealing" in err and "covers the whole run" in err  # -v shows third-party lines
+
+
+def test_third_party_warnings_need_verbose(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    for argv, shown in ((["zoo"], False), (["-v", "zoo"], True)):
+        main(argv)
+        capsys.readouterr()
+        logging.getLogger("matplotlib.font_manager").warning("Matplotlib is building the font cache")
+        logging.getLogger("mffzoo.train").warning("a warning of ours")
+        logging.getLogger("timm.models").error("a third-party error")
+        err = capsys.readouterr().err
+        assert ("building the font cache" in err) == shown
+        assert "a warning of ours" in err and "a third-party error" in err
+
+
+def test_torchrun_prints_a_recipe_error_once(tmp_path: Path) -> None:
+    """Both ranks meet the bad key; the user reads it once (rank 0), and the run fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MFFZOO_HOME": str(tmp_path / "zoo")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mffzoo", "train", "demo", "--set", "optim.bogus=1", "--output", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "unknown config key 'optim.bogus'" in ln]
+    assert lines == [lines[0]] and lines[0].startswith("error: "), proc.stderr

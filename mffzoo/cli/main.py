@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+import time
+from collections.abc import Callable
 
 import click
 
@@ -28,6 +31,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("mffzoo.cli.evaluate", "analyze"),
     "reproduce": ("mffzoo.cli.evaluate", "reproduce"),
 }
+
+
+class _ThirdPartyAtDebug(logging.Filter):
+    """Other libraries' log lines below ERROR count as debug output: shown with -v only.
+
+    timm's "Cosine annealing scheduler will have no effect" or matplotlib's "building the font cache" land in the
+    middle of the progress output and name nothing the user can act on; our own messages say what matters.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "mffzoo" or record.name.startswith("mffzoo.")
+        return ours or record.levelno >= logging.ERROR or self.verbose
 
 
 class LazyGroup(click.Group):
@@ -51,6 +70,24 @@ def cli(verbose: bool) -> None:
     )
     if not verbose:  # timm narrates every weight load at INFO; our own messages say what matters
         logging.getLogger("timm").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ThirdPartyAtDebug(verbose))
+
+
+_OTHER_RANKS_WAIT_S = 15.0
+
+
+def _say_once(show: Callable[[], None]) -> None:
+    """Show an input error once under torchrun, where every rank meets the same bad recipe or data.
+
+    Rank 0 (or a plain process) shows it at once. Other ranks wait: when rank 0 fails too, torchrun stops them
+    meanwhile and the message appears once; an error only this rank met still shows, late, with its rank.
+    """
+    rank = os.environ.get("RANK", "0").strip() or "0"
+    if rank != "0":
+        time.sleep(_OTHER_RANKS_WAIT_S)
+        click.echo(f"[rank {rank}] ", err=True, nl=False)
+    show()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,13 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="mffzoo", standalone_mode=False)
     except MffzooError as exc:
-        click.echo(f"error: {exc}", err=True)
+        message = f"error: {exc}"
+        _say_once(lambda: click.echo(message, err=True))
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        _say_once(exc.show)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -424,6 +424,10 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
             " lr %.3g, %s on %s (%s attention) -> %s", recipe.name, len(dataset), tc.epochs, steps_per_epoch,
             tc.batch_size, tc.batch_per_device, env.world_size, accum, lr,
             str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", device, attention, run_dir)
+        if warmup_steps >= total_steps:
+            _logger.warning("the warm-up (optim.warmup_epochs=%g) covers the whole run (train.epochs=%d): the lr only "
+                            "rises and never decays; lower optim.warmup_epochs or raise train.epochs",
+                            oc.warmup_epochs, tc.epochs)
 
     # ---- state shared by the closures below
     window: list[torch.Tensor] = []  # per-step mean loss on this rank (device)
