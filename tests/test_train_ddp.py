@@ -28,8 +28,11 @@ OPTIM = {"adamw": {"opt": "adamw"}, "sgd": {"opt": "sgd", "lr": 0.05}}  # timm s
 def _recipe(root: Path, opt: str, **sections: dict[str, Any]) -> dict[str, Any]:
     # batch 8 = 4 per device: one process accumulates 2 micro-batches, two processes take one each. Pinned to
     # the CPU (train.device=cpu in tiny_recipe): on a GPU machine rank 1 would otherwise ask for a second GPU.
-    return tiny_recipe(root, train={"epochs": 2}, optim=OPTIM[opt], publish={"tag": None}, log={"vis_images": 0},
-                       **sections)
+    base: dict[str, dict[str, Any]] = {"train": {"epochs": 2}, "optim": OPTIM[opt], "publish": {"tag": None},
+                                       "log": {"vis_images": 0}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return tiny_recipe(root, **base)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_two_processes_match_one_bit_for_bit(root: Path, one_process: Any, tmp_p
                                              opt: str) -> None:
     ref, early = one_process(opt)
     out = tmp_path / "run"
-    recipe = write_yaml(_recipe(root, opt, train={"epochs": 2, "fsdp": fsdp}), tmp_path / "tiny.yaml")
+    recipe = write_yaml(_recipe(root, opt, train={"fsdp": fsdp}), tmp_path / "tiny.yaml")
     res = run_interrupted(_torchrun(recipe, out), _env(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "batch 8 = 4 per device x 2 processes x 1 accumulation" in res.stderr
