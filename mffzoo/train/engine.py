@@ -151,6 +151,13 @@ class TrainResult:
             return 128 + int(getattr(signal.Signals, self.stop_reason.upper()))
         return 0
 
+    @property
+    def stop_message(self) -> str:
+        """What the CLI prints when a signal stopped the run (SIGTERM: the scheduler preempted it)."""
+        what = "preempted" if self.stop_reason == "sigterm" else "stopped"
+        return (f"{what} by {self.stop_reason.upper()} at step {self.global_step}/{self.total_steps}; checkpoint "
+                f"{self.checkpoint}; rerun the same command to resume")
+
 
 # --------------------------------------------------------------------------------------------- helpers
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
