@@ -114,11 +114,22 @@ def test_table_and_markdown(capsys):
     assert "ratio vs hf" in out and "MFU" not in out
 
 
-def test_gpu_peak_table():
-    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert bt._gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert bt._gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert bt._gpu_peak_tflops("Some Future GPU") is None
+def test_gpu_peaks_per_product_and_precision():
+    """H100 NVL and PCIe are not the SXM part; a fp32 row is divided by the fp32 peak, not the bf16 one."""
+    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert bt._gpu_peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0
+    assert bt._gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert bt._gpu_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
+    assert bt._gpu_peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 66.9
+    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert bt._gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert bt._gpu_peak_tflops("Some Future GPU", "bf16") is None
+
+
+def test_gpu_batches_are_gpu_sized():
+    assert [bt.default_batch(s, "cpu") for s in "sbl"] == [16, 8, 4]
+    assert [bt.default_batch(s, "cuda") for s in "sbl"] == [256, 128, 64]
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -3,13 +3,14 @@ resume is exact, a corrupt checkpoint falls back, NaN stops cleanly, unreadable 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """img 32 / patch 8 / 64 wide / 4 blocks, three fused levels; fp32 so runs are bit-exact."""
+    """img 32 / patch 8 / 64 wide / 4 blocks, three fused levels; fp32 on the CPU (also on a GPU machine) so runs
+    are bit-exact."""
     recipe: dict[str, Any] = {
         "name": "tiny",
         "model": dict(arch="mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
                       fusion_layers=[0, 1, 3], decoder_dim=32, decoder_depth=1, decoder_heads=4),
         "data": dict(root=str(root), num_workers=0),
-        "train": dict(epochs=3, batch_size=8, batch_per_device=4, precision="fp32", cpu_threads=1),
+        "train": dict(epochs=3, batch_size=8, batch_per_device=4, precision="fp32", cpu_threads=1, device="cpu"),
         "optim": dict(lr=2e-3, warmup_epochs=0),
         "checkpoint": dict(every_steps=2, keep_last=20),
         "log": dict(every_steps=2, vis_every_epochs=1, vis_images=4),
@@ -388,74 +390,196 @@ def test_empty_or_missing_data_is_a_data_error(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- subprocess runs
-def _env(zoo: Path) -> dict[str, str]:
+# Interruptions are deterministic: the engine's test hook MFFZOO_TEST_SIGNAL_AT_STEP makes the run signal its own
+# process group (started with start_new_session=True, as a scheduler's job) right after a given optimizer step.
+def _env(zoo: Path, signal_at: str | None = None) -> dict[str, str]:
     # One thread everywhere: identical float reduction order in every run compared bit for bit.
-    return {**os.environ, "MFFZOO_HOME": str(zoo), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MFFZOO_HOME": str(zoo), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MFFZOO_TEST_SIGNAL_AT_STEP", None)
+    if signal_at:
+        env["MFFZOO_TEST_SIGNAL_AT_STEP"] = signal_at
+    return env
 
 
 def _train_cmd(recipe: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "mffzoo", "train", str(recipe), "--output", str(out)]
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, ckpts: Path, at_least: int, timeout: float = 120) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        steps = [int(p.stem.split("-")[1]) for p in ckpts.glob("checkpoint-*.pth")] if ckpts.is_dir() else []
-        if steps and max(steps) >= at_least:
-            return max(steps)
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared in time")
+def run_interrupted(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as the leader of a new process group (its loader workers in it, as under a scheduler); the
+    whole group is killed if it outlives ``timeout``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing of the group may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _steps(run: Path) -> list[int]:
+    return [int(p.stem.split("-")[1]) for p in CheckpointManager(run / "checkpoints").list()]
+
+
+def _subprocess_recipe(data_root: Path, path: Path, **sections: dict[str, Any]) -> Path:
+    """``finished``'s trajectory (same model, data, schedule, seed: 3 epochs x 4 steps), without figures/zoo."""
+    base = {"log": {"vis_every_epochs": 0, "vis_images": 0}, "publish": {"tag": None}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return write_yaml(tiny_recipe(data_root, **base), path)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(data_root: Path, tmp_path: Path) -> None:
-    # 4 epochs x 4 steps, a checkpoint every 3 steps: the kill lands mid-epoch, after a mid-epoch checkpoint.
-    recipe = write_yaml(tiny_recipe(data_root, train={"epochs": 4}, checkpoint={"every_steps": 3, "keep_last": 3},
-                                    log={"vis_every_epochs": 0, "vis_images": 0}, publish={"tag": None}),
-                        tmp_path / "tiny.yaml")
-    env = _env(tmp_path / "zoo")
-    ref = subprocess.run(_train_cmd(recipe, tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(finished: Any, data_root: Path, tmp_path: Path) -> None:
+    # a checkpoint every 3 steps; SIGKILL right after step 7 (mid epoch 2): the resume starts from step 6
+    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", checkpoint={"every_steps": 3, "keep_last": 3})
+    run = tmp_path / "killed"
+    killed = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "7:KILL"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _steps(run) == [6, 4, 3] and not (run / "model").exists()
 
-    proc = subprocess.Popen(_train_cmd(recipe, tmp_path / "killed"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, tmp_path / "killed" / "checkpoints", at_least=3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    state = load_checkpoint_file(CheckpointManager(tmp_path / "killed" / "checkpoints").list()[0])
-    assert state["global_step"] < 16 and not (tmp_path / "killed" / "model").exists(), "run finished before the kill"
-
-    res = subprocess.run(_train_cmd(recipe, tmp_path / "killed"), env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert f"resuming from {tmp_path / 'killed' / 'checkpoints'}" in res.stderr
-    assert_same_state(final_model_state(tmp_path / "killed"), final_model_state(tmp_path / "ref"))
-    ref_opt = load_checkpoint_file(CheckpointManager(tmp_path / "ref" / "checkpoints").list()[0])["optimizer"]
-    got_opt = load_checkpoint_file(CheckpointManager(tmp_path / "killed" / "checkpoints").list()[0])["optimizer"]
+    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'checkpoint-00000006.pth'}" in res.stderr
+    assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
+    ref_opt = load_checkpoint_file(CheckpointManager(finished.run_dir / "checkpoints").list()[0])["optimizer"]
+    got_opt = load_checkpoint_file(CheckpointManager(run / "checkpoints").list()[0])["optimizer"]
     for k, v in ref_opt["state"].items():
         assert torch.equal(v["exp_avg_sq"], got_opt["state"][k]["exp_avg_sq"]), k
-    steps = [r["step"] for r in read_metrics(tmp_path / "killed")]
-    assert steps == sorted(set(steps)) and steps[-1] == 16  # history has no repeated steps after the resume
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # history has no repeated steps after the resume
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_root: Path, tmp_path: Path) -> None:
-    recipe = write_yaml(tiny_recipe(data_root, train={"epochs": 40}, checkpoint={"every_steps": 5},
-                                    log={"vis_every_epochs": 0, "vis_images": 0}, publish={"tag": None}),
-                        tmp_path / "tiny.yaml")
-    proc = subprocess.Popen(_train_cmd(recipe, tmp_path / "run"), env=_env(tmp_path / "zoo"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, tmp_path / "run" / "checkpoints", at_least=5)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err and "SIGTERM received: saving a checkpoint at step" in err
-    assert "stopped by SIGTERM at step" in out and "rerun the same command to resume" in out
-    newest = CheckpointManager(tmp_path / "run" / "checkpoints").list()[0]
-    state = load_checkpoint_file(newest)
-    assert newest.name == f"checkpoint-{state['global_step']:08d}.pth" and 5 <= state["global_step"] < 160
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resumes_exactly(
+    finished: Any, data_root: Path, tmp_path: Path
+) -> None:
+    """SIGTERM reaches the loader worker too (as from a scheduler or `timeout`): the worker ignores it, the main
+    process finishes the step, saves and exits 143; rerunning (with workers again) ends bit-identical."""
+    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
+                                checkpoint={"every_steps": 100})
+    run = tmp_path / "run"
+    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "6:TERM"))
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "killed by signal" not in res.stderr
+    assert "SIGTERM received: checkpoint" in res.stderr and "saved at step 6" in res.stderr
+    assert "preempted by SIGTERM at step 6/12" in res.stdout and "rerun the same command to resume" in res.stdout
+    assert _steps(run) == [6, 4]  # the stop checkpoint (mid-epoch), after the epoch-1 one
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["stop_reason"] == "sigterm" and not summary["completed"]
+
+    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr and "checkpoint-00000006.pth" in res.stderr
+    assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
+
+
+# --------------------------------------------------------------------------------------------- more promises
+def test_resume_refuses_a_run_directory_of_another_recipe(finished: Any, data_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(finished.run_dir, run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    with pytest.raises(CheckpointError) as info:
+        train(tiny_recipe(data_root, optim={"lr": 1e-3}, publish={"tag": None}), output_dir=run)
+    msg = str(info.value)
+    assert "\n" not in msg and "different recipe (optim.lr: 0.002 there, 0.001 now)" in msg
+    assert "--set optim.lr=0.002" in msg
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+
+
+def test_fp16_grad_scaler_training_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    """fp16 autocast + GradScaler (on the CPU, where torch supports both): the loss scale is part of the
+    checkpoint, and a resume from the middle ends with the uninterrupted run's weights and scale."""
+    recipe = tiny_recipe(data_root, train={"epochs": 2, "precision": "fp16"}, publish={"tag": None},
+                         log={"vis_images": 0})
+    ref = train(recipe, output_dir=tmp_path / "ref")
+    assert ref.completed and ref.final_loss is not None and math.isfinite(ref.final_loss)
+    last = load_checkpoint_file(CheckpointManager(tmp_path / "ref" / "checkpoints").list()[0])
+    assert last["scaler"]["scale"] > 0 and last["scaler"]["_growth_tracker"] >= 0  # a live scaler was saved
+    run = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ref", run)
+    for p in CheckpointManager(run / "checkpoints").list()[:2]:  # as if killed after step 4
+        p.unlink()
+    (run / "model").rename(tmp_path / "old-model")
+    res = train(recipe, output_dir=run)
+    assert res.completed and res.global_step == 8
+    again = load_checkpoint_file(CheckpointManager(run / "checkpoints").list()[0])
+    assert_same_state(again["model"], last["model"])
+    assert again["scaler"] == last["scaler"]
+
+
+class _BigFirstWindow(PretrainTask):
+    """Pretraining that holds 256 MiB extra during the first log window only."""
+
+    calls = 0
+
+    def step(self, model: Any, batch: Any) -> Any:
+        type(self).calls += 1
+        if type(self).calls <= 4:  # 2 steps x 2 micro-batches = the first window
+            big = torch.ones(64 * 2**20)
+            del big
+        return super().step(model, batch)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux procfs")
+def test_mem_mb_is_the_peak_of_each_log_window(data_root: Path, tmp_path: Path) -> None:
+    r = load_recipe(tiny_recipe(data_root, train={"epochs": 1}, publish={"tag": None}, log={"vis_images": 0}))
+    train(r, output_dir=tmp_path / "run", task=_BigFirstWindow(r))
+    first, second = (rec["mem_mb"] for rec in read_metrics(tmp_path / "run")[:2])
+    assert first > second + 200, (first, second)  # the window after the spike does not repeat its peak
+
+
+def test_global_numeric_flags_are_restored(data_root: Path, tmp_path: Path) -> None:
+    """Defect: resolve_precision switched TF32 on for the whole process (the benchmark's fp32 peer then ran in
+    TF32). Now TF32 and train.deterministic hold only while a run (or a benchmark step) is active."""
+    from mffzoo.train.engine import Tf32, numerics, resolve_precision
+    from mffzoo.train.recipe import TrainConfig
+
+    cuda = torch.device("cuda")
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    assert resolve_precision("fp16", cuda) == (torch.float16, True)  # no CUDA call needed for fp16
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags[:2]
+    tf32 = Tf32.for_run(cuda, torch.float16)
+    for _ in range(2):  # reusable, as the benchmark enters it every step
+        with tf32:
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.get_float32_matmul_precision()) == flags
+    with Tf32.for_run(torch.device("cpu"), torch.bfloat16), Tf32.for_run(cuda, None):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags[:2]
+    with numerics(TrainConfig(precision="fp16", deterministic=True), cuda) as amp:
+        assert amp == (torch.float16, True) and torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.backends.cuda.matmul.allow_tf32 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert torch.backends.cuda.matmul.allow_tf32 == flags[0]
+    # a real run with the switch on trains, and leaves the process as it found it
+    res = train(tiny_recipe(data_root, train={"epochs": 1, "deterministic": True}, publish={"tag": None},
+                            log={"vis_images": 0}), output_dir=tmp_path / "det")
+    assert res.completed and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_finetune_refuses_unlabelled_data_when_it_is_opened(data_root: Path) -> None:
+    """Labels are checked where the data is read (once, on the CPU), not per step on the device."""
+    from mffzoo.eval.finetune import FinetuneTask, load_finetune_recipe
+    from mffzoo.train.data import SampleDataset
+
+    recipe = load_finetune_recipe(REPO / "recipes" / "finetune_demo.yaml",
+                                  [f"data.root={data_root}", "model.random_init=true"])
+    task = FinetuneTask(recipe)
+
+    class Unlabelled:  # a reader without targets (e.g. a Hugging Face dataset without a label column)
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> tuple[Image.Image, None]:
+            return Image.new("RGB", (32, 32)), None
+
+    with pytest.raises(DataError, match="no labels"):
+        task.on_dataset(SampleDataset(Unlabelled(), None, "unlabelled"))

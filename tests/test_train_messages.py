@@ -66,9 +66,11 @@ def test_sigint_is_named_as_sigint(data_root: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(PretrainTask, "step", step_then_interrupt)
     monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
     recipe = write(tiny(data_root, train={"epochs": 20}), tmp_path / "tiny.yaml")
-    main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    assert exc.value.code == 128 + signal.SIGINT  # as a shell reports a process ended by SIGINT
     out, err = capsys.readouterr()
-    assert "SIGINT received: saving a checkpoint at step 2" in err, err
+    assert "SIGINT received: checkpoint" in err and "saved at step 2" in err, err
     assert "stopped by SIGINT at step 2" in out and "SIGTERM" not in out + err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"] == "sigint"
 

@@ -27,17 +27,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, MffzooError
+from ..train.metrics import proc_status_kib, reset_peak_memory
 
 __all__ = [
     "SIZES", "DEFAULT_BATCH", "IMPLS", "PEER", "bench_train", "resolve_recipe", "hf_config", "build_model",
     "count_params", "measure", "add_ratios", "format_results", "print_results",
 ]
 
-# Sizes the benchmark knows, and the per-step batch used for every implementation of that size (fits the
-# 24 GB / 2-core dev machine in fp32 and keeps the whole run to a few minutes).
+# Sizes the benchmark knows, and the per-step batch used for every implementation of that size: on a CPU small
+# enough for the 24 GB / 2-core dev machine in fp32 and a run of a few minutes; on a GPU large enough that the
+# step is compute-bound (at 16 images a GPU step is kernel-launch-bound and MFU means nothing), and small enough
+# for the HF peer in fp32 on a 40 GB card.
 SIZES = {"s": "mff_vit_small_patch16_224", "b": "mff_vit_base_patch16_224", "l": "mff_vit_large_patch16_224"}
 SIZE_NAMES = {"s": "ViT-S/16", "b": "ViT-B/16", "l": "ViT-L/16"}
 DEFAULT_BATCH = {"s": 16, "b": 8, "l": 4}
+DEFAULT_BATCH_GPU = {"s": 256, "b": 128, "l": 64}
 
 IMPLS = {
     "hf": "HF ViTMAEForPreTraining, its defaults",
@@ -49,10 +53,19 @@ IMPLS = {
 PEER = "hf"  # the ratio column divides by this row of the same model size
 DEFAULT_IMPLS = ("hf", "mffzoo", "mffzoo-mae")
 
-# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name(); first match wins.
-# Unknown GPUs get no MFU rather than a guessed one.
-GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
+# Dense (no sparsity) peak TFLOP/s per matmul precision, from NVIDIA's product data sheets, by a substring of
+# torch.cuda.get_device_name(); first match wins, so the specific names come first ("H100 NVL" and "H100 PCIe"
+# are not the SXM "H100 80GB HBM3"). MFU divides by the peak of the row's own precision: a fp32 row by the fp32
+# (CUDA-core) peak, a TF32 row by the TF32 peak, a bf16/fp16 row by the tensor-core peak. Unknown GPUs get no MFU
+# rather than a guessed one.
+GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 ("H100 80GB HBM3")
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),  # SXM4 and PCIe alike
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6}),
 )
 
 _RESULT_MARK = "MFFZOO_BENCH_RESULT "
@@ -142,29 +155,14 @@ def _peer_optimizer(model: Any, recipe: Any, batch: int) -> Any:
                              weight_decay=oc.weight_decay)
 
 
-# --- memory -------------------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+# --- peaks -------------------------------------------------------------------------------------------------
+def _gpu_peak_tflops(name: str, precision: str) -> float | None:
+    """Dense peak of GPU ``name`` (``torch.cuda.get_device_name()``) for matmuls in ``precision``."""
+    return next((peaks.get(precision) for key, peaks in GPU_PEAK_TFLOPS if key in name), None)
 
 
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); harmless where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _gpu_peak_tflops(name: str) -> float | None:
-    return next((peak for key, peak in GPU_BF16_PEAK_TFLOPS if key in name), None)
+def default_batch(size: str, device: str) -> int:
+    return (DEFAULT_BATCH_GPU if device == "cuda" else DEFAULT_BATCH)[size]
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -186,17 +184,21 @@ def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     torch.manual_seed(int(spec.get("seed", 0)))
     model, loss_fn, recipe = build_model(impl, spec["size"], spec.get("overrides", ()))
     model.to(device).train()
+    dev = torch.device(device)
+    from ..train.engine import Tf32
+
     if impl.startswith("mffzoo"):  # exactly what the engine does with the recipe
         from ..train.engine import build_optimizer, configure_attention, resolve_precision
 
-        dev = torch.device(device)
         amp_dtype, use_scaler = resolve_precision(recipe.train.precision, dev)
+        flags = Tf32.for_run(dev, amp_dtype)  # as a run holds it; only around this implementation's steps
         attention = "timm " + configure_attention(model, recipe.train.attention, dev, amp_dtype)
         opt = build_optimizer(model, recipe.optim, batch)
         opt_name = f"timm {recipe.optim.opt}" + (" fused" if opt.defaults.get("fused") else "")
     else:  # the peer in fp32 unless its (labelled) bf16 row is asked for
         bf16 = impl == "hf-bf16" and (device == "cpu" or torch.cuda.is_bf16_supported())
         amp_dtype, use_scaler = (torch.bfloat16 if bf16 else None), False
+        flags = Tf32(False)  # the process's own flags: torch's defaults (fp32 matmuls), the peer's default
         attention = f"transformers {model.config._attn_implementation}"
         opt, opt_name = _peer_optimizer(model, recipe, batch), "torch AdamW"
     autocast = torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -205,16 +207,19 @@ def _setup(impl: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_fn(images)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        with flags:
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_fn(images)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
+    with flags:  # what the matmuls of a step run in: the MFU peak to divide by
+        tf32 = dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     total, trainable = count_params(model)
     return dict(step=step, impl=impl, params=total, trainable_params=trainable, optimizer=opt_name,
-                precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+                precision={None: "tf32" if tf32 else "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                 attention=attention)
 
 
@@ -263,11 +268,11 @@ def measure(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         dev_name = torch.cuda.get_device_name()
     else:
         dev_name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    peak = _gpu_peak_tflops(dev_name) if cuda else None
     size = spec["size"]
     rows = []
     for s in setups:
         impl = s["impl"]
+        peak = _gpu_peak_tflops(dev_name, s["precision"]) if cuda else None
         step_s = statistics.median(times[impl])
         tflops = flops[impl] / step_s / 1e12 if flops[impl] else None
         rows.append({
@@ -295,14 +300,14 @@ def measure_memory(spec: Mapping[str, Any]) -> tuple[float | None, str]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
-    rss0 = _proc_status_kib("VmRSS")
+        reset_peak_memory(torch.device("cpu"))
+    rss0 = proc_status_kib("VmRSS")
     s = _setup(impl, spec)
     for _ in range(2):  # the optimizer state appears in the first step; the second shows the steady state
         s["step"]()
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
-    hwm = _proc_status_kib("VmHWM")
+    hwm = proc_status_kib("VmHWM")
     if hwm is None or rss0 is None:
         return None, "not measured (no /proc/self/status)"
     return (hwm - rss0) / 1024, "peak RSS (VmHWM) - RSS before the build, fresh process"
@@ -387,7 +392,8 @@ def bench_train(
     Per size, one process times all implementations with interleaved steps (:func:`measure`); ``repeats`` runs
     that again in a fresh process and keeps every run's img/s and ratio (``img_s_runs``, ``ratio_runs``) for the
     spread. Then, with ``memory``, each implementation's peak memory is taken in a process of its own.
-    ``batch_size`` None uses :data:`DEFAULT_BATCH` per size (the same for every implementation). ``overrides``
+    ``batch_size`` None uses :data:`DEFAULT_BATCH` (CPU) or :data:`DEFAULT_BATCH_GPU` per size (the same for every
+    implementation). ``overrides``
     are recipe ``model.*`` keys (``depth=4``) applied to every size — tiny models for tests. ``isolate=False``
     measures in this process (quick; no memory is reported then, it would not be per implementation).
     """
@@ -425,7 +431,7 @@ def bench_train(
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rep in range(repeats):
         for m in models:
-            spec = dict(mode="speed", impls=impls, size=m, device=device, batch=batch_size or DEFAULT_BATCH[m],
+            spec = dict(mode="speed", impls=impls, size=m, device=device, batch=batch_size or default_batch(m, device),
                         steps=steps, warmup=warmup, overrides=list(overrides), seed=seed)
             for r in add_ratios(_in_subprocess(spec) if isolate else measure(spec)):
                 if log:
@@ -454,7 +460,7 @@ def format_results(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     header = ["model", "implementation", "precision", "batch", "params (M)", "img/s", "img/s best",
               "peak mem (MiB)", f"ratio vs {PEER}", "ratio per run", "ratio best"]
     if cuda:
-        header += ["TFLOP/s", "MFU (bf16 peak)"]
+        header += ["TFLOP/s", "MFU (peak of its precision)"]
     out = []
     for r in rows:
         line = [r["model"], r["impl"], r["precision"], str(r["batch"]), f"{r['params'] / 1e6:.2f}",

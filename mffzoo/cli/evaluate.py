@@ -178,11 +178,10 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
     rec = load_finetune_recipe(recipe, list(overrides))
     result = run_finetune(rec, output_dir=output)
     if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if not result.completed:
-        click.echo(f"stopped by {result.stop_reason.upper()} at step {result.global_step}/{result.total_steps}; "
-                   f"checkpoint {result.checkpoint}; rerun the same command to resume")
-        return
+        raise SystemExit(result.exit_code)
+    if not result.completed:  # exit 128 + signal number, as `mffzoo train`
+        click.echo(result.stop_message)
+        raise SystemExit(result.exit_code)
     x = result.extra
     res = {"task": "finetune", "model": rec.model.pretrained, "random_init": rec.model.random_init,
            "data": str(resolve_root(rec.data)), "epochs": result.epoch,

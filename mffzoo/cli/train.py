@@ -26,12 +26,11 @@ def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
 
     result = run_train(recipe, list(overrides), output_dir=output)
     if int(os.environ.get("RANK", "0")) != 0:
-        return
+        raise SystemExit(result.exit_code)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    if not result.completed:
-        click.echo(f"stopped by {result.stop_reason.upper()} at step {result.global_step}/{result.total_steps}; "
-                   f"checkpoint {result.checkpoint}; rerun the same command to resume")
-        return
+    if not result.completed:  # exit 128 + signal number: not finished, and not an error either
+        click.echo(result.stop_message)
+        raise SystemExit(result.exit_code)
     click.echo(f"done: {result.epoch} epochs, {result.global_step} steps, final loss {loss}, "
                f"{result.wall_s:.0f} s -> {result.run_dir}")
     extra = result.extra

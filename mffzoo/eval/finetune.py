@@ -324,6 +324,11 @@ class FinetuneTask(Task):
     # ---- engine interface
     def on_dataset(self, dataset: Any) -> None:
         self.train_class_map(dataset)  # a reader/folder class mismatch fails now, not after the first epoch
+        # Labels are checked here, where the data is read, once: a check of the device batch in every step
+        # would cost a GPU->CPU sync per step. A reader gives all of its items labels or none.
+        _, target, _ = dataset.load(0)
+        if target is None or int(target) < 0:
+            raise DataError("the training data has no labels; fine-tuning needs class folders (train/<class>/*)")
 
     def _model(self) -> nn.Module:
         """The classifier, built once: the engine asks for the transform (which needs its input size) first."""
@@ -365,9 +370,7 @@ class FinetuneTask(Task):
         return _SeededPythonRandom(_pillow_safe(tf))
 
     def step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = batch.images, batch.targets
-        if (y < 0).any():
-            raise DataError("the training data has no labels; fine-tuning needs class folders (train/<class>/*)")
+        x, y = batch.images, batch.targets  # labelled: checked in on_dataset
         if self.mixup_fn is not None:
             # timm Mixup draws lambda and the mix mode from numpy's global RNG: seed it from this batch's samples
             # so the step is the same after a resume and on any number of processes.

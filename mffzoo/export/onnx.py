@@ -8,13 +8,14 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ExportError
 
-__all__ = ["export_onnx", "check_onnx", "onnx_batch_dim", "OrtRunner", "ort_supports"]
+__all__ = ["export_onnx", "check_onnx", "onnx_batch_dim", "OrtRunner", "ort_supports", "ort_providers"]
 
 _logger = logging.getLogger("mffzoo")
 
@@ -120,8 +121,25 @@ def ort_supports(precision: str) -> tuple[bool, str]:
     return True, ""
 
 
+CUDA_EP = "CUDAExecutionProvider"
+# ONNX Runtime's CUDA provider runs fp32 MatMul/Conv in TF32 by default (use_tf32=1): a "fp32" check would then
+# measure TF32 error against the 1e-4 gate. Parity and serving numbers here are true fp32.
+CUDA_EP_OPTIONS = {"use_tf32": "0"}
+
+
+def ort_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[Any]:
+    """The providers to ask for, CUDA first where present, each with our options (``InferenceSession`` form)."""
+    names = list(requested) if requested is not None else [p for p in (CUDA_EP, "CPUExecutionProvider")
+                                                            if p in available]
+    return [(p, dict(CUDA_EP_OPTIONS)) if p == CUDA_EP else p for p in names]
+
+
 class OrtRunner:
-    """An ONNX Runtime session with full graph optimisation: fp32 numpy NCHW in, fp32 numpy out."""
+    """An ONNX Runtime session with full graph optimisation: fp32 numpy NCHW in, fp32 numpy out.
+
+    ``providers`` is what the session really runs on (``session.get_providers()``): ONNX Runtime falls back to
+    the CPU in silence when the CUDA provider cannot load (e.g. an ``onnxruntime-gpu`` built for another CUDA
+    major than the installed libraries); that is logged and kept in ``notes`` for the parity report."""
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
@@ -133,14 +151,20 @@ class OrtRunner:
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-        if providers is None:
-            avail = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+        asked = ort_providers(providers, ort.get_available_providers())
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=list(providers))
+            self.session = ort.InferenceSession(str(path), so, providers=asked)
         except Exception as exc:  # ORT raises its own exception types per failure
             first = str(exc).strip().splitlines()[0]
             raise ExportError(f"ONNX Runtime cannot load '{path}': {first}") from None
+        self.providers: list[str] = list(self.session.get_providers())
+        self.notes: list[str] = []
+        if any(p == (CUDA_EP, CUDA_EP_OPTIONS) for p in asked) and CUDA_EP not in self.providers:
+            self.notes.append(
+                f"{CUDA_EP} was requested but the session runs on {', '.join(self.providers)}: ONNX Runtime could "
+                f"not load its CUDA libraries (onnxruntime {ort.__version__}; its CUDA major must match the "
+                "installed CUDA/cuDNN, see docs/export.md) and fell back silently")
+            _logger.warning("warning: %s", self.notes[-1])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.path = Path(path)

@@ -88,6 +88,8 @@ class ParityReport:
     inputs: dict[str, Any]
     passed: bool
     failures: list[str]
+    providers: list[str] = field(default_factory=list)  # what really ran the artefact (session.get_providers())
+    notes: list[str] = field(default_factory=list)  # e.g. a silent CPU fallback of the CUDA provider
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,7 +147,8 @@ def run_parity(
     precision: str = "fp32",
     inputs_info: dict[str, Any] | None = None,
 ) -> ParityReport:
-    """Run ``runner`` and each reference module on every input pool split into ``batches``.
+    """Run ``runner`` and each reference module on every input pool split into ``batches``. The runner's
+    ``providers`` and ``notes`` (what executed it; see :class:`~mffzoo.export.onnx.OrtRunner`) go into the report.
 
     ``inputs`` maps a name ("random", "images") to an array of ``sum(batches)`` samples, so every batch size sees
     different samples. Gates apply to the merged ("all") row against ``gated_reference``.
@@ -175,4 +178,5 @@ def run_parity(
     return ParityReport(
         backend=backend, precision=precision, gates=dataclasses.asdict(gates), batches=list(batches), rows=rows,
         inputs=dict(inputs_info or {}), passed=not failures, failures=failures,
+        providers=list(getattr(runner, "providers", None) or []), notes=list(getattr(runner, "notes", None) or []),
     )

@@ -121,7 +121,7 @@ class TrtConfig:
     """TensorRT engine build settings (precision itself comes from the ONNX dtypes: strongly typed network)."""
 
     workspace_gb: float = 4.0
-    timing_cache: Path | None = None  # default: ~/.cache/mffzoo/trt-timing.cache, shared across builds
+    timing_cache: Path | None = None  # folder or file, keyed per TensorRT + GPU (default ~/.cache/mffzoo/trt-timing/)
     tf32: bool = False  # off keeps fp32 engines inside the fp32 parity gate
     optimization_level: int = 3
 

@@ -87,11 +87,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def tool_versions() -> dict[str, str]:
-    out = {}
-    for name in _TOOLS:
+def dist_version(module: str) -> str | None:
+    """Version of the installed distribution that provides import name ``module``: ``onnxruntime`` may come
+    from ``onnxruntime-gpu``, ``tensorrt`` from ``tensorrt-cu12``/``-cu13``."""
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for dist in importlib.metadata.packages_distributions().get(module, []):
         try:
-            out[name] = importlib.metadata.version(name)
+            return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return out
+    return None
+
+
+def tool_versions() -> dict[str, str]:
+    return {name: v for name in _TOOLS if (v := dist_version(name)) is not None}

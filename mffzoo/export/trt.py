@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import torch
 
 from ..errors import ExportError
 
-__all__ = ["require_trt", "build_engine", "TrtRunner", "default_timing_cache"]
+__all__ = ["require_trt", "build_engine", "TrtRunner", "default_timing_cache", "timing_cache_file"]
 
 _logger = logging.getLogger("mffzoo")
 INSTALL_HINT = "pip install 'mffzoo[gpu]' on a machine with an NVIDIA GPU"
@@ -41,8 +45,43 @@ def require_trt() -> None:
 
 
 def default_timing_cache() -> Path:
+    """The folder of the keyed timing caches (:func:`timing_cache_file`)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mffzoo" / "trt-timing.cache"
+    return Path(cache) / "mffzoo" / "trt-timing"
+
+
+def timing_cache_file(base: str | os.PathLike[str] | None, tensorrt: str, gpu: str, compute_capability: str) -> Path:
+    """One timing-cache file per (TensorRT version, GPU name, compute capability).
+
+    A timing cache holds kernel timings of one GPU under one TensorRT; loading another's gives wrong tactics or
+    worse (TensorRT's ``ignore_mismatch`` documents wrong results). Keying the file name keeps the caches of every
+    GPU and version apart in one shared folder. ``base``: a folder (the keyed file goes in it), or a file name
+    whose stem gets the key (``timing.cache`` -> ``timing-<key>.cache``); None for :func:`default_timing_cache`."""
+    key = re.sub(r"[^A-Za-z0-9.]+", "-", f"trt{tensorrt}-{gpu}-sm{compute_capability}").strip("-")
+    path = Path(base) if base else default_timing_cache()
+    if base is None or path.is_dir() or not path.suffix:
+        return path / f"{key}.cache"
+    return path.with_name(f"{path.stem}-{key}{path.suffix}")
+
+
+def _unique_tmp(path: Path) -> Path:
+    """A temp name no other writer can pick, on a file system shared between machines (pids are not unique)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{uuid.uuid4().hex}.tmp")
+
+
+def _trt_call(what: str, fn: Callable[[], Any]) -> Any:
+    """TensorRT calls that fail with a pybind ``TypeError``/``RuntimeError`` when it cannot initialise CUDA (a
+    TensorRT built for another CUDA major than the driver/torch): one line instead of a traceback."""
+    try:
+        out = fn()
+    except (TypeError, RuntimeError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ExportError(f"TensorRT cannot {what} ({first}); its CUDA major must match torch's (torch.version.cuda): "
+                          "pip install 'mffzoo[gpu]' for CUDA 13, 'mffzoo[gpu-cu12]' for CUDA 12") from None
+    if out is None:
+        raise ExportError(f"TensorRT cannot {what} (it returned nothing; is the GPU visible and free?); run "
+                          "mffzoo -v export ... for TensorRT's log")
+    return out
 
 
 def _logger_cls() -> Any:
@@ -86,13 +125,14 @@ def build_engine(
     import tensorrt as trt
 
     log = _logger_cls()
-    builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    builder = _trt_call("create a builder", lambda: trt.Builder(log))
+    network = _trt_call("create a network", lambda: builder.create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)] or log.errors
         raise ExportError(f"TensorRT cannot parse '{onnx_path}': {'; '.join(errs)[:300]}")
-    config = builder.create_builder_config()
+    config = _trt_call("create a builder config", builder.create_builder_config)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.builder_optimization_level = optimization_level
     if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
@@ -101,29 +141,45 @@ def build_engine(
     lo, opt, hi = batch
     profile.set_shape(input_name, (lo, 3, *img_size), (opt, 3, *img_size), (hi, 3, *img_size))
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
+    gpu = gpu_info()
+    cache_path = timing_cache_file(timing_cache, trt.__version__, gpu["gpu"], gpu["compute_capability"])
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another GPU/version is ignored, not fatal
+    cache = config.create_timing_cache(blob) if blob else None
+    # ignore_mismatch=False: TensorRT refuses a cache of another device rather than loading it (True loads it,
+    # with wrong results possible). The key in the file name should make that rare (a driver or MIG change).
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if blob:
+            _logger.warning("warning: TensorRT refused the timing cache %s (made on another device or setup, or "
+                            "damaged); building without it and replacing it", cache_path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from '{onnx_path}': "
                           f"{'; '.join(log.errors)[:300] or 'see mffzoo -v export ... for the builder log'}")
     Path(engine_path).write_bytes(bytes(serialized))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+    tmp = _unique_tmp(cache_path)
     try:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, cache_path)  # reused by the next build: engine builds drop from minutes to seconds
     finally:
         tmp.unlink(missing_ok=True)
-    return {"tensorrt": trt.__version__, **gpu_info(), "timing_cache": str(cache_path),
+    return {"tensorrt": trt.__version__, **gpu, "timing_cache": str(cache_path),
             "workspace_gb": workspace_gb, "tf32": tf32, "optimization_level": optimization_level,
             "profile": {"min": lo, "opt": opt, "max": hi}}
 
 
 _TORCH_DTYPE = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                "INT64": torch.int64}
+                "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+
+
+def torch_dtype(trt_dtype_name: str) -> torch.dtype:
+    """The torch dtype of a TensorRT ``DataType`` (by name: enum values moved between TensorRT 10 and 11)."""
+    try:
+        return _TORCH_DTYPE[trt_dtype_name]
+    except KeyError:
+        raise ExportError(f"TensorRT engine uses tensor type {trt_dtype_name}, which mffzoo cannot feed; export "
+                          "with --precision fp32, fp16 or bf16") from None
 
 
 class TrtRunner:
@@ -134,7 +190,7 @@ class TrtRunner:
         import tensorrt as trt
 
         self._log = _logger_cls()
-        self.runtime = trt.Runtime(self._log)
+        self.runtime = _trt_call("create a runtime", lambda: trt.Runtime(self._log))
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise ExportError(f"TensorRT cannot load engine '{engine_path}' (built with another TensorRT version or "
@@ -144,13 +200,16 @@ class TrtRunner:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.input_name, self.output_name = inputs[0], outputs[0]
-        self.out_dtype = _TORCH_DTYPE[self.engine.get_tensor_dtype(self.output_name).name]
+        # the engine's own I/O types: a strongly typed fp16/bf16 engine takes fp16/bf16 input
+        self.in_dtype = torch_dtype(self.engine.get_tensor_dtype(self.input_name).name)
+        self.out_dtype = torch_dtype(self.engine.get_tensor_dtype(self.output_name).name)
+        self.providers = [f"TensorRT {trt.__version__} on {gpu_info()['gpu']}"]  # for the parity report
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)  # min, opt, max shapes of profile 0
         self.batch_range = (int(lo[0]), int(hi[0]))
         self.stream = torch.cuda.Stream()  # execute_async_v3 must not run on the legacy default stream
 
     def run_torch(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device="cuda", dtype=torch.float32).contiguous()
+        x = x.to(device="cuda", dtype=self.in_dtype).contiguous()
         ctx = self.context
         if not ctx.set_input_shape(self.input_name, tuple(x.shape)):  # False: outside the optimisation profile
             lo, hi = self.batch_range

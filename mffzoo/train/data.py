@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,6 +326,11 @@ class GlobalBatchSampler(Sampler):
 
 
 def _worker_init(worker_id: int) -> None:
+    # Schedulers, `timeout` and torchrun signal the whole process group: a worker that died of SIGTERM (torch's
+    # worker handler) or SIGINT took the main process down before it could checkpoint. The main process owns
+    # shutdown; it stops its workers itself, and SIGKILL still ends them.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Augmentation and masking are seeded per sample; this only makes stray numpy/random use reproducible.
     info = torch.utils.data.get_worker_info()
     base = info.seed if info is not None else worker_id

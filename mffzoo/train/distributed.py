@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 
-__all__ = ["DistEnv", "init_distributed", "destroy", "all_reduce", "all_gather_object", "barrier"]
+__all__ = ["DistEnv", "init_distributed", "destroy", "all_reduce", "all_gather_object", "barrier", "StopVote"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,49 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+class StopVote:
+    """Ranks agree on a stop request (a signal number, 0 = none) one optimizer step late, at no cost to the
+    training stream.
+
+    Every step, :meth:`poll` waits for the vote it started the step before and starts the next: an async
+    all-reduce (MAX) of one CPU int on a gloo group of its own, so NCCL/DDP/FSDP collectives and the GPU queue
+    never wait on it, and a request seen by any rank during step k stops every rank after step k + 1. All ranks
+    call :meth:`poll` at the same steps (they step in lockstep), which keeps the collectives matched. Single
+    process: the local request, at once.
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.distributed = env.distributed and dist.is_initialized()
+        self.group: Any = None
+        if self.distributed:  # collective: every rank creates it, in the same order
+            self.group = dist.new_group(backend="gloo")
+        self._work: Any = None
+        self._buf = torch.zeros(1, dtype=torch.int32)
+
+    def _wait(self) -> int:
+        if self._work is None:
+            return 0
+        self._work.wait()
+        self._work = None
+        return int(self._buf.item())
+
+    def poll(self, local: int, sync: bool = False) -> int:
+        """The agreed request: the vote of the previous call (and, with ``sync``, of this one, blocking)."""
+        if not self.distributed:
+            return local
+        agreed = self._wait()
+        self._buf = torch.tensor([local], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if sync:
+            agreed = max(agreed, self._wait())
+        return agreed
+
+    def close(self) -> None:
+        """Finish the vote in flight (before the process group goes away)."""
+        if self.distributed:
+            self._wait()
 
 
 def all_gather_object(obj: Any) -> list[Any]:

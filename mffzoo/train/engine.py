@@ -31,8 +31,14 @@ The engine owns: torchrun/DDP (``find_unused_parameters=False``) or FSDP2, the e
 accumulation, AMP (bf16 autocast; fp16 + GradScaler; fp32), ``torch.compile``, the optimizer (timm, no-decay
 groups from ``model.no_weight_decay()``, fused AdamW), the attention kernel (``train.attention``) and
 per-iteration warmup + cosine (timm),
-checkpoints (atomic, last-k, exact resume), SIGTERM (checkpoint and clean exit), the NaN stop, progress bar,
-``metrics.jsonl`` and TensorBoard. Losses stay on the device and reach the host once per log window.
+checkpoints (atomic, last-k, exact resume), preemption (SIGTERM/SIGINT: every rank stops at the same optimizer
+step, one step after the signal, saves and exits with 128 + the signal number), ``train.deterministic``, the NaN
+stop, progress bar, ``metrics.jsonl`` and TensorBoard. Losses stay on the device and reach the host once per log
+window.
+
+Test hook (not a user setting): ``MFFZOO_TEST_SIGNAL_AT_STEP=STEP[:SIGNAL[:TARGET]]`` makes rank 0 send SIGNAL
+(default TERM) right after optimizer step STEP to its own process group (TARGET ``group``, the default) or to its
+parent's (``parent``: torchrun), so tests interrupt a run at a known step instead of racing it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
+import os
 import signal
 import threading
 import time
@@ -56,14 +62,14 @@ from ..config import dump_yaml, to_dict
 from ..errors import CheckpointError, ConfigError, DataError, MffzooError
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
 from .data import Batch, GlobalBatchSampler, SampleDataset, UnreadableFiles, build_dataset, build_loader, derive_seed
-from .distributed import DistEnv, all_gather_object, all_reduce, barrier, destroy, init_distributed
-from .metrics import MetricsWriter, Progress, format_duration
+from .distributed import DistEnv, StopVote, all_gather_object, all_reduce, barrier, destroy, init_distributed
+from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, reset_peak_memory
 from .recipe import EngineRecipe
 
 _logger = logging.getLogger("mffzoo.train")
 
-__all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "accumulation_steps", "build_optimizer",
-           "configure_attention", "cpu_has_amx", "resolve_precision", "run"]
+__all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "Tf32", "accumulation_steps", "build_optimizer",
+           "configure_attention", "cpu_has_amx", "numerics", "resolve_precision", "run"]
 
 
 class TrainingDiverged(MffzooError):
@@ -127,7 +133,7 @@ class RunContext:
 class TrainResult:
     run_dir: Path
     completed: bool
-    stop_reason: str  # "finished", or the signal that stopped it: "sigterm", "sigint"
+    stop_reason: str  # "finished", or the signal that stopped the run: "sigterm", "sigint"
     epoch: int
     global_step: int
     total_steps: int
@@ -137,16 +143,28 @@ class TrainResult:
     images_per_s: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def exit_code(self) -> int:
+        """0 when finished; 128 + the signal number when stopped by one (143 SIGTERM, 130 SIGINT), as a shell
+        reports a process ended by that signal, so schedulers and scripts see that the run is not complete."""
+        if self.stop_reason.startswith("sig"):
+            return 128 + int(getattr(signal.Signals, self.stop_reason.upper()))
+        return 0
+
+    @property
+    def stop_message(self) -> str:
+        """What the CLI prints when a signal stopped the run (SIGTERM: the scheduler preempted it)."""
+        what = "preempted" if self.stop_reason == "sigterm" else "stopped"
+        return (f"{what} by {self.stop_reason.upper()} at step {self.global_step}/{self.total_steps}; checkpoint "
+                f"{self.checkpoint}; rerun the same command to resume")
+
 
 # --------------------------------------------------------------------------------------------- helpers
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. On CUDA with
-    autocast it also allows TF32 matmuls, as every caller (engine, training benchmark) wants."""
+    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. No global state
+    changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for the duration of a run."""
     if name == "fp32":
         return None, False
-    if device.type == "cuda":  # mixed precision on a GPU: the ops left in fp32 may use TF32 too
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     if name == "fp16":
         return torch.float16, True
     if device.type == "cuda":
@@ -159,6 +177,58 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
         return torch.bfloat16, False
     _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
     return None, False
+
+
+class Tf32:
+    """While active, allow TF32 in CUDA matmuls and convolutions (with mixed precision on a GPU: the ops autocast
+    leaves in fp32 may use TF32 too); restores the previous flags on exit, so a process that also runs true fp32
+    code (the benchmark's peer, a parity check) is not switched to TF32 behind its back. Reusable."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._saved: list[tuple[bool, bool]] = []
+
+    @classmethod
+    def for_run(cls, device: torch.device, amp_dtype: torch.dtype | None) -> Tf32:
+        return cls(device.type == "cuda" and amp_dtype is not None)
+
+    def __enter__(self) -> Tf32:
+        self._saved.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        if self.enabled:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved.pop()
+
+
+@contextlib.contextmanager
+def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None, bool]]:
+    """The run's global numeric settings, restored afterwards: TF32 under mixed precision on CUDA, and with
+    ``train.deterministic`` torch's deterministic algorithms (deterministic SDPA backward, scatter/index_add),
+    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs. Yields
+    :func:`resolve_precision`'s answer."""
+    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
+    det = bool(getattr(tc, "deterministic", False))
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if det:
+        # read when torch creates its cuBLAS handles (lazily, at the first matmul): set before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with Tf32.for_run(device, amp_dtype):
+            yield amp_dtype, use_scaler
+    except RuntimeError as exc:
+        if det and "deterministic" in str(exc):
+            raise ConfigError(f"train.deterministic: {str(exc).splitlines()[0][:200]}; set "
+                              "--set train.deterministic=false to train with this operation") from None
+        raise
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def configure_attention(model: nn.Module, mode: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
@@ -212,12 +282,6 @@ def accumulation_steps(batch_size: int, batch_per_device: int, world_size: int) 
     return batch_size // per_step
 
 
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def _one_line(exc: MffzooError) -> MffzooError:
     """Errors raised in a loader worker arrive wrapped in a multi-line traceback; keep the message."""
     text = str(exc)
@@ -228,11 +292,12 @@ def _one_line(exc: MffzooError) -> MffzooError:
 
 
 class _StopSignal:
-    """SIGTERM (what schedulers send) / SIGINT set a flag; the loop saves at the next step and exits."""
+    """SIGTERM (what schedulers send) / SIGINT set a flag; the ranks agree on it at the next step, save, exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self.signame = ""
+        self.signum = 0  # the strongest request so far (SIGTERM 15 over SIGINT 2): what the ranks vote with
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
@@ -246,15 +311,52 @@ class _StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         self.signame = signal.Signals(signum).name
-
-    @property
-    def reason(self) -> str:
-        """The stop reason a run reports: the signal that arrived (``sigterm``, ``sigint``), lower case."""
-        return (self.signame or "SIGTERM").lower()  # another rank's signal stopped this one: torchrun sends TERM
+        self.signum = max(self.signum, int(signum))
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _TestSignal:
+    """``MFFZOO_TEST_SIGNAL_AT_STEP`` (see the module docstring): a deterministic interruption for tests."""
+
+    VAR = "MFFZOO_TEST_SIGNAL_AT_STEP"
+
+    def __init__(self, step: int, sig: signal.Signals, target: str) -> None:
+        self.step, self.sig, self.target = step, sig, target
+
+    @classmethod
+    def from_env(cls, env: DistEnv) -> _TestSignal | None:
+        spec = os.environ.get(cls.VAR, "").strip()
+        if not spec or not env.is_main:
+            return None
+        parts = spec.split(":")
+        try:
+            step = int(parts[0])
+            sig = signal.Signals[f"SIG{parts[1].upper().removeprefix('SIG')}"] if len(parts) > 1 else signal.SIGTERM
+        except (ValueError, KeyError):
+            raise ConfigError(f"{cls.VAR}='{spec}' is not STEP[:SIGNAL[:TARGET]], e.g. 5:TERM (a test hook)") from None
+        target = parts[2] if len(parts) > 2 else "group"
+        if target not in ("group", "parent"):
+            raise ConfigError(f"{cls.VAR}: target '{target}' must be group or parent (a test hook)")
+        return cls(step, sig, target)
+
+    def maybe_fire(self, global_step: int) -> None:
+        """Signal our own group now (so this rank's request is in this step's vote whatever the parent does),
+        then, for ``parent``, the parent's: torchrun forwards it to every rank's process group."""
+        if global_step != self.step:
+            return
+        pids = [os.getpid()] + ([os.getppid()] if self.target == "parent" else [])
+        for pid in pids:
+            # a whole group only where that process leads it (a test starts it with start_new_session=True)
+            leads = os.getpgid(pid) == pid
+            _logger.warning("test hook %s: sending %s to %s %d at step %d", self.VAR, self.sig.name,
+                            "process group" if leads else "process", pid, global_step)
+            if leads:
+                os.killpg(pid, self.sig)
+            else:
+                os.kill(pid, self.sig)
 
 
 def _check_shapes(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
@@ -301,7 +403,8 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
     if not env.is_main:
         _logger.setLevel(logging.WARNING)
     try:
-        return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start)
+        with numerics(recipe.train, env.device) as amp:
+            return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start, amp)
     except MffzooError as exc:
         raise _one_line(exc) from None
     finally:
@@ -310,7 +413,8 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
             _logger.setLevel(logging.NOTSET)
 
 
-def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
+def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float,
+         amp: tuple[torch.dtype | None, bool]) -> TrainResult:
     tc, oc = recipe.train, recipe.optim
     device = env.device
 
@@ -339,7 +443,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     # ---- model, precision, parallel wrapper, optimizer, schedule
     if device.type == "cpu" and tc.cpu_threads:
         torch.set_num_threads(tc.cpu_threads)
-    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
+    amp_dtype, use_scaler = amp
     torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
     model = task.build_model().to(device)
     torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
@@ -439,19 +543,21 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     ckpt_path: Path | None = resumed_from
     images_this_run, t_loop = 0, time.time()
 
-    def flush(stop_requested: bool) -> tuple[dict[str, Any] | None, bool]:
-        """Reduce the window across ranks (one collective, one host sync), check it, log it."""
+    def flush() -> dict[str, Any] | None:
+        """Reduce the window across ranks (two collectives, one host sync), check it, log it."""
         nonlocal window, metric_sums, metric_count, bad_new, bad_total, t_window, imgs_window, img_s
         nonlocal last_loss
         keys = sorted(metric_sums)
         parts = [torch.stack(window).float() if window else torch.zeros(0, device=device)]
         parts += [(metric_sums[k].float() / max(metric_count, 1)).reshape(-1) for k in keys]
-        parts.append(torch.tensor([float(bad_new), float(stop_requested)], device=device))
+        parts.append(torch.tensor([float(bad_new)], device=device))
         packed = all_reduce(torch.cat(parts).to(device)) / env.world_size
+        mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op="max")  # the fullest rank
         vals = packed.cpu()
+        mem_mb = float(mem.cpu()[0])
+        reset_peak_memory(device)  # each window reports its own peak
         n = len(window)
-        stop = bool(vals[-1] > 0)
-        if vals[-2] > 0 and unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
+        if vals[-1] > 0 and unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
             bad_total = unreadable.count
             if env.is_main:
                 _logger.warning("skipped %d unreadable image(s) so far, e.g. %s", bad_total, unreadable.examples(3))
@@ -477,7 +583,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
             last_loss = float(losses.mean())
             rec = {"type": "train", "step": global_step, "epoch": round(epoch + step_in_epoch / steps_per_epoch, 4),
                    "loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups), "img_s": round(img_s, 2),
-                   "mem_mb": round(_memory_mb(device), 1), "time": round(now - t_start, 2)}
+                   "mem_mb": round(mem_mb, 1), "time": round(now - t_start, 2)}
             off = n
             for k in keys:
                 size = metric_sums[k].numel()
@@ -488,7 +594,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
             progress.show(rec)
             t_window, imgs_window = now, 0
         window, metric_sums, metric_count = [], {}, 0
-        return rec, stop
+        return rec
 
     def save_checkpoint() -> Path | None:
         """All ranks gather (FSDP needs it); rank 0 writes. Always after a flush, so the state is finite."""
@@ -514,6 +620,18 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     # ---- train
     stop_reason = "finished"
     stopper = _StopSignal()
+    vote = StopVote(env)
+    test_signal = _TestSignal.from_env(env)
+
+    def stop_now(signum: int, where: str) -> None:
+        nonlocal stop_reason
+        stop_reason = signal.Signals(signum).name.lower()
+        t0 = time.time()
+        path = save_checkpoint()
+        _logger.info("%s received: checkpoint %s saved %s in %.1f s", signal.Signals(signum).name, path, where,
+                     time.time() - t0)
+
+    reset_peak_memory(device)
     try:
         with stopper:
             while epoch < tc.epochs and stop_reason == "finished":
@@ -524,6 +642,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                 step_loss: torch.Tensor | None = None
                 amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                        else contextlib.nullcontext())
+                stop_sig = 0
                 for batch in _batches(loader):
                     if micro == 0:
                         scheduler.step_update(num_updates=global_step)
@@ -564,25 +683,26 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                     imgs_window += tc.batch_size
                     images_this_run += tc.batch_size
                     progress.update()
+                    if test_signal is not None:
+                        test_signal.maybe_fire(global_step)
+                    # every step: the stop vote (no host sync on the device); one step late under torchrun
+                    stop_sig = vote.poll(stopper.signum)
 
                     # host syncs only here: every log window, before a checkpoint, on a stop request
                     ckpt_due = recipe.checkpoint.every_steps and global_step % recipe.checkpoint.every_steps == 0
-                    local_stop = stopper.requested and not env.distributed
-                    if global_step % recipe.log.every_steps == 0 or ckpt_due or local_stop:
-                        _, stop = flush(stopper.requested)
-                        if stop:
-                            stop_reason = stopper.reason
-                            _logger.info("%s received: saving a checkpoint at step %d", stopper.signame or "stop",
-                                         global_step)
-                            save_checkpoint()
+                    if global_step % recipe.log.every_steps == 0 or ckpt_due or stop_sig:
+                        flush()
+                        if step_in_epoch < steps_per_epoch and stop_sig:
+                            stop_now(stop_sig, f"at step {global_step}")
                             break
                         if ckpt_due and step_in_epoch < steps_per_epoch:
                             save_checkpoint()
                 if stop_reason != "finished":
                     break
 
-                # ---- epoch end
-                rec, stop = flush(stopper.requested)
+                # ---- epoch end (also where a stop at the epoch's last step is saved)
+                flush()
+                stop_sig = max(stop_sig, vote.poll(stopper.signum, sync=True))  # ranks sync here anyway
                 epoch += 1
                 step_in_epoch = 0
                 epoch_rec = {"type": "epoch", "step": global_step, "epoch": epoch, "loss": last_loss,
@@ -596,15 +716,14 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                     f"{images_this_run / max(elapsed, 1e-9):.0f} img/s  "
                     f"elapsed {format_duration(time.time() - t_start)}  eta {format_duration(eta)}"
                 )
-                if epoch % recipe.checkpoint.every_epochs == 0 or epoch == tc.epochs or stop:
+                if stop_sig and epoch < tc.epochs:
+                    stop_now(stop_sig, f"at the end of epoch {epoch}")
+                elif epoch % recipe.checkpoint.every_epochs == 0 or epoch == tc.epochs:
                     save_checkpoint()
                 task.on_epoch_end(_ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps,
                                        steps_per_epoch, last_loss, t_start, bad_total, None))
-                if stop:
-                    stop_reason = stopper.reason
-                    _logger.info("%s received: checkpoint saved at the end of epoch %d", stopper.signame or "stop",
-                                 epoch)
     finally:
+        vote.close()
         progress.close()
         writer.close()
 

@@ -12,14 +12,54 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..progress import Progress as BaseProgress
 from ..progress import format_duration
 
 _logger = logging.getLogger("mffzoo.train")
 
-__all__ = ["MetricsWriter", "Progress", "read_metrics", "format_duration"]
+__all__ = ["MetricsWriter", "Progress", "read_metrics", "format_duration", "peak_memory_mb", "reset_peak_memory",
+           "proc_status_kib"]
 
 METRICS_NAME = "metrics.jsonl"
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` value in KiB (``VmRSS``, ``VmHWM``); None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or the process's VmHWM (Linux >= 4.0; else a no-op)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last :func:`reset_peak_memory`: CUDA tensors allocated, or this process's resident
+    set on CPU (VmHWM; ``ru_maxrss``, the peak since the start, where procfs is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = proc_status_kib("VmHWM")
+    if hwm is None:
+        import resource  # POSIX only
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return hwm / 1024
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict[str, Any]]:

@@ -101,6 +101,9 @@ class TrainConfig:
     attention: Literal["auto", "sdpa", "math"] = "auto"
     fsdp: bool = False  # shard parameters/gradients/optimizer with torch FSDP2 (fully_shard), for ViT-L
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's deterministic algorithms (+ cuBLAS workspace config): bitwise-exact resume on CUDA too (the SDPA
+    # backward is otherwise non-deterministic there), at some speed. CPU runs are exact without it.
+    deterministic: bool = False
     # CPU intra-op threads per process (null: torch's default, all cores). On a small or shared CPU, 1 thread
     # next to a loader worker avoids OpenMP threads spinning against each other, which can cost 10x.
     cpu_threads: int | None = None
