@@ -12,12 +12,15 @@ Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu e
 from __future__ import annotations
 
 from typing import Any
+from urllib.error import URLError
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..errors import WeightsNotFoundError
+from ..zoo.catalog import download_cache_path
 from ..zoo.checkpoint_io import SAFE_EXTRA_GLOBALS
 from ..zoo.home import WEIGHTS_NAME, entry_dir
 
@@ -207,18 +210,35 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
     kwargs = {**ARCHS[variant], **kwargs}
     # timm loads .pth files with weights_only=True; mmengine's `meta` may hold numpy scalars, which are data.
     with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
-        model = build_model_with_cfg(
-            VisionTransformer,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            **kwargs,
-        )
+        try:
+            model = build_model_with_cfg(
+                VisionTransformer,
+                variant,
+                pretrained,
+                pretrained_filter_fn=checkpoint_filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                **kwargs,
+            )
+        except URLError as exc:  # offline, proxy, or the server is gone: say which file and how to go without it
+            raise _download_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
+                                  exc) from None
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         cfg.pop("state_dict", None)  # the weights were copied into the model; do not hold a second copy
     return model
+
+
+def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> WeightsNotFoundError:
+    cfg = get_pretrained_cfg(f"{variant}.{tag}" if isinstance(tag, str) else variant)
+    url = (overlay or {}).get("url") or getattr(cfg, "url", None) or "?"
+    name = f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant
+    reason = str(getattr(exc, "reason", exc)).replace("\n", " ")
+    return WeightsNotFoundError(
+        f"could not download the weights of {name} from {url} ({reason}); without network, fetch that file "
+        f"elsewhere and put it at {download_cache_path(url)}, or load it from any path with "
+        f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH')) "
+        "(or `mffzoo convert PATH OUT` for a model folder)"
+    )
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
