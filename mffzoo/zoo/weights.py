@@ -130,10 +130,12 @@ def local_weights(path: str | os.PathLike[str], conv: Converted | None = None) -
 
 
 def _preference(entry: Any) -> tuple[int, int]:
-    """Best local weights first: MFF before MAE before anything else (demo), longer schedules first."""
+    """Best local weights first: MFF before MAE before anything else (demo), longer schedules first; runs that
+    stopped short of their tag's schedule (``<tag>-partial``) last."""
     m = re.search(r"(\d+)e$", entry.tag)
     epochs = int(m.group(1)) if m else (300 if entry.tag.endswith("local") else 0)
     family = 0 if entry.tag.startswith("mff") else 1 if entry.tag.startswith("mae") else 2
+    family += 3 * entry.tag.endswith("-partial")
     return family, -epochs
 
 
