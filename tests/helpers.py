@@ -105,3 +105,22 @@ def cli_error(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     return err[0]
+
+
+def hf_cache_layout(repo_folder, cache, repo_id: str):
+    """Lay a Hub repo folder out as ``hf_hub_download`` leaves it in the cache (blobs, a snapshot of links,
+    refs/main), so ``hf-hub:ORG/NAME`` loads offline from ``cache`` (``HF_HUB_CACHE``)."""
+    from pathlib import Path
+
+    cache = Path(cache)
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in Path(repo_folder).iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("../../blobs") / blob.name)
+    return cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -132,11 +134,44 @@ def test_gradients_reach_every_fusion_parameter():
     assert model.fusion.weights.grad.abs().min() > 0
 
 
+def official_pos_embed(grid: int, dim: int) -> torch.Tensor:
+    """mmpretrain's 2-D sin-cos table written out entry by entry (square grid, tokens row-major, cls row zero):
+    channels [sin(r w_k), cos(r w_k), sin(c w_k), cos(c w_k)] for row r, column c, w_k = 10000^(-k / (dim/4))."""
+    q = dim // 4
+    rows = [[0.0] * dim]
+    for r in range(grid):
+        for c in range(grid):
+            w = [10000.0 ** (-k / q) for k in range(q)]
+            rows.append([math.sin(r * x) for x in w] + [math.cos(r * x) for x in w]
+                        + [math.sin(c * x) for x in w] + [math.cos(c * x) for x in w])
+    return torch.tensor([rows], dtype=torch.float32)
+
+
+def test_pos_embed_pinned_values():
+    """Known numbers of the official layout: row in the first half, column in the second (MAE's numpy code has
+    them the other way round)."""
+    s1, c1, s01, c01 = 0.84147098, 0.54030231, 0.00999983, 0.99995000  # sin/cos of 1 and of 0.01
+    expected = torch.tensor([[
+        [0, 0, 0, 0, 0, 0, 0, 0],  # cls
+        [0, 0, 1, 1, 0, 0, 1, 1],  # row 0, column 0
+        [0, 0, 1, 1, s1, s01, c1, c01],  # row 0, column 1
+        [s1, s01, c1, c01, 0, 0, 1, 1],  # row 1, column 0
+        [s1, s01, c1, c01, s1, s01, c1, c01],  # row 1, column 1
+    ]])
+    torch.testing.assert_close(sincos_2d_pos_embed((2, 2), 8), expected, atol=1e-7, rtol=0)
+    emb = sincos_2d_pos_embed((3, 3), 16)  # w_1 = 10000^(-1/4) = 0.1
+    assert emb[0, 1 + 2 * 3 + 1, 1].item() == pytest.approx(math.sin(0.2), abs=1e-7)  # row 2: sin(2 * 0.1)
+    assert emb[0, 1 + 2 * 3 + 1, 8 + 1].item() == pytest.approx(math.sin(0.1), abs=1e-7)  # column 1: sin(0.1)
+    torch.testing.assert_close(emb, official_pos_embed(3, 16))
+    torch.testing.assert_close(sincos_2d_pos_embed((14, 14), 768), official_pos_embed(14, 768))  # ViT-B/16 at 224
+
+
 def test_mae_initialisation():
     model = tiny()
     enc = model.encoder
     assert not enc.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
-    torch.testing.assert_close(enc.pos_embed.data, sincos_2d_pos_embed((4, 4), 64))
+    torch.testing.assert_close(enc.pos_embed.data, official_pos_embed(4, 64))
+    torch.testing.assert_close(model.decoder_pos_embed.data, official_pos_embed(4, 32))
     assert torch.all(enc.pos_embed[0, 0] == 0)
     assert model.fusion.weights.shape == (3, 1, 1, 1) and torch.all(model.fusion.weights == 1)  # as mmpretrain
     assert torch.all(model.fusion.proj[0].bias == 0)

@@ -39,7 +39,12 @@ def test_registry_lists_models_and_pretrained_tags():
     assert cfg.num_classes == 0 and cfg.license and cfg.paper_ids == "arXiv:2308.00261"
     ft = timm.get_pretrained_cfg("mff_vit_base_patch16_224.mff_ft_in1k_800e")
     assert ft.num_classes == 1000 and any("83.7" in n for n in ft.notes)
-    assert timm.get_model_default_value if hasattr(timm, "get_model_default_value") else True
+    # the first tag is the default: what `timm.create_model("mff_vit_base", pretrained=True)` downloads
+    from timm.models import get_pretrained_cfg_value
+
+    assert get_pretrained_cfg_value("mff_vit_base_patch16_224", "tag") == "mff_in1k_800e"
+    assert get_pretrained_cfg_value("mff_vit_small_patch16_224", "tag") == "mff_in1k_300e"
+    assert get_pretrained_cfg_value("mff_vit_base_patch16_224.mff_ft_in1k_300e", "license") == "apache-2.0"
 
 
 @pytest.mark.slow
@@ -197,3 +202,41 @@ def test_load_model_random_init_keeps_the_described_architecture(tmp_path):
         assert not torch.equal(fresh.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     loaded = load_model(tmp_path / "c.pth")
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
+def test_official_download_failure_is_one_line_with_the_way_out(tmp_path, monkeypatch):
+    """Offline: the real download path (timm -> torch.hub -> urllib) fails; we say what, from where, and how."""
+    import dataclasses
+
+    from timm.models import _registry
+
+    name = "mff_vit_base_patch16_224.mff_in1k_800e"  # the default tag of mff_vit_base
+    url = "http://127.0.0.1:9/mff_vit-base-p16_800e.pth"  # discard port: connection refused, no network needed
+    cfgs = _registry._model_pretrained_cfgs
+    for key in (name, name.split(".")[0]):  # timm registers the default tag under the bare name too
+        monkeypatch.setitem(cfgs, key, dataclasses.replace(cfgs[name], url=url))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # nothing cached
+    with pytest.raises(WeightsNotFoundError) as info:
+        timm.create_model("mff_vit_base", pretrained=True)
+    msg = str(info.value)
+    assert "\n" not in msg and f"could not download the weights of {name} from {url}" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "mff_vit-base-p16_800e.pth") in msg
+    assert f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH'))" in msg
+
+
+def test_unknown_tag_lists_the_tags_that_exist_and_where_they_come_from(zoo_home):
+    write_model_folder(entry_dir("mff_vit_small_patch16_224", "conv"), "mff_vit_small_patch16_224",
+                       timm.create_model("mff_vit_small", num_classes=0, **TINY), model_args=TINY)
+    with pytest.raises(WeightsNotFoundError) as info:
+        timm.create_model("mff_vit_small.nosuchtag", pretrained=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "mff_vit_small_patch16_224 has no tag 'nosuchtag'" in msg
+    assert "produce them with" not in msg  # no recipe makes this tag: none is suggested
+    assert "official downloads: none" in msg
+    assert "mff_in1k_300e (recipes/vits.yaml)" in msg and "demo (recipes/demo.yaml)" in msg
+    assert f"local folders in {zoo_home}: conv" in msg
+    with pytest.raises(WeightsNotFoundError) as info:
+        timm.create_model("mff_vit_base.nosuchtag", pretrained=True)
+    msg = str(info.value)
+    assert "official downloads: mff_in1k_800e, mff_in1k_300e, mff_ft_in1k_800e, mff_ft_in1k_300e;" in msg
+    assert "mff_local (recipes/vitb.yaml)" in msg and "local folders in" in msg and msg.endswith("lists them all")

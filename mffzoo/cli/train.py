@@ -35,7 +35,8 @@ def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
                f"{result.wall_s:.0f} s -> {result.run_dir}")
     extra = result.extra
     if extra.get("model_dir"):
-        click.echo(f"weights: {extra['model_dir']} (timm.create_model('local-dir:{extra['model_dir']}'))")
+        md = extra["model_dir"]
+        click.echo(f"weights: {md} (timm.create_model('local-dir:{md}', pretrained=True) after `import mffzoo`)")
     if extra.get("zoo_entry"):
         arch, tag = Path(extra["zoo_entry"]).name.split(".", 1)
         click.echo(f"zoo: {arch}.{tag} -> {extra['zoo_entry']} "

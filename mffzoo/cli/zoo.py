@@ -42,12 +42,13 @@ def convert(src: Path, dst: Path, arch: str | None, num_heads: int | None, keep_
     """Convert an mmpretrain / MAE / mffzoo checkpoint into a timm model folder.
 
     DST gets model.safetensors + config.json (+ mffzoo.json); load it with
-    timm.create_model("local-dir:DST") or copy it into the zoo home as <arch>.<tag>/.
+    timm.create_model("local-dir:DST", pretrained=True) after `import mffzoo`, or copy it into the zoo home
+    as <arch>.<tag>/.
     """
     from ..zoo.convert import convert_checkpoint
 
     out = convert_checkpoint(src, dst, arch=arch, num_heads=num_heads, keep_extras=keep_extras)
-    click.echo(f"wrote {out} (load with timm.create_model('local-dir:{out}'))")
+    click.echo(f"wrote {out} (load with timm.create_model('local-dir:{out}', pretrained=True) after `import mffzoo`)")
 
 
 @click.group("data")

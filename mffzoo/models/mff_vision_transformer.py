@@ -12,16 +12,20 @@ Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu e
 from __future__ import annotations
 
 from typing import Any
+from urllib.error import URLError
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ..errors import WeightsNotFoundError
+from ..zoo.catalog import download_cache_path
 from ..zoo.checkpoint_io import SAFE_EXTRA_GLOBALS
 from ..zoo.home import WEIGHTS_NAME, entry_dir
 
-__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "canonical_arch", "checkpoint_filter_fn"]
+__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "canonical_arch", "checkpoint_filter_fn",
+           "published_tag", "registered_schedule"]
 
 # --- architectures (timm kwargs); LayerNorm eps 1e-6, qkv bias and MLP ratio 4 are timm's ViT defaults ---
 ARCHS: dict[str, dict[str, Any]] = {
@@ -83,13 +87,15 @@ def _official(url: str, *, description: str, notes: tuple[str, ...], **kwargs: A
     )
 
 
-def _local(recipe: str, description: str) -> dict[str, Any]:
+def _local(recipe: str, description: str, epochs: int) -> dict[str, Any]:
     # No download exists: the weights come from the user's own `mffzoo train` run, resolved from the zoo home
-    # (MFFZOO_HOME) at creation time by mffzoo.zoo.weights. `notes` marks the tag as local for that resolver.
+    # (MFFZOO_HOME) at creation time by mffzoo.zoo.weights. `notes` marks the tag as local for that resolver;
+    # the schedule is what the tag promises (a shorter run publishes as <tag>-partial, see published_tag).
     return _cfg(
         license="apache-2.0",
         description=description,
-        notes=("source: local", f"recipe: {recipe}", f"produce with: mffzoo train {recipe}"),
+        notes=("source: local", f"recipe: {recipe}", f"produce with: mffzoo train {recipe}",
+               f"schedule: {epochs} epochs"),
     )
 
 
@@ -110,7 +116,7 @@ def _local_runs(size: str, mff_prefix: str, mae_prefix: str, desc: str) -> dict[
         for ep in (300, 800, 1600):
             tag = f"{prefix}{ep}e" if prefix.endswith("_") else (prefix if ep == 300 else f"{prefix}_{ep}e")
             recipe = f"recipes/vit{size}{suffix}{'' if ep == 300 else f'_{ep}e'}.yaml"
-            out[tag] = _local(recipe, f"{method} {desc}, {ep} ep ImageNet-1k pretraining (trained locally)")
+            out[tag] = _local(recipe, f"{method} {desc}, {ep} ep ImageNet-1k pretraining (trained locally)", ep)
     return out
 
 
@@ -118,7 +124,7 @@ def _local_runs(size: str, mff_prefix: str, mae_prefix: str, desc: str) -> dict[
 ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
     "mff_vit_small_patch16_224": {
         **_local_runs("s", "mff_in1k_", "mae_in1k_", "ViT-S/16"),
-        "demo": _local("recipes/demo.yaml", "tiny-budget MFF demo run on the built-in demo data"),
+        "demo": _local("recipes/demo.yaml", "tiny-budget MFF demo run on the built-in demo data", 6),
     },
     "mff_vit_base_patch16_224": {
         "mff_in1k_800e": _official(
@@ -169,6 +175,20 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+def registered_schedule(arch: str, tag: str) -> int | None:
+    """Epochs a registered local tag stands for (its recipe's schedule); None for other tags."""
+    notes = ZOO_TAGS.get(canonical_arch(arch), {}).get(tag, {}).get("notes") or ()
+    return next((int(n.split()[1]) for n in notes if n.startswith("schedule: ")), None)
+
+
+def published_tag(arch: str, tag: str, epochs_done: int) -> str:
+    """The tag a finished run is published under: a registered tag names a whole schedule (``mff_local`` is 300
+    ImageNet epochs), so a run that trained fewer epochs (a smoke test, an override) gets ``<tag>-partial`` and
+    never shadows real weights. Unregistered tags are the user's own and are kept."""
+    planned = registered_schedule(arch, tag)
+    return f"{tag}-partial" if planned is not None and epochs_done < planned else tag
+
+
 def canonical_arch(name: str) -> str:
     """Long registered name for an alias or long name (tag stripped)."""
     base = name.split(".", 1)[0]
@@ -207,18 +227,35 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
     kwargs = {**ARCHS[variant], **kwargs}
     # timm loads .pth files with weights_only=True; mmengine's `meta` may hold numpy scalars, which are data.
     with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
-        model = build_model_with_cfg(
-            VisionTransformer,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-            **kwargs,
-        )
+        try:
+            model = build_model_with_cfg(
+                VisionTransformer,
+                variant,
+                pretrained,
+                pretrained_filter_fn=checkpoint_filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                **kwargs,
+            )
+        except URLError as exc:  # offline, proxy, or the server is gone: say which file and how to go without it
+            raise _download_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
+                                  exc) from None
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         cfg.pop("state_dict", None)  # the weights were copied into the model; do not hold a second copy
     return model
+
+
+def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> WeightsNotFoundError:
+    cfg = get_pretrained_cfg(f"{variant}.{tag}" if isinstance(tag, str) else variant)
+    url = (overlay or {}).get("url") or getattr(cfg, "url", None) or "?"
+    name = f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant
+    reason = str(getattr(exc, "reason", exc)).replace("\n", " ")
+    return WeightsNotFoundError(
+        f"could not download the weights of {name} from {url} ({reason}); without network, fetch that file "
+        f"elsewhere and put it at {download_cache_path(url)}, or load it from any path with "
+        f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH')) "
+        "(or `mffzoo convert PATH OUT` for a model folder)"
+    )
 
 
 def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:

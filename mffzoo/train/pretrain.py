@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import to_dict
+from ..models.mff_vision_transformer import published_tag, registered_schedule
 from ..models.pretrain import MFFPretrainModel, create_pretrain_model
 from .data import Batch, derive_seed, eval_transform, pretrain_transform
 from .engine import RunContext, Task, TrainResult, run
@@ -123,15 +124,22 @@ class PretrainTask(Task):
 
         assert ctx.state_dict is not None
         meta = self.provenance(ctx, final_w)
+        tag = meta["tag"] = published_tag(m.arch, r.publish.tag, ctx.epoch) if r.publish.tag else None
         model_dir = export_model_folder(ctx.run_dir / "model", m.arch, m.encoder_kwargs(), ctx.state_dict, meta)
         out: dict[str, Any] = {"model_dir": model_dir, "reconstruction_png": recon, "fusion_plot": plot,
                                "fusion_weights": final_w}
-        if r.publish.zoo and r.publish.tag:
+        if r.publish.zoo and tag:
             from ..zoo.home import entry_dir
 
-            out["zoo_entry"] = export_model_folder(entry_dir(m.arch, r.publish.tag), m.arch, m.encoder_kwargs(),
+            out["zoo_entry"] = export_model_folder(entry_dir(m.arch, tag), m.arch, m.encoder_kwargs(),
                                                    ctx.state_dict, meta)
-            _logger.info("published %s.%s -> %s", m.arch, r.publish.tag, out["zoo_entry"])
+            _logger.info("published %s.%s -> %s", m.arch, tag, out["zoo_entry"])
+            if tag != r.publish.tag:
+                _logger.warning(
+                    "published as %s.%s, not %s: this run trained %d of the %d epochs that tag stands for; to "
+                    "publish it as %s anyway: mffzoo convert %s/checkpoints/<file>.pth %s", m.arch, tag,
+                    r.publish.tag, ctx.epoch, registered_schedule(m.arch, r.publish.tag), r.publish.tag,
+                    ctx.run_dir, entry_dir(m.arch, r.publish.tag))
         else:
             _logger.info("not published to the zoo (publish.tag is null); weights in %s", model_dir)
         return out

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from .home import entry_dir, list_local
 
-__all__ = ["ZooRow", "zoo_rows", "hub_rows"]
+__all__ = ["ZooRow", "zoo_rows", "hub_rows", "download_cache_path"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ZooRow:
         return self.location if self.source == "hub" else f"{self.arch}.{self.tag}"
 
 
-def _download_cache_path(url: str) -> Path:
+def download_cache_path(url: str) -> Path:
     """Where timm/torch.hub caches a URL download (what `pretrained=True` reuses)."""
     import torch.hub
 
@@ -76,7 +76,7 @@ def zoo_rows() -> list[ZooRow]:
                     metric = _measured(local[0].meta)
                 rows.append(ZooRow(arch, tag, "local", bool(local), str(folder), metric))
             else:
-                cached = _download_cache_path(cfg["url"])
+                cached = download_cache_path(cfg["url"])
                 rows.append(ZooRow(arch, tag, "official", cached.is_file(), cfg["url"], metric))
     for e in list_local():
         if (e.arch, e.tag) not in seen:

@@ -91,8 +91,13 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
         return None
 
 
-def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """timm's ``config.json`` for a backbone (what ``hf-hub:``/``local-dir:`` loading reads)."""
+def timm_config(
+    arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None = None, *, tag: str | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """timm's ``config.json`` for a backbone (what ``hf-hub:``/``local-dir:`` loading reads): its pretrained_cfg
+    describes these weights (input size, the ``data`` mean/std they were trained with, tag), so timm's
+    ``resolve_data_config`` feeds them right."""
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     # Drop the source and the registry's description of some *other* weights; keep preprocessing and paper ids.
     for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
@@ -102,6 +107,11 @@ def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any]
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:
         cfg["input_size"] = [3, int(img[0]), int(img[1])]
+    for k in ("mean", "std"):
+        if (data or {}).get(k):
+            cfg[k] = [float(v) for v in data[k]]
+    if tag:
+        cfg["tag"] = tag
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if v is not None}
     args = dict(model_args or {})
     # The head's structure is part of the architecture: without these a classifier folder (avg pool + fc_norm)
@@ -117,6 +127,13 @@ def timm_config(arch: str, model: torch.nn.Module, model_args: Mapping[str, Any]
         "model_args": args,
         "pretrained_cfg": cfg,
     }
+
+
+def _folder_tag(folder: Path, arch: str, meta: Mapping[str, Any] | None) -> str | None:
+    """The tag the weights are published under: the run's (meta) or the zoo entry's name ``<arch>.<tag>``."""
+    if (meta or {}).get("tag"):
+        return str(meta["tag"])
+    return folder.name.split(".", 1)[1] if folder.name.startswith(f"{arch}.") else None
 
 
 def write_model_folder(
@@ -140,7 +157,9 @@ def write_model_folder(
     try:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": arch})
-        (tmp / CONFIG_NAME).write_text(json.dumps(timm_config(arch, model, model_args), indent=2) + "\n")
+        config = timm_config(arch, model, model_args, tag=_folder_tag(folder, arch, meta),
+                             data=((meta or {}).get("recipe") or {}).get("data"))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         from .. import __version__
 
         (tmp / META_NAME).write_text(

@@ -8,6 +8,7 @@ file of any supported format.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,69 +18,133 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import PretrainedCfg
 
 from ..errors import WeightsNotFoundError
+from .checkpoint_io import load_checkpoint_file
+from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["resolve_pretrained", "load_model", "parse_model_spec"]
+__all__ = ["resolve_pretrained", "load_model", "parse_model_spec", "local_weights", "weights_pretrained_cfg"]
 
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "state_dict")
 
 
-def _zoo_tags(arch: str) -> dict[str, dict[str, Any]]:
-    from ..models.mff_vision_transformer import ZOO_TAGS
+def _zoo_archs() -> dict[str, dict[str, dict[str, Any]]]:
+    from ..models.mff_vision_transformer import ZOO_TAGS  # models import the zoo: resolved at call time
 
-    return ZOO_TAGS.get(arch, {})
+    return ZOO_TAGS
+
+
+def _zoo_tags(arch: str) -> dict[str, dict[str, Any]]:
+    return _zoo_archs().get(arch, {})
+
+
+def _tag_listing(arch: str) -> str:
+    """Every tag of ``arch`` with where its weights come from (what an unknown-tag error offers instead)."""
+    from ..models.mff_vision_transformer import is_local_cfg
+
+    official, recipes = [], []
+    for t, cfg in _zoo_tags(arch).items():
+        recipe = next((n.split(": ", 1)[1] for n in cfg.get("notes") or () if n.startswith("recipe: ")), None)
+        (recipes if is_local_cfg(cfg) else official).append(f"{t} ({recipe})" if recipe else t)
+    local = sorted(e.tag for e in list_local(arch))
+    return (f"official downloads: {', '.join(official) or 'none'}; produced by `mffzoo train RECIPE`: "
+            f"{', '.join(recipes) or 'none'}; local folders in {zoo_home()}: {', '.join(local) or 'none'}")
 
 
 def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
     tags = _zoo_tags(arch)
+    if tag is not None and tag not in tags:
+        return WeightsNotFoundError(
+            f"{arch} has no tag '{tag}' (not registered, no folder {entry_dir(arch, tag)}); its tags: "
+            f"{_tag_listing(arch)}; `mffzoo zoo` lists them all"
+        )
     notes = tags.get(tag or "", {}).get("notes") or ()
     produce = next((n.split(": ", 1)[1] for n in notes if n.startswith("produce with: ")), None)
-    if produce is None:
-        short = arch.replace("mff_vit_", "vit").split("_")[0].replace("small", "s").replace("base", "b")
-        produce = f"mffzoo train recipes/{short.replace('large', 'l')}.yaml"
     what = f"{arch}.{tag}" if tag else arch
+    how = f"produce them with `{produce}` (or `mffzoo train recipes/demo.yaml` for a 5-minute demo), " * bool(produce)
     return WeightsNotFoundError(
-        f"no local weights for {what} in {zoo_home()} (set MFFZOO_HOME to use another zoo); produce them with "
-        f"`{produce}` (or `mffzoo train recipes/demo.yaml` for a 5-minute demo), or pass pretrained=False"
+        f"no local weights for {what} in {zoo_home()} (set MFFZOO_HOME to use another zoo); {how}"
+        "or pass pretrained=False"
     )
 
 
-def _saved_model_args(weights: Path) -> dict[str, Any]:
-    """model_args recorded next to local weights (a demo-sized ViT-S differs from the registered one)."""
+def _folder_config(weights: Path) -> dict[str, Any]:
+    """The timm config.json beside a weights file ({} when there is none or it is unreadable)."""
     cfg = weights.parent / CONFIG_NAME
     if not cfg.is_file():
         return {}
     try:
-        return dict(json.loads(cfg.read_text()).get("model_args") or {})
+        out = json.loads(cfg.read_text())
     except (OSError, ValueError):
         return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _saved_model_args(weights: Path) -> dict[str, Any]:
+    """model_args recorded next to local weights (a demo-sized ViT-S differs from the registered one)."""
+    return dict(_folder_config(weights).get("model_args") or {})
+
+
+_CFG_FIELDS = {f.name for f in dataclasses.fields(PretrainedCfg)}
+# Where the weights come from is decided by the loader; everything else a folder records describes the weights.
+_SOURCE_FIELDS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "custom_load"}
+_TUPLE_FIELDS = {"input_size", "test_input_size", "min_input_size", "mean", "std", "pool_size", "test_pool_size"}
+
+
+def weights_pretrained_cfg(weights: Path, model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """pretrained_cfg entries that describe local weights, so timm's ``resolve_data_config`` feeds them right.
+
+    The folder's config.json (preprocessing, license, tag) comes first; the tensors then fix what they decide
+    (input size, classes); a zoo entry ``<arch>.<tag>/`` without a recorded tag (older mffzoo) names it.
+    """
+    saved = _folder_config(weights).get("pretrained_cfg") or {}
+    out = {k: (tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v) for k, v in saved.items()
+           if k in _CFG_FIELDS and k not in _SOURCE_FIELDS}
+    size = model_args.get("img_size")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        out["input_size"] = (int(model_args.get("in_chans", 3)), int(h), int(w))
+    if "num_classes" in model_args:
+        out["num_classes"] = int(model_args["num_classes"])
+    folder = weights.parent.name
+    if not out.get("tag") and "." in folder and folder.split(".", 1)[0] in _zoo_archs():
+        out["tag"] = folder.split(".", 1)[1]
+    return out
+
+
+def local_weights(path: str | os.PathLike[str], conv: Converted | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(pretrained_cfg overlay, model kwargs)`` for a weights file of any supported format, converted here rather
+    than by timm's loader: its tensors (and the config.json beside ours) decide the architecture kwargs,
+    including a classifier's head (num_classes, avg pool + fc_norm), and the data config the weights need."""
+    path = Path(path).expanduser()
+    if conv is None:
+        conv = convert_state_dict(load_checkpoint_file(path))
+    args = {**conv.arch_kwargs(), **_saved_model_args(path)}
+    # timm loads ``state_dict`` first; ``file`` stays as the record of where the weights came from
+    overlay = {**weights_pretrained_cfg(path, args), "file": str(path), "state_dict": conv.backbone}
+    return overlay, args
 
 
 def _preference(entry: Any) -> tuple[int, int]:
-    """Best local weights first: MFF before MAE before anything else (demo), longer schedules first."""
+    """Best local weights first: MFF before MAE before anything else (demo), longer schedules first; runs that
+    stopped short of their tag's schedule (``<tag>-partial``) last."""
     m = re.search(r"(\d+)e$", entry.tag)
     epochs = int(m.group(1)) if m else (300 if entry.tag.endswith("local") else 0)
     family = 0 if entry.tag.startswith("mff") else 1 if entry.tag.startswith("mae") else 2
+    family += 3 * entry.tag.endswith("-partial")
     return family, -epochs
 
 
 def _file_source(overlay: dict[str, Any], path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A weights file of any supported format, converted here rather than by timm's loader: its tensors (and
-    the config.json beside ours) decide the architecture kwargs, including a classifier's head (num_classes,
-    avg pool + fc_norm), which timm would otherwise drop against the tag's ``num_classes=0``."""
-    from .checkpoint_io import load_checkpoint_file
-    from .convert import convert_state_dict
-
-    path = Path(path).expanduser()
-    conv = convert_state_dict(load_checkpoint_file(path))
-    args = {**conv.arch_kwargs(), **_saved_model_args(path)}
-    # timm loads ``state_dict`` first; ``file`` stays as the record of where the weights came from
-    overlay.update(file=str(path), state_dict=conv.backbone, num_classes=args["num_classes"])
-    return overlay, args
+    """Local weights behind a tag or ``pretrained_cfg_overlay=dict(file=...)``; the caller's overlay keys win over
+    what the weights' folder records, except the head size, which the tensors fix."""
+    cfg, args = local_weights(path)
+    return {**cfg, **{k: v for k, v in overlay.items() if k not in ("file", "state_dict")},
+            "num_classes": cfg["num_classes"]}, args
 
 
 def resolve_pretrained(
@@ -110,14 +175,25 @@ def resolve_pretrained(
         entries.sort(key=_preference)
         best = entries[0]
         _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
-        return ((best.tag if best.tag in tags else None), *_file_source(overlay, best.weights))
+        return _entry_source(tags, best.tag, overlay, best.weights)
     if tag in tags and not is_local_cfg(tags[tag]):
         return tag, overlay or None, {}
     path = entry_dir(arch, tag) / WEIGHTS_NAME
     if not path.is_file():
         raise _missing(arch, tag)
     _logger.info("mffzoo: %s.%s -> %s", arch, tag, path)
-    return ((tag if tag in tags else None), *_file_source(overlay, path))
+    return _entry_source(tags, tag, overlay, path)
+
+
+def _entry_source(
+    tags: Mapping[str, Any], tag: str, overlay: dict[str, Any], path: Path
+) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """A zoo entry: its registered tag's cfg, or for an unregistered tag the default cfg without the default
+    weights' description (timm's base for the preprocessing the entry does not record)."""
+    if tag in tags:
+        return (tag, *_file_source(overlay, path))
+    cfg, args = _file_source(overlay, path)
+    return None, {"description": None, "notes": None, "origin_url": None, **cfg}, args
 
 
 def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
@@ -133,12 +209,9 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
             )
         return f"local-dir:{p}", {"pretrained": True}
     if p.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or p.is_file():
-        from .checkpoint_io import load_checkpoint_file
-        from .convert import convert_state_dict
-
         conv = convert_state_dict(load_checkpoint_file(p))
-        return conv.arch_name(), {"pretrained": True, "pretrained_cfg_overlay": {"state_dict": conv.backbone},
-                                   **conv.arch_kwargs()}
+        overlay, args = local_weights(p, conv)
+        return conv.arch_name(), {"pretrained": True, "pretrained_cfg_overlay": overlay, **args}
     return s, {"pretrained": True}
 
 

@@ -1,0 +1,95 @@
+"""What training and conversion publish, and the load hints they print: a run that stopped short of a registered
+tag's schedule does not take that tag, and every printed ``timm.create_model(...)`` hint loads the weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from helpers import TINY, random_state_dict
+from safetensors.torch import load_file
+
+from mffzoo.cli.main import main
+from mffzoo.data import write_demo_dataset
+from mffzoo.errors import WeightsNotFoundError
+from mffzoo.models.mff_vision_transformer import ZOO_TAGS, canonical_arch, is_local_cfg, registered_schedule
+from mffzoo.train.recipe import load_recipe
+from mffzoo.zoo.catalog import zoo_rows
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = "mff_vit_small_patch16_224"
+HINT = re.compile(r"timm\.create_model\(([^()]*)\)")
+
+
+def _hinted_models(text: str) -> list[torch.nn.Module]:
+    """Run every ``timm.create_model(...)`` the text shows, exactly as printed (after ``import mffzoo``)."""
+    import mffzoo  # noqa: F401  (the hints say: after `import mffzoo`)
+
+    calls = HINT.findall(text)
+    assert calls and len(calls) == text.count("create_model("), text
+    return [eval(f"timm.create_model({args})", {"timm": timm}) for args in calls]  # noqa: S307  (our own output)
+
+
+def test_registered_local_tags_match_the_recipes_that_produce_them():
+    """The schedule a tag promises is its recipe's: the partial-run rule below compares against it."""
+    checked = 0
+    for arch, tags in ZOO_TAGS.items():
+        for tag, cfg in tags.items():
+            if not is_local_cfg(cfg):
+                assert registered_schedule(arch, tag) is None
+                continue
+            recipe = next(n.split(": ", 1)[1] for n in cfg["notes"] if n.startswith("recipe: "))
+            r = load_recipe(REPO / recipe)
+            assert (canonical_arch(r.model.arch), r.publish.tag) == (arch, tag), recipe
+            assert r.train.epochs == registered_schedule(arch, tag), recipe
+            checked += 1
+    assert checked == 19  # 3 sizes x (MFF, MAE) x (300, 800, 1600) + demo
+
+
+def test_short_run_of_a_registered_tag_publishes_as_partial_and_its_hints_load(tmp_path, monkeypatch, capsys):
+    zoo = tmp_path / "zoo"
+    monkeypatch.setenv("MFFZOO_HOME", str(zoo))
+    data = write_demo_dataset(tmp_path / "data", num_classes=4, train_per_class=4, val_per_class=1, image_size=32)
+    recipe = {  # vits.yaml's tag (300 epochs promised), one tiny epoch
+        "name": "smoke", "model": dict(arch="mff_vit_small", fusion_layers=[0, 1, 3], decoder_dim=32, decoder_depth=1,
+                                       decoder_heads=4, **TINY),
+        "data": dict(root=str(data), num_workers=0),
+        "train": dict(epochs=1, batch_size=8, batch_per_device=8, precision="fp32", cpu_threads=1),
+        "optim": dict(lr=1e-3, warmup_epochs=0), "checkpoint": dict(every_steps=0),
+        "log": dict(vis_every_epochs=0, vis_images=0, progress="off"), "publish": dict(tag="mff_in1k_300e"),
+    }
+    (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(recipe))
+    main(["train", str(tmp_path / "smoke.yaml"), "--output", str(tmp_path / "run")])  # the CLI logs to stderr
+    out, err = capsys.readouterr()
+    assert sorted(p.name for p in zoo.iterdir()) == [f"{ARCH}.mff_in1k_300e-partial"]
+    assert f"published as {ARCH}.mff_in1k_300e-partial, not mff_in1k_300e: this run trained 1 of the 300" in err
+    with pytest.raises(WeightsNotFoundError, match="no local weights"):  # the real tag is not shadowed
+        timm.create_model("mff_vit_small.mff_in1k_300e", pretrained=True)
+    row = next(r for r in zoo_rows() if (r.arch, r.tag) == (ARCH, "mff_in1k_300e"))
+    assert not row.present
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    models = _hinted_models(out)  # `weights: RUN/model (...)` and `zoo: ...-partial -> ... (...)`
+    assert len(models) == 2
+    for m in models:
+        assert m.pretrained_cfg["tag"] == "mff_in1k_300e-partial"
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, trained[k]), k
+
+
+def test_convert_hints_load_the_weights(tmp_path, capsys):
+    src = timm.create_model("mff_vit_small", num_classes=0, **TINY)
+    src.load_state_dict(random_state_dict(src, 5))
+    torch.save({"model": src.state_dict(), "model_args": TINY}, tmp_path / "ck.pth")
+    main(["convert", str(tmp_path / "ck.pth"), str(tmp_path / "out")])
+    (model,) = _hinted_models(capsys.readouterr().out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    try:
+        main(["convert", "--help"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert 'timm.create_model("local-dir:DST", pretrained=True)' in " ".join(capsys.readouterr().out.split())
