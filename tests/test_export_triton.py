@@ -173,22 +173,28 @@ def test_write_metadata_keeps_the_graph(exported, tmp_path: Path) -> None:
     assert meta["std"] == read_metadata(res.artefact)["std"]  # the other keys kept
 
 
-def _readme_snippet() -> str:
-    text = (REPO / "README.md").read_text()
-    block = re.search(r"the preprocessing comes from the model file\s*```python\n(.*?)```", text, re.S)
-    assert block, "README serving snippet not found"
+def _snippet(doc: str, after: str) -> str:
+    text = (REPO / doc).read_text()
+    block = re.search(re.escape(after) + r".*?```python\n(.*?)```", text, re.S)
+    assert block, f"serving snippet not found in {doc}"
     return block.group(1)
 
 
-def test_readme_serving_snippet_runs_without_torch(exported, tiny: Path, tmp_path: Path) -> None:
-    """The README's code, verbatim, on a real export and a non-square JPEG: equals PyTorch on timm's transform."""
+@pytest.mark.parametrize("doc, after, files, out", [
+    ("README.md", "the preprocessing comes from the model file", ["image.jpg"], "emb"),
+    ("docs/export.md", "the tests run both verbatim on a real export", ["a.png", "b.png"], "emb"),
+])
+def test_serving_snippets_run_without_torch(exported, tiny: Path, tmp_path: Path, doc: str, after: str,
+                                            files: list[str], out: str) -> None:
+    """The documented code, verbatim, on a real export and non-square images: equals PyTorch on timm's transform."""
     res, _ = exported
-    code = _readme_snippet()
+    code = _snippet(doc, after)
     assert "custom_metadata_map" in code and "json.load(open" not in code  # reads the model file, not the sidecar
     shutil.copy(res.artefact, tmp_path / "model.onnx")  # no sidecar next to it
-    arr = np.random.default_rng(3).integers(0, 256, (45, 61, 3), dtype=np.uint8)
-    Image.fromarray(arr).save(tmp_path / "image.jpg", quality=95)
-    check = "\nimport sys\nassert 'torch' not in sys.modules, 'the snippet imported torch'\nnp.save('emb.npy', emb)\n"
+    rng = np.random.default_rng(3)
+    for i, name in enumerate(files):
+        Image.fromarray(rng.integers(0, 256, (45 + 9 * i, 61 - 20 * i, 3), dtype=np.uint8)).save(tmp_path / name)
+    check = f"\nimport sys\nassert 'torch' not in sys.modules, 'imported torch'\nnp.save('out.npy', {out})\n"
     p = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
@@ -196,10 +202,10 @@ def test_readme_serving_snippet_runs_without_torch(exported, tiny: Path, tmp_pat
     from timm.data import resolve_data_config
 
     tf = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    x = tf(Image.open(tmp_path / "image.jpg").convert("RGB"))[None]
+    x = torch.stack([tf(Image.open(tmp_path / name).convert("RGB")) for name in files])
     with torch.no_grad():
         want = ExportModule(model, "pooled")(x).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), want, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-4)
 
 
 def test_check_only_refuses_metadata_that_disagrees(exported, tmp_path: Path, capsys) -> None:
@@ -319,6 +325,7 @@ def test_second_version_keeps_the_first(exported, tmp_path: Path) -> None:
     after = _tree(repo)
     assert {k: v for k, v in after.items() if k in before} == before  # version 1 and the configs untouched
     assert after["enc/2/model.onnx"] == _sha(res.artefact) and repo / "enc" / "2" / "model.onnx" in files
+    assert repo / "enc" / "config.pbtxt" not in files  # kept, not rewritten
     add_to_repository(repo, res.artefact)
     assert (repo / "enc" / "3" / "model.onnx").is_file()
 
@@ -403,3 +410,17 @@ def test_openvino_row(exported, tmp_path: Path) -> None:
     cfg = _parse(tmp_path / "repo" / "enc" / "config.pbtxt")
     assert cfg.backend == "openvino" and [g.kind for g in cfg.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
     assert _sha(tmp_path / "repo" / "enc" / "1" / "model.bin") == _sha(root / "enc.bin")
+
+
+def test_schema_without_grpc_extra_and_without_tritonclient(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mffzoo.export import triton
+
+    for name in ("tritonclient.grpc", "tritonclient.grpc.model_config_pb2"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "grpc", None)  # tritonclient installed without its [grpc] extra
+    module = triton.model_config_pb2()
+    assert text_format.Parse('name: "m" max_batch_size: 2', module.ModelConfig()).max_batch_size == 2
+    monkeypatch.delitem(sys.modules, "tritonclient.grpc.model_config_pb2")
+    monkeypatch.setitem(sys.modules, "tritonclient", None)  # not installed at all
+    with pytest.raises(ExportError, match=r"pip install 'mffzoo\[triton\]'"):
+        triton.model_config_pb2()

@@ -195,17 +195,20 @@ class Staged:
             os.chmod(self.tmp, 0o777 & ~_umask())
             os.replace(self.tmp, self.repo)
             return self.files
+        kept = set()
         for name in self.models:  # encoder first: an ensemble never points at a missing model
             src, dst = self.tmp / name, self.repo / name
             if not dst.exists():
                 os.replace(src, dst)
                 continue
-            for version in sorted(p for p in src.iterdir() if p.is_dir()):
+            for version in sorted(p for p in src.iterdir() if p.is_dir() and not (dst / p.name).exists()):
                 os.replace(version, dst / version.name)
-            if not (dst / "config.pbtxt").exists():
+            if (dst / "config.pbtxt").exists():  # same signature (checked): the user's edits stay
+                kept.add(dst / "config.pbtxt")
+            else:
                 os.replace(src / "config.pbtxt", dst / "config.pbtxt")
         self.discard()
-        return self.files
+        return [f for f in self.files if f not in kept]
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
