@@ -23,12 +23,12 @@ from mffzoo.config import to_dict
 from mffzoo.errors import CheckFailed, ConfigError, ExportError, WeightsNotFoundError
 from mffzoo.export import SIDECAR_KEYS, ExportModule, ExportProfile, OrtRunner, check_artefact, export_model
 from mffzoo.export.api import load_export_model
-from mffzoo.export.onnx import onnx_batch_dim, ort_supports
+from mffzoo.export.onnx import onnx_batch_dim, ort_supports, write_metadata
 from mffzoo.export.parity import compare, run_parity
 from mffzoo.export.pipeline import build_artefact
 from mffzoo.export.profile import BatchRange, Gates, find_profile, load_profile
 from mffzoo.export.quantize import cpu_has_vnni
-from mffzoo.export.sidecar import state_dict_sha256
+from mffzoo.export.sidecar import onnx_metadata, state_dict_sha256
 from mffzoo.zoo import load_model, write_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +186,7 @@ def test_check_refuses_changed_weights(fp32, tmp_path: Path) -> None:
     side = json.loads(fp32.sidecar.read_text())
     side["weights"]["sha256"] = "0" * 64
     (tmp_path / "a.onnx.json").write_text(json.dumps(side))
+    write_metadata(art, onnx_metadata(side))  # file and sidecar agree: only the weights differ
     with pytest.raises(ExportError, match="changed since"):
         check_artefact(art)
 

@@ -37,11 +37,16 @@ def _print_report(report: Any) -> None:
 @click.option("--no-check", is_flag=True, help="Skip the parity check (the sidecar then says so).")
 @click.option("--check-only", "check_only", type=click.Path(path_type=Path), default=None,
               help="Re-check an existing ARTEFACT against the weights its sidecar names; export nothing.")
+@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+              help="Also add the artefact to this Triton model repository (config.pbtxt + next version).")
+@click.option("--triton-preprocess", is_flag=True, default=None,
+              help="With --triton-repo: add a preprocessing model + ensemble, so clients send encoded images.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile key.")
 def export(model: str | None, fmt: str | None, profile: str | None, weights: str | None, random_init: bool | None,
            precision: str | None, batch: str | None, img_size: int | None, output: Path | None,
            features: str | None, opset: int | None, quantize: str | None, check_images: Path | None,
-           no_check: bool, check_only: Path | None, overrides: tuple[str, ...]) -> None:
+           no_check: bool, check_only: Path | None, triton_repo: Path | None, triton_preprocess: bool | None,
+           overrides: tuple[str, ...]) -> None:
     """Export MODEL (name[.tag], model folder or checkpoint) to ONNX or TensorRT, then check parity vs PyTorch.
 
     Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
@@ -58,7 +63,9 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
                 ("MODEL", model), ("--format", fmt), ("--profile", profile), ("--weights", weights),
                 ("--random-init", random_init), ("--precision", precision), ("--batch", batch),
                 ("--img-size", img_size), ("--output", output), ("--features", features), ("--opset", opset),
-                ("--quantize", quantize), ("--no-check", no_check), ("--set", overrides)) if v not in (None, False, ())]
+                ("--quantize", quantize), ("--no-check", no_check), ("--set", overrides),
+                ("--triton-repo", triton_repo), ("--triton-preprocess", triton_preprocess),
+            ) if v not in (None, False, ())]
             if given:
                 raise ConfigError(f"--check-only re-checks an artefact with the settings recorded in its sidecar: "
                                   f"drop {', '.join(given)} (only --check-images combines with it)")
@@ -75,6 +82,7 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
             profile, list(overrides), model=model, format=fmt, weights=weights, random_init=random_init,
             precision=precision, batch=BatchRange.parse(batch) if batch else None, img_size=img_size, output=output,
             features=features, opset=opset, quantize={"mode": quantize} if quantize else None, check=check or None,
+            triton={k: v for k, v in (("repo", triton_repo), ("preprocess", triton_preprocess)) if v} or None,
         )
         if quantize and prof.precision != "int8":  # dynamic is the default mode, so the profile cannot see this
             raise ConfigError(f"--quantize {quantize} applies to --precision int8 only (this export is "
@@ -87,3 +95,7 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
         _print_report(result.report)
     click.echo(f"wrote {result.artefact} and {result.sidecar.name}"
                + ("" if result.report else " (parity NOT checked: --no-check)"))
+    if prof.triton.repo is not None:
+        repo = prof.triton.repo.expanduser()
+        click.echo(f"Triton repository {repo}: " + ", ".join(
+            str(p.relative_to(repo)) for p in result.files if p.is_relative_to(repo)))

@@ -26,12 +26,22 @@ import torch
 from ..config import load_config, to_dict
 from ..errors import ConfigError, ExportError, WeightsNotFoundError
 from ..zoo import load_model
+from . import triton
 from .inputs import default_image_root, load_images, model_img_size, preprocessing, random_inputs
-from .onnx import OrtRunner, ort_supports
+from .onnx import OrtRunner, ort_supports, read_metadata, write_metadata
 from .parity import ParityFailed, ParityReport, Runner, run_parity
 from .pipeline import INPUT_NAME, Built, SigtermGuard, build_artefact
 from .profile import ExportProfile, load_profile
-from .sidecar import file_sha256, read_sidecar, report_path, sidecar_path, state_dict_sha256, tool_versions, write_json
+from .sidecar import (
+    file_sha256,
+    onnx_metadata,
+    read_sidecar,
+    report_path,
+    sidecar_path,
+    state_dict_sha256,
+    tool_versions,
+    write_json,
+)
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
 
 __all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
@@ -205,6 +215,10 @@ def export_model(
     """
     prof = load_profile(profile, overrides, model=model, **fields)
     _validate_machine(prof)
+    tri = prof.triton
+    if tri.repo is not None:
+        triton.check_request(tri.repo, prof.format, preprocess=tri.preprocess, kind=tri.kind,
+                             dynamic_batch=prof.batch.min != prof.batch.max)
     fp32 = load_export_model(prof)
     features = resolve_features(prof.features, fp32)
     ExportModule(fp32, features)  # raises for logits on a backbone
@@ -233,6 +247,7 @@ def export_model(
             except OSError as exc:
                 raise ExportError(f"cannot write in '{base}' ({exc.strerror}); choose another --output") from None
             guard.remove_on_term(tmp)
+        staged: triton.Staged | None = None
         try:
             t0 = time.perf_counter()
             built = build_artefact(fp32, features, prof, tmp, calibration=calib)
@@ -243,6 +258,15 @@ def export_model(
             if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
                 moves.append((built.onnx, out.with_suffix(".onnx")))
             side = _sidecar(prof, fp32, features, out, built, report, export_s)
+            for src, dst in moves:  # after parity (the verdict is in it), before hashing: the hash is of the final file
+                if dst.suffix == ".onnx":
+                    write_metadata(src, onnx_metadata(side))
+            side["artefact_sha256"] = file_sha256(built.artefact)
+            if tri.repo is not None and (report is None or report.passed):  # a failed artefact is never served
+                staged = triton.stage(tri.repo, built.artefact, side, name=tri.name, preprocess=tri.preprocess,
+                                      kind=tri.kind, instances=tri.instances,
+                                      signature_source=built.onnx if prof.format == "trt" else None)
+                guard.remove_on_term(staged.tmp)
             moves.append((write_json(tmp / "sidecar.json", side), sidecar_path(out)))
             if report is not None:
                 moves.append((write_json(tmp / "parity.json", report.to_dict()), report_path(out)))
@@ -252,14 +276,18 @@ def export_model(
                     os.replace(src, dst)
                 if report is None:
                     report_path(out).unlink(missing_ok=True)  # a stale report of an earlier export would mislead
+                triton_files = staged.commit() if staged else []
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    files = [dst for _, dst in moves]
+            if staged:
+                staged.discard()
+    files = [dst for _, dst in moves] + triton_files
     _logger.debug("wrote %s", ", ".join(map(str, files)))
     result = ExportResult(out, sidecar_path(out), report, files)
     if report is not None and not report.passed:
-        raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept, report in "
-                           f"{report_path(out)} (do not serve it; see docs/export.md#gates)", report)
+        skipped = " (not added to the Triton repository)" if tri.repo is not None else ""
+        raise ParityFailed(f"parity gate missed for {out}: {'; '.join(report.failures)}; artefact kept{skipped}, "
+                           f"report in {report_path(out)} (do not serve it; see docs/export.md#gates)", report)
     return result
 
 
@@ -284,7 +312,7 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
     return {
         "format": prof.format,
         "artefact": out.name,
-        "artefact_sha256": file_sha256(built.artefact),
+        "artefact_sha256": None,  # set by export_model once the file is final (metadata written)
         "onnx": out.with_suffix(".onnx").name if prof.format == "trt" else out.name,
         "model": {
             "spec": _model_spec(prof), "architecture": cfg.get("architecture"),
@@ -322,6 +350,8 @@ def check_artefact(
     """
     artefact = Path(artefact)
     side = read_sidecar(artefact)
+    if artefact.suffix == ".onnx":
+        _check_metadata(artefact, side)
     data = dict(side["profile"])
     data["check"] = {**data.get("check", {}), "enabled": True, **({"images": str(images)} if images else {})}
     prof = load_config(ExportProfile, data)
@@ -341,3 +371,19 @@ def check_artefact(
         raise ParityFailed(f"parity gate missed for {artefact}: {'; '.join(report.failures)}; report in "
                            f"{report_path(artefact)}", report)
     return report
+
+
+def _check_metadata(artefact: Path, side: dict[str, Any]) -> None:
+    """The ONNX file's embedded serving facts must be its sidecar's: a server reads the file, not the sidecar."""
+    have = read_metadata(artefact)
+    want = onnx_metadata(side)
+    if not set(want) & set(have):
+        _logger.warning("'%s' carries no mffzoo metadata (exported by an older mffzoo); re-export to embed it",
+                        artefact)
+        return
+    bad = [k for k in want if have.get(k) != want[k]]
+    if bad:
+        k = bad[0]
+        raise ExportError(f"'{artefact}' embeds metadata that disagrees with its sidecar ({len(bad)} key(s), e.g. "
+                          f"{k}: file {have.get(k, 'missing')} vs sidecar {want[k]}); the file or "
+                          f"{sidecar_path(artefact).name} was replaced or edited: re-export the model")

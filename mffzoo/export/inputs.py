@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .preprocess import preprocess_image
 
 __all__ = ["preprocessing", "random_inputs", "image_files", "load_images", "default_image_root"]
 
@@ -33,6 +34,7 @@ def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     h, w = model_img_size(model)
     cfg = resolve_data_config({"input_size": (3, h, w)}, model=model)
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    out["value_range"] = [0.0, 1.0]  # pixels scaled to this range before mean/std (timm's ToTensor)
     out["steps"] = (f"RGB; resize shorter side to {math.floor(h / cfg['crop_pct'])} ({cfg['interpolation']}); "
                     f"center crop {h}x{w}; scale to [0, 1]; normalise with mean/std; NCHW float32")
     return out
@@ -67,18 +69,15 @@ def image_files(root: str | os.PathLike[str], n: int) -> list[Path]:
 
 
 def load_images(root: str | os.PathLike[str], n: int, model: torch.nn.Module) -> np.ndarray:
-    """``n`` real images through the model's eval transform (resize, center crop, normalise)."""
+    """``n`` real images through the model's eval transform (:mod:`.preprocess`: what served models run too)."""
     from PIL import Image, UnidentifiedImageError
-    from timm.data import create_transform
 
     cfg = preprocessing(model)
-    tf = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != "steps"},
-                          is_training=False)
     out = []
     for path in image_files(root, n):
         try:
             with Image.open(path) as im:
-                out.append(tf(im.convert("RGB")).numpy())
+                out.append(preprocess_image(im, cfg))
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"image '{path}' cannot be read ({exc}); remove it or pass another folder") from None
     return np.stack(out).astype(np.float32)

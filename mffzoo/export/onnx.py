@@ -15,7 +15,8 @@ import torch
 
 from ..errors import ExportError
 
-__all__ = ["export_onnx", "check_onnx", "onnx_batch_dim", "OrtRunner", "ort_supports", "ort_providers"]
+__all__ = ["export_onnx", "check_onnx", "onnx_batch_dim", "OrtRunner", "ort_supports", "ort_providers",
+           "write_metadata", "read_metadata"]
 
 _logger = logging.getLogger("mffzoo")
 
@@ -93,6 +94,37 @@ def onnx_batch_dim(path: str | os.PathLike[str]) -> str | int:
 
     dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     return dim.dim_param or dim.dim_value
+
+
+def write_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
+    """Set ``meta`` in the file's ``metadata_props`` (other keys kept); the graph itself is not touched.
+
+    Written after the parity check, so the file keeps the verdict; the graph bytes are compared before and after,
+    so the served computation is the checked one.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph.SerializeToString()
+    kept = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    if model.graph.SerializeToString() != graph:  # cannot happen: only metadata_props was edited
+        raise ExportError(f"writing metadata changed the graph of '{path}'")
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The file's ``metadata_props`` as a dict (what ONNX Runtime's ``custom_metadata_map`` returns)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError/OSError variants for a broken file
+        raise ExportError(f"'{path}' is not a readable ONNX file ({exc}); re-export it") from None
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> None:

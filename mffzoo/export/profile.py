@@ -15,7 +15,7 @@ from ..config import load_config, read_yaml, require
 from ..errors import ConfigError
 
 __all__ = [
-    "BatchRange", "Gates", "GateSet", "CheckConfig", "QuantizeConfig", "TrtConfig", "ExportProfile",
+    "BatchRange", "Gates", "GateSet", "CheckConfig", "QuantizeConfig", "TrtConfig", "TritonConfig", "ExportProfile",
     "PRECISIONS", "load_profile", "find_profile",
 ]
 
@@ -103,6 +103,22 @@ class CheckConfig:
 
 
 @dataclass
+class TritonConfig:
+    """Also add the artefact to a Triton model repository (see mffzoo/export/triton.py)."""
+
+    repo: Path | None = None  # the model repository folder; null: no Triton output
+    name: str | None = None  # Triton model name; default: the artefact's file name without suffix
+    preprocess: bool = False  # add a Python-backend preprocessing model + ensemble: encoded images in
+    kind: Literal["auto", "cpu", "gpu"] = "auto"  # instance_group kind; auto: CPU for ONNX, GPU for TensorRT
+    instances: int = 1
+
+    def validate(self) -> None:
+        require(self.instances >= 1, "triton.instances", f"must be >= 1, got {self.instances}")
+        require(self.repo is not None or not self.preprocess, "triton.preprocess",
+                "needs a repository: add --triton-repo DIR")
+
+
+@dataclass
 class QuantizeConfig:
     """ONNX Runtime int8 quantisation (CPU serving)."""
 
@@ -148,6 +164,7 @@ class ExportProfile:
     opset: int = 20
     slim: bool = True  # onnxslim pass (keeps the dynamic batch)
     output: Path | None = None  # default: exports/<model>-<features>-<precision>.<onnx|engine>
+    triton: TritonConfig = field(default_factory=TritonConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     trt: TrtConfig = field(default_factory=TrtConfig)

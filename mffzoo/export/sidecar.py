@@ -17,12 +17,19 @@ from typing import Any
 import torch
 
 __all__ = ["sidecar_path", "report_path", "write_json", "read_sidecar", "state_dict_sha256", "file_sha256",
-           "tool_versions", "SIDECAR_KEYS"]
+           "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS"]
 
 # Keys every sidecar has (tests and serving code rely on them).
 SIDECAR_KEYS = (
     "format", "artefact", "artefact_sha256", "model", "weights", "input", "output", "preprocessing", "precision",
     "opset", "tools", "profile", "parity",
+)
+
+# What an ONNX file carries in metadata_props (values are JSON): the serving half of its sidecar.
+METADATA_KEYS = (
+    "input_name", "input_layout", "input_dtype", "input_size", "batch", "value_range", "mean", "std",
+    "interpolation", "crop_pct", "crop_mode", "output_name", "output_kind", "output_width", "architecture", "tag",
+    "precision", "weights_sha256", "mffzoo_version", "parity",
 )
 
 _TOOLS = ("mffzoo", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "onnxslim", "tensorrt")
@@ -104,3 +111,24 @@ def dist_version(module: str) -> str | None:
 
 def tool_versions() -> dict[str, str]:
     return {name: v for name in _TOOLS if (v := dist_version(name)) is not None}
+
+
+def onnx_metadata(side: dict[str, Any]) -> dict[str, str]:
+    """The ONNX ``metadata_props`` of an artefact, derived from its sidecar only (one source of truth).
+
+    Every value is JSON, so a server reads them all with ``json.loads`` and needs no sidecar to preprocess.
+    """
+    inp, out, pre = side["input"], side["output"], side["preprocessing"]
+    parity = side.get("parity") or {}
+    verdict = "not checked" if "passed" not in parity else ("passed" if parity["passed"] else "failed")
+    meta = {
+        "input_name": inp["name"], "input_layout": inp["layout"], "input_dtype": inp["dtype"],
+        "input_size": pre["input_size"], "batch": inp["batch"], "value_range": pre["value_range"],
+        "mean": pre["mean"], "std": pre["std"], "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
+        "crop_mode": pre.get("crop_mode") or "center", "output_name": out["name"], "output_kind": out["features"],
+        "output_width": out["shape"][-1], "architecture": side["model"]["architecture"],
+        "tag": side["model"]["tag"], "precision": side["precision"], "weights_sha256": side["weights"]["sha256"],
+        "mffzoo_version": side["tools"].get("mffzoo"), "parity": verdict,
+    }
+    assert tuple(meta) == METADATA_KEYS
+    return {k: json.dumps(v) for k, v in meta.items()}
