@@ -86,3 +86,40 @@ def train(models: str, impls: str, peer_bf16: bool, batch_size: int | None, step
     if json_path:
         json_path.write_text(json.dumps(rows, indent=1))
         click.echo(f"wrote {json_path}")
+
+
+@bench.command("data")
+@click.argument("recipe")
+@click.option("--data", "data", default=None, help="Measure this ImageNet-style folder instead of generated "
+              "500x375 JPEGs.")
+@click.option("--images", default=256, show_default=True, help="Images per round (generated ones are cached).")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds (spread = min..max over rounds).")
+@click.option("--workers", default=2, show_default=True, help="Also measure a DataLoader with this many workers "
+              "(0: only the 1-worker, in-process measurement).")
+@click.option("--batch", type=int, default=None, help="Collate batch (default: train.batch_per_device, at most 32).")
+@click.option("--target-img-s", type=float, default=None, help="Training img/s per process to feed: prints the "
+              "workers it needs.")
+@click.option("--steps-per-s", type=float, default=None, help="Or a measured/quoted step rate (steps/s per "
+              "process); the target is this x train.batch_per_device.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. "
+              "--set data.augment=mae.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+def data(recipe: str, data: str | None, images: int, rounds: int, workers: int, batch: int | None,
+         target_img_s: float | None, steps_per_s: float | None, overrides: tuple[str, ...],
+         json_path: Path | None) -> None:
+    """Training loader img/s per worker (decode + augmentation + collate): data.fast_decode vs the plain path."""
+    import json
+
+    from ..bench.data import run_data_bench
+    from .zoo import print_table
+
+    result = run_data_bench(recipe, overrides, data=data, num_images=images, rounds=rounds, num_workers=workers,
+                            batch=batch, target_img_s=target_img_s, steps_per_s=steps_per_s,
+                            log=lambda s: click.echo(s, err=True))
+    rows, header = result.table()
+    print_table(rows, header)
+    for line in result.notes():
+        click.echo(line)
+    if json_path:
+        json_path.write_text(json.dumps(result.to_dict(), indent=1))
+        click.echo(f"wrote {json_path}")

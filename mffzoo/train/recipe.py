@@ -61,6 +61,10 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # "mae" augmentation only
     crop_padding: int = 4  # "mff" augmentation only
     hflip: float = 0.5
+    # Same augmentation (same crops and flips per sample), cheaper decoding: JPEG draft mode at the smallest size
+    # the crop allows, libjpeg-turbo straight to a tensor, torch's uint8 resize. false: torchvision on full PIL
+    # decodes (pixels differ by resampling only; docs/training.md). Our choice.
+    fast_decode: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 8  # our choice (per process)
