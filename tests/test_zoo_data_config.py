@@ -93,7 +93,10 @@ def test_file_overlay_without_a_folder_config_takes_size_and_classes_from_the_te
 def test_unregistered_local_tag_is_named_and_not_described_as_another(tmp_path, monkeypatch):
     monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
     src = timm.create_model("mff_vit_small", num_classes=0, **TINY)
-    write_model_folder(entry_dir(ARCH, "conv"), ARCH, src, model_args=TINY)  # e.g. `mffzoo convert ... <home>/...conv`
+    folder = write_model_folder(entry_dir(ARCH, "conv"), ARCH, src, model_args=TINY)  # e.g. `mffzoo convert`
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["pretrained_cfg"].pop("tag") == "conv"  # as written by mffzoo before tags were recorded:
+    (folder / "config.json").write_text(json.dumps(cfg))  # the entry's folder name still names it
     for name in ("mff_vit_small.conv", "mff_vit_small"):
         m = timm.create_model(name, pretrained=True)
         assert m.pretrained_cfg["tag"] == "conv" and m.pretrained_cfg["input_size"] == (3, 32, 32)

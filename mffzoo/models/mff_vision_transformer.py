@@ -247,7 +247,8 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
 
 def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> WeightsNotFoundError:
     cfg = get_pretrained_cfg(f"{variant}.{tag}" if isinstance(tag, str) else variant)
-    url = (overlay or {}).get("url") or getattr(cfg, "url", None) or "?"
+    explicit = tag if isinstance(tag, dict) else {}  # a pretrained_cfg dict passed by the caller
+    url = (overlay or {}).get("url") or explicit.get("url") or getattr(cfg, "url", None) or "?"
     name = f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant
     reason = str(getattr(exc, "reason", exc)).replace("\n", " ")
     return WeightsNotFoundError(
