@@ -121,7 +121,8 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
 
 
 def plot_filters(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Two panels (low-pass, high-pass): top-1 vs cut-off radius, one line per model, clean accuracy dashed."""
+    """Two panels (low-pass, high-pass): top-1 vs cut-off radius, one line per model, its clean (unfiltered)
+    accuracy dashed, chance dotted; the title names the data (``title`` replaces it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,16 +135,24 @@ def plot_filters(result: dict[str, Any], path: str | os.PathLike[str], title: st
         short = (label if len(label) < 40 else "..." + label[-37:]) + (" (random init)" if result.get("random_init")
                                                                       else "")
         for ax, mode in zip(axes, ("low", "high")):
-            ax.plot(radii, m[mode], marker="o", markersize=3, color=colour, label=short)
-            ax.axhline(m["clean"], color=colour, linestyle="--", linewidth=0.8)
+            ax.plot(radii, m[mode], marker="o", markersize=3, color=colour, label=f"{short}: filtered")
+            ax.axhline(m["clean"], color=colour, linestyle="--", linewidth=0.8,
+                       label=f"{short}: clean (no filter) {m['clean']:.1f} %")
+    classes = result.get("num_classes")
+    if classes:
+        for ax in axes:
+            ax.axhline(100.0 / classes, color="grey", linestyle=":", linewidth=1.0,
+                       label=f"chance (1/{classes} = {100.0 / classes:.1f} %)")
     for ax, name in zip(axes, ("low-pass (keep r <= cut-off)", "high-pass (keep r > cut-off)")):
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("cut-off radius (x Nyquist)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"top-1 % ({result['head']} head)")
     axes[1].legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    data = Path(str(result.get("data", ""))).name or str(result.get("data", "?"))
+    default = (f"top-1 under Fourier-filtered inputs: {data} val ({result.get('num_val', '?')} images, "
+               f"{classes or '?'} classes)")
+    fig.suptitle(title or default, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -111,7 +111,8 @@ def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.
 
 
 def plot_frequency(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """One panel per model: Δ log amplitude vs normalised frequency, one curve per block coloured by depth."""
+    """One panel per model: Δ log amplitude vs normalised frequency, one curve per block coloured by its 0-based
+    index (the numbering of ``fusion_layers`` and of the fusion plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,17 +125,19 @@ def plot_frequency(result: dict[str, Any], path: str | os.PathLike[str], title: 
                              layout="constrained")
     cmap = ListedColormap(plt.get_cmap("plasma")(torch.linspace(0.0, 0.85, 256).numpy()))  # no pale-yellow end
     depth = max(len(m["blocks"]) for m in models.values())
-    norm = Normalize(vmin=1, vmax=max(depth, 2))
+    norm = Normalize(vmin=0, vmax=max(depth - 1, 1))  # 0-based block index, as fusion_layers and the fusion plot
     for ax, (label, m) in zip(axes[0], models.items()):
         for i, curve in enumerate(m["blocks"]):
-            ax.plot(m["frequencies"], curve, color=cmap(norm(i + 1)), marker="o", markersize=2.5, linewidth=1.2)
+            ax.plot(m["frequencies"], curve, color=cmap(norm(i)), marker="o", markersize=2.5, linewidth=1.2)
         name = label if len(label) < 40 else "..." + label[-37:]
         ax.set_title(name + (" (random init)" if result.get("random_init") else ""), fontsize=9)
         ax.set_xlabel("normalised frequency (x Nyquist)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Δ log amplitude")
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
-    fig.colorbar(sm, ax=axes[0].tolist(), label="block (depth)")
+    bar = fig.colorbar(sm, ax=axes[0].tolist(), label="block (0 = first, as fusion_layers)")
+    if depth <= 16:
+        bar.set_ticks(range(depth))
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)

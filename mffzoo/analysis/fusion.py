@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..train.visualize import block_names, draw_fusion_bars, draw_fusion_history
 
 __all__ = ["fusion_weights", "fusion_history", "fusion_report", "plot_fusion"]
 
@@ -146,13 +147,9 @@ def fusion_report(sources: list[str | os.PathLike[str]]) -> dict[str, Any]:
     return {"models": {str(s): fusion_weights(s) for s in sources}}
 
 
-def _level_names(m: Mapping[str, Any]) -> list[str]:
-    layers = m.get("fusion_layers")
-    return [f"block {i}" for i in layers] if layers else [f"level {i}" for i in range(len(m["weights"]))]
-
-
 def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
-    """Bar chart of the final weights per source; for run directories, a second panel with their evolution."""
+    """Per source, the final weights as deviation from uniform (values written on the bars); for run
+    directories, a second panel with their evolution. Blocks are 0-based, as ``fusion_layers``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,29 +161,18 @@ def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str
     fig, axes = plt.subplots(1, ncols, figsize=(4.0 * ncols + 0.5, 3.6), squeeze=False, layout="constrained")
     col = 0
     for label, m in models.items():
-        names = _level_names(m)
+        names = block_names(m.get("fusion_layers"), len(m["weights"]))
         short = label if len(label) < 40 else "..." + label[-37:]
         ax = axes[0][col]
         col += 1
-        bars = ax.bar(range(len(names)), m["weights"], color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-        ax.axhline(1.0 / len(names), color="grey", linestyle="--", linewidth=0.8, label="uniform (init)")
-        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-        ax.set_ylabel("softmax weight")
+        draw_fusion_bars(ax, m["weights"], names)
         ax.set_title(f"fusion weights: {short}", fontsize=9)
-        ax.legend(fontsize=7)
         if label in with_hist:
             ax = axes[0][col]
             col += 1
             h = m["history"]
-            series = torch.tensor(h["weights"]).T.tolist()
-            for i, ys in enumerate(series):
-                ax.plot(h["step"], ys, color=f"C{i}", label=names[i] if i < len(names) else f"level {i}")
-            ax.set_xlabel("step")
-            ax.set_ylabel("softmax weight")
+            draw_fusion_history(ax, h["step"], h["weights"], block_names(m.get("fusion_layers"), len(h["weights"][0])))
             ax.set_title("over training", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)

@@ -1,9 +1,14 @@
 """PNG figures of a pretraining run (matplotlib, Agg backend: no display needed).
 
-- :func:`save_reconstruction_grid`: original / masked / reconstruction / reconstruction with the visible patches
-  pasted back, de-normalised, for a fixed set of images and a fixed mask, so grids of different epochs compare.
+- :func:`save_reconstruction_grid`: original / masked input / prediction / visible + prediction, de-normalised,
+  for a fixed set of images and a fixed mask, so grids of different epochs compare. Each row says what it shows:
+  the loss covers the masked patches only, so the raw prediction is noise at the visible ones, by design.
 - :func:`save_fusion_plot`: the softmax fusion weight of each fused level over training (the paper analyses
-  how MFF distributes weight across depths), plus the final weights as bars.
+  how MFF distributes weight across depths), plus the final weights as bars. Weights start uniform (1/K) and
+  move a few percent, so both panels plot the deviation from 1/K, with the weights written on them.
+  :func:`draw_fusion_bars` / :func:`draw_fusion_history` draw the panels for ``mffzoo analyze fusion`` too.
+
+Encoder blocks are named by their 0-based index everywhere (as ``fusion_layers`` and timm's ``blocks.{i}``).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_reconstruction_grid", "save_fusion_plot"]
+__all__ = ["save_reconstruction_grid", "save_fusion_plot", "draw_fusion_bars", "draw_fusion_history", "block_names"]
 
-_ROWS = (("input", "original"), ("masked", "masked"), ("reconstruction", "reconstruction"),
-         ("pasted", "recon. + visible"))
+_ROWS = (("input", "original"), ("masked", "masked input\n(grey: hidden)"),
+         ("reconstruction", "prediction\n(masked patches\nonly; visible ones\nunsupervised)"),
+         ("pasted", "visible +\nprediction"))
 
 
 def _pyplot():
@@ -40,7 +46,7 @@ def save_reconstruction_grid(
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     n = images["input"].shape[0]
-    fig, axes = plt.subplots(len(_ROWS), n, figsize=(1.5 * n + 0.9, 1.5 * len(_ROWS) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(_ROWS), n, figsize=(1.5 * n + 1.6, 1.5 * len(_ROWS) + 0.9), squeeze=False)
     for r, (key, label) in enumerate(_ROWS):
         x = (images["input" if key == "masked" else key].detach().float().cpu() * s + m).clamp(0, 1)
         if key == "masked":  # removed patches in grey, as in the MAE figures
@@ -52,15 +58,54 @@ def save_reconstruction_grid(
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(label, fontsize=9)
+                ax.set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    ratio = float(images["mask"].float().mean())
+    fig.text(0.5, 0.01, f"{ratio:.0%} of the patches hidden; the loss covers those only, so the prediction at "
+             "visible patches is unconstrained (noise there is expected)", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _deviation_label(k: int) -> str:
+    return f"weight - 1/K (percentage points; 1/K = {1.0 / k:.3f})"
+
+
+def draw_fusion_bars(ax: Any, weights: Sequence[float], names: Sequence[str]) -> None:
+    """Final softmax weights as bars of their deviation from uniform, each labelled with weight and deviation."""
+    k = len(weights)
+    dev = [100.0 * (w - 1.0 / k) for w in weights]
+    bars = ax.bar(range(k), dev, color=[f"C{i}" for i in range(k)])
+    ax.bar_label(bars, labels=[f"{w:.3f}\n{d:+.2f}" for w, d in zip(weights, dev)], fontsize=7, padding=2)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(k), list(names), rotation=30, fontsize=8)
+    ax.set_ylabel(_deviation_label(k), fontsize=8)
+    ax.margins(y=0.3)
+
+
+def draw_fusion_history(ax: Any, steps: Sequence[int], weights: Sequence[Sequence[float]],
+                        names: Sequence[str]) -> None:
+    """Each level's deviation from uniform over training; the legend gives its first and last weight."""
+    w = torch.tensor([list(r) for r in weights], dtype=torch.float64)
+    k = w.shape[1]
+    for i in range(k):
+        ax.plot(list(steps), (100.0 * (w[:, i] - 1.0 / k)).tolist(), color=f"C{i}",
+                label=f"{names[i]}: {w[0, i]:.3f} -> {w[-1, i]:.3f}")
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(_deviation_label(k), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def block_names(layers: Sequence[int] | None, k: int) -> list[str]:
+    """``block i`` (0-based, as ``fusion_layers``) when the levels' blocks are known, else ``level i``."""
+    return [f"block {i}" for i in layers] if layers and len(layers) == k else [f"level {i}" for i in range(k)]
 
 
 def save_fusion_plot(
@@ -74,23 +119,13 @@ def save_fusion_plot(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     steps = [p[0] for p in pts]
-    w = torch.tensor([p[1] for p in pts])
+    weights = [p[1] for p in pts]
+    names = block_names(layers, len(weights[-1]))
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
-    cmap = plt.get_cmap("viridis")
-    k = w.shape[1]
-    for i in range(k):
-        ax.plot(steps, w[:, i].numpy(), color=cmap(i / max(k - 1, 1)), label=f"block {layers[i]}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("softmax fusion weight")
-    ax.set_title("fusion weights over training", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    bx.bar(range(k), w[-1].numpy(), color=[cmap(i / max(k - 1, 1)) for i in range(k)])
-    bx.set_xticks(range(k), [str(layer) for layer in layers])
-    bx.axhline(1.0 / k, color="grey", lw=0.8, ls="--", label="uniform 1/K")
-    bx.set_xlabel("encoder block")
+    draw_fusion_history(ax, steps, weights, names)
+    ax.set_title("fusion weights over training (deviation from uniform)", fontsize=10)
+    draw_fusion_bars(bx, weights[-1], names)
     bx.set_title(f"final (step {steps[-1]})", fontsize=10)
-    bx.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
