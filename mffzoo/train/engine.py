@@ -554,8 +554,8 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         parts.append(torch.tensor([float(bad_new)], device=device))
         packed = all_reduce(torch.cat(parts).to(device)) / env.world_size
         mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op="max")  # the fullest rank
-        vals = packed.cpu()
-        mem_mb = float(mem.cpu()[0])
+        vals = torch.cat([packed, mem]).cpu()
+        vals, mem_mb = vals[:-1], float(vals[-1])
         reset_peak_memory(device)  # each window reports its own peak
         n = len(window)
         new_bad = int(round(float(vals[-1]) * env.world_size))
