@@ -344,7 +344,10 @@ class _TestSignal:
 
     def maybe_fire(self, global_step: int) -> None:
         """Signal our own group now (so this rank's request is in this step's vote whatever the parent does),
-        then, for ``parent``, the parent's: torchrun forwards it to every rank's process group."""
+        then, for ``parent``, the parent's: torchrun forwards it to every rank's process group.
+
+        The signal comes from a forked child, as from ``kill`` in a shell or a scheduler: torch's loader workers
+        treat a SIGTERM from their own parent (the main process) differently from anyone else's."""
         if global_step != self.step:
             return
         pids = [os.getpid()] + ([os.getppid()] if self.target == "parent" else [])
@@ -353,10 +356,13 @@ class _TestSignal:
             leads = os.getpgid(pid) == pid
             _logger.warning("test hook %s: sending %s to %s %d at step %d", self.VAR, self.sig.name,
                             "process group" if leads else "process", pid, global_step)
-            if leads:
-                os.killpg(pid, self.sig)
-            else:
-                os.kill(pid, self.sig)
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child only sends the signal
+                try:
+                    (os.killpg if leads else os.kill)(pid, self.sig)
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)  # sent (and delivered to us, if we are in that group) when this returns
 
 
 def _check_shapes(saved: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
@@ -553,8 +559,8 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         parts.append(torch.tensor([float(bad_new)], device=device))
         packed = all_reduce(torch.cat(parts).to(device)) / env.world_size
         mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op="max")  # the fullest rank
-        vals = packed.cpu()
-        mem_mb = float(mem.cpu()[0])
+        vals = torch.cat([packed, mem]).cpu()
+        vals, mem_mb = vals[:-1], float(vals[-1])
         reset_peak_memory(device)  # each window reports its own peak
         n = len(window)
         if vals[-1] > 0 and unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
