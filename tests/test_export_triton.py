@@ -436,3 +436,26 @@ def test_schema_without_grpc_extra_and_without_tritonclient(monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "tritonclient", None)  # not installed at all
     with pytest.raises(ExportError, match=r"pip install 'mffzoo\[triton\]'"):
         triton.model_config_pb2()
+
+
+def test_fixed_batch_unchecked_export(tiny: Path, tmp_path: Path) -> None:
+    """A fixed batch: max_batch_size 0 and full dims; --no-check: the file says so, in metadata and repository."""
+    res = export_model(str(tiny), output=tmp_path / "fix.onnx", batch={"min": 2, "opt": 2, "max": 2},
+                       check={"enabled": False}, triton={"repo": str(tmp_path / "repo")})
+    cfg = _parse(tmp_path / "repo" / "fix" / "config.pbtxt")
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [("pixel_values", [2, 3, 32, 32])]
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [("embedding", [2, 64])]
+    assert json.loads(read_metadata(tmp_path / "repo" / "fix" / "1" / "model.onnx")["parity"]) == "not checked"
+    assert _sha(tmp_path / "repo" / "fix" / "1" / "model.onnx") == _sha(res.artefact)
+
+
+def test_failed_parity_never_reaches_the_repository(tiny: Path, images: Path, tmp_path: Path) -> None:
+    from mffzoo.errors import CheckFailed
+
+    with pytest.raises(CheckFailed, match="not added to the Triton repository"):
+        export_model(str(tiny), output=tmp_path / "bad.onnx", batch={"min": 1, "opt": 1, "max": 2},
+                     check={"images": str(images), "gates": {"fp32": {"max_abs": 0.0}}},
+                     triton={"repo": str(tmp_path / "repo")})
+    assert json.loads(read_metadata(tmp_path / "bad.onnx")["parity"]) == "failed"  # the kept file says so too
+    assert not (tmp_path / "repo").exists()
