@@ -114,16 +114,20 @@ def test_preprocess_equals_timm_create_transform(interp: str) -> None:
             np.testing.assert_allclose(preprocess_image(png.getvalue(), cfg), want, atol=1e-5)
 
 
-def test_parity_images_use_the_shared_preprocessing(tiny: Path, images: Path) -> None:
+def test_parity_images_use_the_shared_preprocessing(tiny: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """load_images (the parity check's real images) == timm's transform for that model's data config."""
+    from mffzoo.export import inputs
     from mffzoo.export.inputs import image_files, load_images, preprocessing
 
     model = load_model(str(tiny))
     cfg = preprocessing(model)
+    calls = []
+    monkeypatch.setattr(inputs, "preprocess_image", lambda im, c: calls.append(c) or preprocess_image(im, c))
     tf = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()
                              if k not in ("steps", "value_range")}, is_training=False)
     want = np.stack([tf(Image.open(p).convert("RGB")).numpy() for p in image_files(images, 5)])
     np.testing.assert_allclose(load_images(images, 5, model), want, atol=1e-5)
+    assert len(calls) == 5 and calls[0] == cfg  # the parity check runs the function Triton's model.py imports
 
 
 # ---------------------------------------------------------------- self-describing ONNX
@@ -410,6 +414,14 @@ def test_openvino_row(exported, tmp_path: Path) -> None:
     cfg = _parse(tmp_path / "repo" / "enc" / "config.pbtxt")
     assert cfg.backend == "openvino" and [g.kind for g in cfg.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]
     assert _sha(tmp_path / "repo" / "enc" / "1" / "model.bin") == _sha(root / "enc.bin")
+    served = ov.Core().read_model(str(tmp_path / "repo" / "enc" / "1" / "model.xml"))  # finds model.bin by name
+    assert [p.get_any_name() for p in served.outputs] == ["embedding"]
+    side["openvino"] = {"weights_sha256": "0" * 64}  # a .bin that is not the checked one is refused
+    (root / "enc.xml.json").write_text(json.dumps({**side, "format": "openvino", "artefact": "enc.xml",
+                                                   "artefact_sha256": _sha(root / "enc.xml")}))
+    with pytest.raises(ExportError, match="differs from the file its sidecar describes"):
+        add_to_repository(tmp_path / "repo", root / "enc.xml")
+    assert sorted(p.name for p in (tmp_path / "repo" / "enc").iterdir()) == ["1", "config.pbtxt"]
 
 
 def test_schema_without_grpc_extra_and_without_tritonclient(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -424,3 +436,26 @@ def test_schema_without_grpc_extra_and_without_tritonclient(monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "tritonclient", None)  # not installed at all
     with pytest.raises(ExportError, match=r"pip install 'mffzoo\[triton\]'"):
         triton.model_config_pb2()
+
+
+def test_fixed_batch_unchecked_export(tiny: Path, tmp_path: Path) -> None:
+    """A fixed batch: max_batch_size 0 and full dims; --no-check: the file says so, in metadata and repository."""
+    res = export_model(str(tiny), output=tmp_path / "fix.onnx", batch={"min": 2, "opt": 2, "max": 2},
+                       check={"enabled": False}, triton={"repo": str(tmp_path / "repo")})
+    cfg = _parse(tmp_path / "repo" / "fix" / "config.pbtxt")
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [("pixel_values", [2, 3, 32, 32])]
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [("embedding", [2, 64])]
+    assert json.loads(read_metadata(tmp_path / "repo" / "fix" / "1" / "model.onnx")["parity"]) == "not checked"
+    assert _sha(tmp_path / "repo" / "fix" / "1" / "model.onnx") == _sha(res.artefact)
+
+
+def test_failed_parity_never_reaches_the_repository(tiny: Path, images: Path, tmp_path: Path) -> None:
+    from mffzoo.errors import CheckFailed
+
+    with pytest.raises(CheckFailed, match="not added to the Triton repository"):
+        export_model(str(tiny), output=tmp_path / "bad.onnx", batch={"min": 1, "opt": 1, "max": 2},
+                     check={"images": str(images), "gates": {"fp32": {"max_abs": 0.0}}},
+                     triton={"repo": str(tmp_path / "repo")})
+    assert json.loads(read_metadata(tmp_path / "bad.onnx")["parity"]) == "failed"  # the kept file says so too
+    assert not (tmp_path / "repo").exists()

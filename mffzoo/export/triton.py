@@ -43,6 +43,7 @@ class Backend:
     value: str
     kind: str  # default instance kind
     companions: tuple[str, ...] = ()  # suffixes of files travelling with the model file (OpenVINO's .bin)
+    companion_sha256: tuple[str, ...] = ()  # where the sidecar keeps the first companion's sha256
     gpu_only: bool = False
     signature_from_onnx: bool = False  # I/O read from the ONNX the artefact was built from (a TensorRT plan)
 
@@ -50,7 +51,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "onnx": Backend("model.onnx", "backend", "onnxruntime", "KIND_CPU"),
     "trt": Backend("model.plan", "platform", "tensorrt_plan", "KIND_GPU", gpu_only=True, signature_from_onnx=True),
-    "openvino": Backend("model.xml", "backend", "openvino", "KIND_CPU", companions=(".bin",)),
+    "openvino": Backend("model.xml", "backend", "openvino", "KIND_CPU", companions=(".bin",),
+                        companion_sha256=("openvino", "weights_sha256")),
 }
 
 IMAGE_INPUT = "IMAGE"  # the ensemble's input: one encoded image (JPEG/PNG/...) per batch item, TYPE_STRING
@@ -327,9 +329,10 @@ def stage(
         vdir = tmp / name / str(version)
         vdir.mkdir(parents=True)
         (tmp / name / "config.pbtxt").write_text(_config_text(cfg, f"{side['artefact']} ({side['precision']})"))
-        _copy_checked(artefact, vdir / backend.file, side)
-        for suffix in backend.companions:
-            shutil.copyfile(artefact.with_suffix(suffix), (vdir / backend.file).with_suffix(suffix))
+        _copy_checked(artefact, vdir / backend.file, side.get("artefact_sha256"))
+        for i, suffix in enumerate(backend.companions):
+            want = _lookup(side, backend.companion_sha256) if i == 0 else None
+            _copy_checked(artefact.with_suffix(suffix), (vdir / backend.file).with_suffix(suffix), want)
         write_json(sidecar_path(vdir / backend.file), side)
         staged.files += [repo / name / "config.pbtxt", repo / name / str(version) / backend.file]
         if len(models) > 1:
@@ -364,10 +367,18 @@ def _refuse_conflict(model_dir: Path, want: Any) -> None:
                           f"{have.max_batch_size} or lower max_batch_size in {model_dir / 'config.pbtxt'}")
 
 
-def _copy_checked(src: Path, dst: Path, side: dict[str, Any]) -> None:
-    """The served file is byte-identical to the parity-checked artefact (its sidecar's sha256)."""
+def _lookup(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        data = data.get(k) if isinstance(data, dict) else None  # type: ignore[assignment]
+    return data if keys else None
+
+
+def _copy_checked(src: Path, dst: Path, sha256: str | None) -> None:
+    """The served file is byte-identical to the parity-checked artefact (the sha256 its sidecar records)."""
+    if not src.is_file():
+        raise ExportError(f"'{src}' is missing; re-export the model")
     shutil.copyfile(src, dst)
-    if side.get("artefact_sha256") and file_sha256(dst) != side["artefact_sha256"]:
+    if sha256 and file_sha256(dst) != sha256:
         raise ExportError(f"'{src}' differs from the file its sidecar describes (sha256); re-export it")
 
 
