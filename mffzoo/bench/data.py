@@ -38,7 +38,7 @@ from .infer import _cpu_name
 __all__ = ["PATHS", "DataBenchResult", "bench_jpegs", "run_data_bench", "workers_needed"]
 
 PATHS = {"plain": False, "fast": True}  # name -> data.fast_decode
-_JPEG_VERSION = 1  # bump when the generated pixels change
+_JPEG_VERSION = 2  # bump when the generated pixels change
 
 
 def _photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -51,11 +51,12 @@ def _photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
         x1, y1 = x0 + int(rng.integers(w // 10, w // 2)), y0 + int(rng.integers(h // 10, h // 2))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
     a = np.asarray(img, dtype=np.float32)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    texture = np.sin(xx * rng.uniform(0.2, 0.9) + yy * rng.uniform(0.2, 0.9)) * rng.uniform(4, 12)
-    a = a + texture[..., None] + rng.normal(0, rng.uniform(3, 8), a.shape)
+    # texture: noise low-passed to half resolution (foliage, fabric, grain), then per-pixel sensor noise
+    t = rng.normal(0, 40, (h // 2, w // 2)).clip(-128, 127).astype(np.float32) + 128
+    t = np.asarray(Image.fromarray(t.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR), np.float32) - 128
+    a = a + t[..., None] * rng.uniform(0.5, 1.2) + rng.normal(0, rng.uniform(6, 14), a.shape)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 

@@ -240,8 +240,8 @@ class FastPretrainTransform:
                 with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for torchcodec's
                     warnings.simplefilter("ignore", DeprecationWarning)
                     return self._decode_jpeg(data, mode=self._rgb)
-            except RuntimeError as exc:  # libjpeg's errors (truncated, corrupt): an unreadable image
-                raise OSError(str(exc).strip().splitlines()[-1]) from None
+            except RuntimeError:  # truncated, corrupt or unsupported: PIL decides, as on the plain path
+                pass
         return _pil_to_tensor(im.convert("RGB"))
 
     def finish(self, x: torch.Tensor, p: AugParams) -> torch.Tensor:
