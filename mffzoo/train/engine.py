@@ -160,9 +160,9 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. No global state
-    changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for the duration of a run."""
+def resolve_precision(name: str, device: torch.device, warn: bool = True) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it (``warn``: say so).
+    No global state changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for a run."""
     if name == "fp32":
         return None, False
     if name == "fp16":
@@ -170,12 +170,14 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, False
-        _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
+        if warn:
+            _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
         return torch.float16, True
     probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(p is not None and p() for p in probes):
         return torch.bfloat16, False
-    _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
+    if warn:
+        _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
     return None, False
 
 
@@ -209,7 +211,7 @@ def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None
     ``train.deterministic`` torch's deterministic algorithms (deterministic SDPA backward, scatter/index_add),
     cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs. Yields
     :func:`resolve_precision`'s answer."""
-    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
+    amp_dtype, use_scaler = resolve_precision(tc.precision, device, warn=False)  # warned after the data check
     det = bool(getattr(tc, "deterministic", False))
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -436,6 +438,8 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                         f"{tc.batch_size}); lower train.batch_size or add data")
     total_steps = tc.epochs * steps_per_epoch
     warmup_steps = int(round(oc.warmup_epochs * steps_per_epoch))
+    if env.is_main:
+        resolve_precision(tc.precision, device)  # its fallback warning, once the data is known to be there
 
     # ---- run directory
     ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
