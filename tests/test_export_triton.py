@@ -459,3 +459,16 @@ def test_failed_parity_never_reaches_the_repository(tiny: Path, images: Path, tm
                      triton={"repo": str(tmp_path / "repo")})
     assert json.loads(read_metadata(tmp_path / "bad.onnx")["parity"]) == "failed"  # the kept file says so too
     assert not (tmp_path / "repo").exists()
+
+
+def test_foreign_model_folders_are_refused(exported, tmp_path: Path) -> None:
+    res, _ = exported
+    (tmp_path / "r1" / "enc" / "1").mkdir(parents=True)  # a folder of that name without a config
+    with pytest.raises(ExportError, match="holds no config.pbtxt"):
+        add_to_repository(tmp_path / "r1", res.artefact)
+    (tmp_path / "r2" / "enc").mkdir(parents=True)
+    (tmp_path / "r2" / "enc" / "config.pbtxt").write_text("name: \"enc\"\nmax_batch_size: lots\n")
+    with pytest.raises(ExportError, match="not a valid Triton config"):
+        add_to_repository(tmp_path / "r2", res.artefact)
+    assert _tree(tmp_path) == {"r1": "dir", "r1/enc": "dir", "r1/enc/1": "dir", "r2": "dir", "r2/enc": "dir",
+                               "r2/enc/config.pbtxt": _sha(tmp_path / "r2" / "enc" / "config.pbtxt")}

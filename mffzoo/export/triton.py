@@ -316,8 +316,7 @@ def stage(
     if preprocess or (repo / f"{name}_ensemble").exists():  # an existing ensemble is kept in step
         models += [f"{name}_preprocess", f"{name}_ensemble"]
     version = _next_version(repo / name)
-    for m, want in zip(models, [cfg]):
-        _refuse_conflict(repo / m, want)
+    _refuse_conflict(repo / name, cfg)  # the preprocessing and ensemble configs are checked as they are built
 
     base = repo if repo.is_dir() else _existing_folder(repo)
     try:
