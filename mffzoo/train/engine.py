@@ -204,12 +204,10 @@ class Tf32:
 
 
 @contextlib.contextmanager
-def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None, bool]]:
+def numerics(tc: Any, device: torch.device) -> Iterator[None]:
     """The run's global numeric settings, restored afterwards: TF32 under mixed precision on CUDA, and with
     ``train.deterministic`` torch's deterministic algorithms (deterministic SDPA backward, scatter/index_add),
-    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs. Yields
-    :func:`resolve_precision`'s answer."""
-    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
+    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs."""
     det = bool(getattr(tc, "deterministic", False))
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -219,8 +217,8 @@ def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        with Tf32.for_run(device, amp_dtype):
-            yield amp_dtype, use_scaler
+        with Tf32(device.type == "cuda" and tc.precision != "fp32"):  # on CUDA every non-fp32 precision autocasts
+            yield
     except RuntimeError as exc:
         if det and "deterministic" in str(exc):
             raise ConfigError(f"train.deterministic: {str(exc).splitlines()[0][:200]}; set "
@@ -409,8 +407,8 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
     if not env.is_main:
         _logger.setLevel(logging.WARNING)
     try:
-        with numerics(recipe.train, env.device) as amp:
-            return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start, amp)
+        with numerics(recipe.train, env.device):
+            return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start)
     except MffzooError as exc:
         raise _one_line(exc) from None
     finally:
@@ -419,8 +417,7 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
             _logger.setLevel(logging.NOTSET)
 
 
-def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float,
-         amp: tuple[torch.dtype | None, bool]) -> TrainResult:
+def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
     tc, oc = recipe.train, recipe.optim
     device = env.device
 
@@ -449,7 +446,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     # ---- model, precision, parallel wrapper, optimizer, schedule
     if device.type == "cpu" and tc.cpu_threads:
         torch.set_num_threads(tc.cpu_threads)
-    amp_dtype, use_scaler = amp
+    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
     torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
     model = task.build_model().to(device)
     torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
