@@ -553,12 +553,14 @@ def test_global_numeric_flags_are_restored(data_root: Path, tmp_path: Path) -> N
                 torch.get_float32_matmul_precision()) == flags
     with Tf32.for_run(torch.device("cpu"), torch.bfloat16), Tf32.for_run(cuda, None):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags[:2]
-    with numerics(TrainConfig(precision="fp16", deterministic=True), cuda) as amp:
-        assert amp == (torch.float16, True) and torch.are_deterministic_algorithms_enabled()
+    with numerics(TrainConfig(precision="fp16", deterministic=True), cuda):
+        assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert torch.backends.cuda.matmul.allow_tf32 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     assert torch.backends.cuda.matmul.allow_tf32 == flags[0]
+    with numerics(TrainConfig(precision="fp32"), cuda):  # a fp32 run stays true fp32
+        assert torch.backends.cuda.matmul.allow_tf32 == flags[0] and not torch.are_deterministic_algorithms_enabled()
     # a real run with the switch on trains, and leaves the process as it found it
     res = train(tiny_recipe(data_root, train={"epochs": 1, "deterministic": True}, publish={"tag": None},
                             log={"vis_images": 0}), output_dir=tmp_path / "det")

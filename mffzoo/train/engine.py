@@ -160,9 +160,9 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def resolve_precision(name: str, device: torch.device, warn: bool = True) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it (``warn``: say so).
-    No global state changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for a run."""
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. No global state
+    changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for the duration of a run."""
     if name == "fp32":
         return None, False
     if name == "fp16":
@@ -170,14 +170,12 @@ def resolve_precision(name: str, device: torch.device, warn: bool = True) -> tup
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16, False
-        if warn:
-            _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
+        _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
         return torch.float16, True
     probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(p is not None and p() for p in probes):
         return torch.bfloat16, False
-    if warn:
-        _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
+    _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
     return None, False
 
 
@@ -206,12 +204,10 @@ class Tf32:
 
 
 @contextlib.contextmanager
-def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None, bool]]:
+def numerics(tc: Any, device: torch.device) -> Iterator[None]:
     """The run's global numeric settings, restored afterwards: TF32 under mixed precision on CUDA, and with
     ``train.deterministic`` torch's deterministic algorithms (deterministic SDPA backward, scatter/index_add),
-    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs. Yields
-    :func:`resolve_precision`'s answer."""
-    amp_dtype, use_scaler = resolve_precision(tc.precision, device, warn=False)  # warned after the data check
+    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs."""
     det = bool(getattr(tc, "deterministic", False))
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -221,8 +217,8 @@ def numerics(tc: Any, device: torch.device) -> Iterator[tuple[torch.dtype | None
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        with Tf32.for_run(device, amp_dtype):
-            yield amp_dtype, use_scaler
+        with Tf32(device.type == "cuda" and tc.precision != "fp32"):  # on CUDA every non-fp32 precision autocasts
+            yield
     except RuntimeError as exc:
         if det and "deterministic" in str(exc):
             raise ConfigError(f"train.deterministic: {str(exc).splitlines()[0][:200]}; set "
@@ -411,8 +407,8 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
     if not env.is_main:
         _logger.setLevel(logging.WARNING)
     try:
-        with numerics(recipe.train, env.device) as amp:
-            return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start, amp)
+        with numerics(recipe.train, env.device):
+            return _run(recipe, task, env, Path(recipe.run_dir(output_dir)), t_start)
     except MffzooError as exc:
         raise _one_line(exc) from None
     finally:
@@ -421,8 +417,7 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
             _logger.setLevel(logging.NOTSET)
 
 
-def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float,
-         amp: tuple[torch.dtype | None, bool]) -> TrainResult:
+def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
     tc, oc = recipe.train, recipe.optim
     device = env.device
 
@@ -438,8 +433,6 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
                         f"{tc.batch_size}); lower train.batch_size or add data")
     total_steps = tc.epochs * steps_per_epoch
     warmup_steps = int(round(oc.warmup_epochs * steps_per_epoch))
-    if env.is_main:
-        resolve_precision(tc.precision, device)  # its fallback warning, once the data is known to be there
 
     # ---- run directory
     ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
@@ -453,7 +446,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     # ---- model, precision, parallel wrapper, optimizer, schedule
     if device.type == "cpu" and tc.cpu_threads:
         torch.set_num_threads(tc.cpu_threads)
-    amp_dtype, use_scaler = amp
+    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
     torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
     model = task.build_model().to(device)
     torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
