@@ -1,8 +1,9 @@
-"""Progress of anything that takes more than a few seconds: a tqdm bar on a terminal, else one log line per stage.
+"""What a user sees while work runs: progress, and a console free of other libraries' chatter.
 
-Low in the layers (no torch) so the demo-data writer, feature extraction and the training engine share it.
-Lines go to the ``mffzoo`` logger at INFO, which the CLI prints on stderr; library users see them once they
-configure logging.
+:class:`Progress`: anything that takes more than a few seconds shows a tqdm bar on a terminal, else one log line
+per stage. Low in the layers (no torch) so the demo-data writer, feature extraction and the training engine share
+it. Lines go to the ``mffzoo`` logger at INFO, which the CLI prints on stderr (:func:`configure_console_logging`);
+library users see them once they configure logging.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress", "format_duration", "interactive"]
+__all__ = ["Progress", "format_duration", "interactive", "ThirdPartyAtDebug", "configure_console_logging"]
 
 _logger = logging.getLogger("mffzoo")
 
@@ -85,3 +86,30 @@ class Progress:
         elif self.lines and self.desc and done:
             self.logger.info("%s: done in %s", self.desc, format_duration(time.time() - self.t0))
             self.lines = False
+
+
+class ThirdPartyAtDebug(logging.Filter):
+    """Other libraries' log lines below ERROR count as debug output: shown when verbose only.
+
+    timm's "Cosine annealing scheduler will have no effect" or matplotlib's "building the font cache" land in the
+    middle of the progress output and name nothing the user can act on; our own messages say what matters.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "mffzoo" or record.name.startswith("mffzoo.")
+        return ours or record.levelno >= logging.ERROR or self.verbose
+
+
+def configure_console_logging(verbose: bool = False, level: int = logging.INFO) -> None:
+    """The CLI's console (also in its worker processes): bare messages on stderr from ``level`` up (DEBUG when
+    ``verbose``); other libraries' lines below ERROR only when ``verbose``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else level, format="%(message)s", stream=sys.stderr,
+                        force=True)
+    if not verbose:  # timm narrates every weight load at INFO; our own messages say what matters
+        logging.getLogger("timm").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ThirdPartyAtDebug(verbose))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs every given argv through the CLI entry point, then reports what was imported.
@@ -88,3 +90,24 @@ def test_import_mffzoo_is_light_and_registers_models_with_timm() -> None:
     assert out.strip() == "VisionTransformer"
     out = _python("import mffzoo.models, timm; print(len(timm.list_models('mff_vit_*')))")
     assert out.strip() == "6"
+
+
+@pytest.mark.slow
+def test_reproduce_quick_through_the_cli(tmp_path: Path) -> None:
+    """`mffzoo reproduce --quick` end to end in a fresh process (one seed: the full --quick takes ~4 min here),
+    with its worker processes' third-party chatter kept off the console."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MFFZOO_HOME": str(tmp_path / "zoo"),
+           "MFFZOO_FEATURE_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "mffzoo", "reproduce", "--quick", "--seeds", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "MAE" in proc.stdout and "MFF" in proc.stdout and "k-NN top-1 (cls)" in proc.stdout
+    res = json.loads((out / "reproduction.json").read_text())
+    assert res["quick"] is True and res["seeds"] == 1
+    assert sorted(r["method"] for r in res["runs"]) == ["mae", "mff"] and set(res["aggregate"]) >= {"mae", "mff"}
+    assert (out / "table.md").is_file() and (out / "freq.png").stat().st_size > 0
+    for stage in ("writing the demo dataset", "[mae seed 0] pretraining", "[mff seed 0] kNN", "reproduce: done"):
+        assert stage in proc.stderr, proc.stderr
+    for noise in ("Traceback", "Cosine annealing", "covers the whole run"):
+        assert noise not in proc.stderr, proc.stderr

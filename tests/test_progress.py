@@ -42,3 +42,7 @@ def test_demo_data_and_knn_report_their_stages(tmp_path: Path, capsys: pytest.Ca
     for stage in ("features: train split, 24 images ...", "features: train split, 24 images: done in ",
                   "features: val split, 12 images ...", "k-NN (k=20, T=0.07): 12 validation images against 24"):
         assert stage in err, err
+    main(["analyze", "filter", "mff_vit_small", "--random-init", "--img-size", "32", "--data", str(root), "--device",
+          "cpu", "--radii", "0.25,0.5", "--label", "tiny", "--out-dir", str(tmp_path / "an")])
+    err = capsys.readouterr().err
+    assert "filtered inputs: tiny, 12 images x 5 passes (clean, low/high-pass at 2 radii) ..." in err, err

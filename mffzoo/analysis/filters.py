@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DataError
+from ..progress import Progress
 
 __all__ = ["DEFAULT_RADII", "radial_frequency", "filter_mask", "filter_images", "filter_accuracy", "plot_filters"]
 
@@ -112,9 +113,16 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
         imgs, y = load_images(open_split(data, "val", eval_transform(net, img_size)), limit=num_images,
                               workers=workers)
         score = _scorer(train, len(classes), y, head, pool, linear_epochs, seed, dev)
-        res: dict[str, Any] = {"model": str(spec), "clean": score(_features(net, imgs, pool, batch_size, bf16))}
-        for mode in ("low", "high"):
-            res[mode] = [score(_features(net, imgs, pool, batch_size, bf16, (r, mode))) for r in radii]
+        passes = 1 + 2 * len(radii)
+        with Progress(total=passes, desc=f"filtered inputs: {label}, {len(imgs)} images x {passes} passes (clean, "
+                      f"low/high-pass at {len(radii)} radii)", unit="pass") as progress:
+            res: dict[str, Any] = {"model": str(spec), "clean": score(_features(net, imgs, pool, batch_size, bf16))}
+            progress.update()
+            for mode in ("low", "high"):
+                res[mode] = []
+                for r in radii:
+                    res[mode].append(score(_features(net, imgs, pool, batch_size, bf16, (r, mode))))
+                    progress.update()
         out["models"][label] = res
         out.update(num_val=len(imgs), num_classes=info["num_classes"], img_size=info["img_size"])
     return out

@@ -8,7 +8,6 @@ user can fix (:class:`mffzoo.errors.MffzooError`) print one line and exit with t
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 import click
 
 from ..errors import MffzooError
+from ..progress import configure_console_logging
 
 # (module, attribute) of each sub-command; imported lazily so `mffzoo --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,22 +31,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("mffzoo.cli.evaluate", "analyze"),
     "reproduce": ("mffzoo.cli.evaluate", "reproduce"),
 }
-
-
-class _ThirdPartyAtDebug(logging.Filter):
-    """Other libraries' log lines below ERROR count as debug output: shown with -v only.
-
-    timm's "Cosine annealing scheduler will have no effect" or matplotlib's "building the font cache" land in the
-    middle of the progress output and name nothing the user can act on; our own messages say what matters.
-    """
-
-    def __init__(self, verbose: bool) -> None:
-        super().__init__()
-        self.verbose = verbose
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        ours = record.name == "mffzoo" or record.name.startswith("mffzoo.")
-        return ours or record.levelno >= logging.ERROR or self.verbose
 
 
 class LazyGroup(click.Group):
@@ -65,13 +49,7 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log debug information.")
 def cli(verbose: bool) -> None:
     """mffzoo: MFF-pretrained ViT backbones for timm — train, convert, export, evaluate."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
-    )
-    if not verbose:  # timm narrates every weight load at INFO; our own messages say what matters
-        logging.getLogger("timm").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_ThirdPartyAtDebug(verbose))
+    configure_console_logging(verbose)
 
 
 _OTHER_RANKS_WAIT_S = 15.0

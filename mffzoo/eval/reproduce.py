@@ -12,6 +12,7 @@ CPU), not the paper's ImageNet result; see ``docs/reproduction.md`` for the publ
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..progress import configure_console_logging
 
 __all__ = ["TINY_MODEL", "FUSION", "pretrain_recipe", "reproduce", "aggregate", "summary_rows",
            "markdown_table", "val_reconstruction_loss"]
@@ -56,7 +59,7 @@ def pretrain_recipe(method: str, seed: int, epochs: int, data_root: str | os.Pat
                  "pin_memory": False},
         "train": {"epochs": epochs, "batch_size": batch, "batch_per_device": batch, "precision": "fp32",
                   "device": "cpu", "seed": seed},
-        "optim": {"lr": LR, "warmup_epochs": 1.0, "weight_decay": 0.05},
+        "optim": {"lr": LR, "warmup_epochs": min(1.0, epochs / 2), "weight_decay": 0.05},  # --quick: 1 epoch
         "model": {**m, "fusion_layers": fusion},
         "checkpoint": {"every_steps": 0, "keep_last": 1},
         "log": {"every_steps": 10, "progress": "epoch", "tensorboard": False, "vis_every_epochs": 0, "vis_images": 8},
@@ -181,6 +184,7 @@ def _init_worker(threads: int) -> None:
     # Tiny matmuls scale badly across threads and OpenMP spin-waits collapse under CPU contention: one process
     # per core with one thread each is the fastest layout on a small CPU (measured in docs/reproduction.md).
     torch.set_num_threads(threads)
+    configure_console_logging(level=logging.WARNING)  # a spawned process has no logging set up: no timm chatter
 
 
 def _log_stderr(msg: str) -> None:
