@@ -96,19 +96,24 @@ def test_fuzzed_files_through_convert_cli_are_one_line(tmp_path: Path, capsys: p
     assert not (tmp_path / "out").exists()
 
 
-def test_truncations_of_a_real_checkpoint(training_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = training_ckpt.read_bytes()
+@pytest.mark.parametrize("kind", ["training checkpoint", "model.safetensors"])
+def test_truncations_of_a_real_checkpoint(training_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          kind: str) -> None:
+    src = training_ckpt
+    if kind == "model.safetensors":
+        src = convert_checkpoint(training_ckpt, tmp_path / "folder") / "model.safetensors"
+    data = src.read_bytes()
     n = len(data)
     cuts = sorted(set(range(0, 64)) | set(range(0, n, max(1, n // 97))) | set(range(n - 64, n)))
     for i, cut in enumerate(cuts):
-        path = tmp_path / f"cut{cut}.pth"
+        path = tmp_path / f"cut{cut}{src.suffix}"
         path.write_bytes(data[:cut])
         with pytest.raises(CheckpointError):
             load_checkpoint_file(path)
         if i % 4 == 0:
             cli_error(["convert", str(path), str(tmp_path / "out")], capsys)
         path.unlink()
-    assert load_checkpoint_file(training_ckpt)["global_step"] == 4  # the intact file loads
+    assert load_checkpoint_file(src)  # the intact file loads
 
 
 def test_every_cli_loader_gives_one_line(training_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
