@@ -9,35 +9,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import io
 from ..errors import WeightsNotFoundError
 
 __all__ = ["write_json", "result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Atomically write ``obj`` as deterministic JSON (sorted keys)."""
+    return io.write_json(path, obj)
 
 
 def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:

@@ -10,11 +10,13 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .. import io
+from ..io import file_sha256
 
 __all__ = ["sidecar_path", "report_path", "write_json", "read_sidecar", "state_dict_sha256", "file_sha256",
            "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS"]
@@ -44,21 +46,8 @@ def report_path(artefact: str | os.PathLike[str]) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomic write (temp + rename): a reader never sees half a sidecar."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a sidecar is as readable as its artefact
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic write (temp + rename): a reader never sees half a sidecar; sorted keys, mode from the umask."""
+    return io.write_json(path, data)
 
 
 def read_sidecar(artefact: str | os.PathLike[str]) -> dict[str, Any]:
@@ -83,14 +72,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

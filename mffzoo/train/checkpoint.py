@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..io import CHECKSUM_SUFFIX
 from ..zoo.checkpoint_io import atomic_torch_save, load_checkpoint_file
 
 _logger = logging.getLogger("mffzoo.train")
@@ -30,11 +31,16 @@ _REQUIRED = ("model", "optimizer", "global_step", "epoch", "step_in_epoch")
 
 
 class CheckpointManager:
-    """``RUN/checkpoints/checkpoint-<global step>.pth``; the newest readable one wins."""
+    """``RUN/checkpoints/checkpoint-<global step>.pth`` + ``.sha256``; the newest usable one wins.
+
+    Rotation deletes only checkpoints this run superseded: files that failed to load are reported, skipped and
+    kept (until the run writes a new checkpoint of the same step), and they do not count towards ``keep_last``.
+    """
 
     def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.unusable: set[Path] = set()
 
     def path(self, step: int) -> Path:
         return self.directory / f"checkpoint-{step:08d}.pth"
@@ -47,26 +53,52 @@ class CheckpointManager:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        path = atomic_torch_save(state, self.path(step))
-        for old in self.list()[self.keep_last:]:
+        path = atomic_torch_save(state, self.path(step), checksum=True)
+        self.unusable.discard(path)  # replaced by this run's own checkpoint of that step
+        for old in [p for p in self.list() if p not in self.unusable][self.keep_last:]:
             old.unlink(missing_ok=True)
+            Path(f"{old}{CHECKSUM_SUFFIX}").unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
-        """Newest checkpoint that loads and has the training state; a corrupt one is reported and skipped."""
-        for path in self.list():
+        """Newest checkpoint that loads, matches its checksum and has the training state; each unusable newer
+        one is reported in one line. None when there are no checkpoints; one error line when none is usable."""
+        paths, problems = self.list(), []
+        for path in paths:
             try:
                 state = load_checkpoint_file(path)
             except CheckpointError as exc:
-                _logger.warning("warning: %s; falling back to the previous checkpoint", exc)
+                problems.append(str(exc))
+                self.unusable.add(path)
                 continue
             missing = [k for k in _REQUIRED if k not in state]
             if missing:
-                _logger.warning("warning: checkpoint '%s' lacks %s; falling back to the previous checkpoint",
-                                path, ", ".join(missing))
+                problems.append(f"checkpoint '{path}' lacks {', '.join(missing)}: not a training checkpoint")
+                self.unusable.add(path)
                 continue
+            for problem in problems:
+                _logger.warning("warning: %s; falling back to the previous checkpoint", problem)
             return state, path
-        return None
+        if not paths:
+            return None
+        for problem in problems:  # the one error line below is what the user sees; details with -v
+            _logger.debug("%s", problem)
+        names = ", ".join(p.name for p in paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else "")
+        raise CheckpointError(
+            f"no usable checkpoint in '{self.directory}' ({names}: corrupt, truncated or not training "
+            f"checkpoints; details with -v); move them away (mv {self.directory} {self.directory}.bad) and rerun, "
+            "or start over with --set checkpoint.restart=true (they are then moved aside, not deleted)"
+        )
+
+    def set_aside(self) -> Path | None:
+        """Move the checkpoints folder to ``checkpoints.discarded-N`` (a restart never deletes a checkpoint)."""
+        if not self.list():
+            return None
+        n = 1
+        while (dest := self.directory.with_name(f"{self.directory.name}.discarded-{n}")).exists():
+            n += 1
+        self.directory.rename(dest)
+        return dest
 
 
 # --------------------------------------------------------------------------------------------- RNG states

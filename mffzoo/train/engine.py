@@ -436,9 +436,12 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
 
     # ---- run directory
     ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
-    if not recipe.checkpoint.resume and ckpts.list():
+    if recipe.checkpoint.restart:
+        if env.is_main and (aside := ckpts.set_aside()) is not None:
+            _logger.warning("checkpoint.restart: starting from step 0; the previous checkpoints are in %s", aside)
+    elif not recipe.checkpoint.resume and ckpts.list():
         raise ConfigError(f"'{run_dir}' already holds checkpoints and checkpoint.resume is false; pass another "
-                          "--output or delete them")
+                          "--output, or --set checkpoint.restart=true to start over (they are moved aside)")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe, run_dir / "recipe.yaml")
@@ -493,7 +496,7 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
     bad_total, last_loss, unreadable = 0, None, UnreadableFiles()
-    found = ckpts.load_latest() if recipe.checkpoint.resume else None
+    found = ckpts.load_latest() if recipe.checkpoint.resume and not recipe.checkpoint.restart else None
     if found is not None:
         state, resumed_from = found
         _check_resumable(state, recipe, resumed_from)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, WeightsNotFoundError
+from ..io import write_json
 from ..zoo.home import CONFIG_NAME, META_NAME, WEIGHTS_NAME, write_model_folder
 
 __all__ = ["export_model_folder", "build_hub_folder", "push_to_hub", "timm_native_arch"]
@@ -159,7 +160,7 @@ def build_hub_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     arch = config.get("architecture", "")
     native = timm_native_arch(arch)
     hub_config = {**config, "architecture": native}
-    (out / CONFIG_NAME).write_text(json.dumps(hub_config, indent=2) + "\n")
+    write_json(out / CONFIG_NAME, hub_config)
     for name in (WEIGHTS_NAME, META_NAME, "pretrain_extras.safetensors"):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)

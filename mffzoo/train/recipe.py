@@ -169,6 +169,7 @@ class CheckpointConfig:
     every_epochs: int = 1
     keep_last: int = 3  # our choice
     resume: bool = True  # continue from the newest valid checkpoint in the run directory
+    restart: bool = False  # start from step 0; existing checkpoints are moved to checkpoints.discarded-N
 
     def validate(self) -> None:
         require(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = only at epoch ends)")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..io import atomic_write, verify_checksum
 
 __all__ = ["load_checkpoint_file", "atomic_torch_save", "SAFE_EXTRA_GLOBALS"]
 
@@ -54,19 +54,27 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
+    if verify_checksum(path) is False:
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt or truncated: its bytes do not match {path.name}.sha256, recorded when "
+            "it was written; re-download it or use an earlier copy"
+        )
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(str(path), device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except Exception as exc:  # SafetensorError, OSError, ValueError, ...: any failure means a bad file
             raise CheckpointError(
-                f"checkpoint '{path}' is not a readable safetensors file ({str(exc).splitlines()[0]}); "
+                f"checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); "
                 "re-download or re-export it"
             ) from None
     try:
-        with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
+        # weights_only never runs code, so any exception is the file's fault: the unpickler raises KeyError,
+        # IndexError, struct.error ... on junk bytes, not only UnpicklingError. Its UserWarnings (unknown
+        # pickle protocol, "weights_only" advice before a refusal) would precede our one line; they are muted.
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
+            warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -82,10 +90,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "only weights are loaded here, never code. Re-save its state_dict on a trusted machine "
             "(torch.save(ckpt['state_dict'], ...)) or convert it to safetensors"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
         raise CheckpointError(
-            f"checkpoint '{path}' is corrupt or truncated ({msg[:160]}); re-download it or use an earlier copy"
+            f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({_first_line(exc)}); "
+            "re-download it or use an earlier copy"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
@@ -94,21 +102,13 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """torch.save via temp file + fsync + rename: a crash mid-write never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}"[:160] if line else type(exc).__name__
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str], *, checksum: bool = False) -> Path:
+    """torch.save via temp file + fsync + rename: a crash mid-write never leaves a truncated checkpoint. With
+    ``checksum``, ``<path>.sha256`` is written first and :func:`load_checkpoint_file` verifies it."""
+    return atomic_write(path, lambda f: torch.save(obj, f), checksum=checksum)

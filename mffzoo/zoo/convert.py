@@ -14,6 +14,7 @@ or deliberately dropped; any leftover is an error that lists it, so a new format
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+
+_logger = logging.getLogger("mffzoo.zoo")
 
 __all__ = ["Converted", "convert_state_dict", "convert_checkpoint", "unwrap_checkpoint", "detect_format"]
 
@@ -222,6 +225,15 @@ def convert_state_dict(
     return out
 
 
+def key_groups(keys: list[str]) -> dict[str, int]:
+    """``{"decoder_blocks.*": 12, "mask_token": 1}``: keys counted by their top-level module, in first-seen order."""
+    out: dict[str, int] = {}
+    for k in keys:
+        group = k.split(".", 1)[0] + (".*" if "." in k else "")
+        out[group] = out.get(group, 0) + 1
+    return out
+
+
 def _resample_pos_embed(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Fit the position embedding to the model's grid (e.g. 224 weights into a 384 model), as timm does."""
     want = getattr(model, "pos_embed", None)
@@ -296,7 +308,13 @@ def convert_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"converted weights do not load into {arch}: {str(exc).splitlines()[0]}") from None
     model_args = {k: v for k, v in kwargs.items() if k != "num_classes"}
-    info = {"source": str(src), "source_format": conv.source_format, "dropped_keys": len(conv.dropped),
+    dropped = conv.dropped + ([] if keep_extras else list(conv.extras))
+    if dropped:
+        _logger.info("dropped %d keys that the timm model does not use: %s%s", len(dropped),
+                     ", ".join(f"{p} ({n})" for p, n in key_groups(dropped).items()),
+                     "" if keep_extras or not conv.extras else " (--keep-extras saves the fusion and decoder ones)")
+    info = {"source": str(src), "source_format": conv.source_format, "dropped_keys": len(dropped),
+            "dropped": key_groups(dropped),
             "fusion_levels": int(conv.extras["fusion.weights"].numel()) if "fusion.weights" in conv.extras else None,
             **dict(meta or {})}
     return write_model_folder(dst, arch, model, model_args=model_args, meta=info,

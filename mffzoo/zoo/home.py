@@ -23,13 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
+
+from ..io import atomic_write, canonical_safetensors, umask_mode, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 META_NAME = "mffzoo.json"
 EXTRAS_NAME = "pretrain_extras.safetensors"
 
-__all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "write_model_folder", "git_commit"]
+__all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "write_model_folder", "write_safetensors", "git_commit"]
 
 
 def zoo_home() -> Path:
@@ -136,6 +139,13 @@ def _folder_tag(folder: Path, arch: str, meta: Mapping[str, Any] | None) -> str 
     return folder.name.split(".", 1)[1] if folder.name.startswith(f"{arch}.") else None
 
 
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """safetensors, written atomically with the umask's mode and a canonical header: same tensors, same bytes."""
+    return atomic_write(path, canonical_safetensors(save(dict(tensors), metadata=dict(metadata or {}) or None)))
+
+
 def write_model_folder(
     folder: str | os.PathLike[str],
     arch: str,
@@ -146,28 +156,20 @@ def write_model_folder(
     extras: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a timm-compatible model folder atomically (a reader never sees a half-written entry)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a zoo folder should be as readable as any other
+    tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700; a zoo folder should be as readable as any other
     try:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": arch})
-        config = timm_config(arch, model, model_args, tag=_folder_tag(folder, arch, meta),
-                             data=((meta or {}).get("recipe") or {}).get("data"))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(tmp / WEIGHTS_NAME, sd, {"format": "pt", "architecture": arch})
+        write_json(tmp / CONFIG_NAME, timm_config(arch, model, model_args, tag=_folder_tag(folder, arch, meta),
+                                                  data=((meta or {}).get("recipe") or {}).get("data")))
         from .. import __version__
 
-        (tmp / META_NAME).write_text(
-            json.dumps({"arch": arch, "mffzoo_version": __version__, **dict(meta or {})}, indent=2, default=str)
-            + "\n"
-        )
+        write_json(tmp / META_NAME, {"arch": arch, "mffzoo_version": __version__, **dict(meta or {})})
         if extras:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / EXTRAS_NAME))
+            write_safetensors(tmp / EXTRAS_NAME, {k: v.detach().cpu().contiguous() for k, v in extras.items()})
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from timm.models import PretrainedCfg
 
-from ..errors import WeightsNotFoundError
+from ..errors import CheckpointError, WeightsNotFoundError
 from .checkpoint_io import load_checkpoint_file
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
@@ -248,3 +249,9 @@ def load_model(
         raise
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"model '{spec}': {exc}; check the path") from None
+    except SafetensorError as exc:  # timm's own loader reading a folder's model.safetensors
+        raise CheckpointError(f"the weights of '{spec}' are not a readable safetensors file "
+                              f"({str(exc).splitlines()[0][:120]}); re-download or re-export them") from None
+    except json.JSONDecodeError as exc:  # timm reading a folder's config.json
+        raise CheckpointError(f"the {CONFIG_NAME} of '{spec}' is not valid JSON ({exc}); re-download or re-export "
+                              "the model folder") from None
