@@ -479,6 +479,22 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
     assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
 
 
+@pytest.mark.slow
+def test_sigint_at_an_epochs_last_step_saves_at_the_epoch_end_and_exits_130(data_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground group: the loader worker ignores it; a request at the last step of an
+    epoch is saved as that epoch's end (epoch record written, next run starts at the next epoch)."""
+    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
+                                checkpoint={"every_steps": 100})
+    run = tmp_path / "run"
+    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "4:INT"))
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "saved at the end of epoch 1" in res.stderr
+    assert "stopped by SIGINT at step 4/12" in res.stdout and "preempted" not in res.stdout
+    state = load_checkpoint_file(CheckpointManager(run / "checkpoints").list()[0])
+    assert _steps(run) == [4] and (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    assert [r["epoch"] for r in read_metrics(run, "epoch")] == [1]
+
+
 # --------------------------------------------------------------------------------------------- more promises
 def test_resume_refuses_a_run_directory_of_another_recipe(finished: Any, data_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "copy"

@@ -294,7 +294,6 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signame = ""
         self.signum = 0  # the strongest request so far (SIGTERM 15 over SIGINT 2): what the ranks vote with
         self._old: dict[int, Any] = {}
 
@@ -308,7 +307,6 @@ class _StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.signame = signal.Signals(signum).name
         self.signum = max(self.signum, int(signum))
 
     def __exit__(self, *exc: Any) -> None:
