@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -49,25 +48,39 @@ def _register_models() -> None:
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: it makes the loader of ``timm`` call :func:`_register_models` once timm is loaded."""
+    """Finds nothing itself: it makes the loader of ``timm`` call :func:`_register_models` once timm is loaded.
+
+    It stays in place until timm actually loads: a mere ``importlib.util.find_spec("timm")`` (availability checks
+    in other libraries) must not use it up.
+    """
 
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
                   ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "timm":
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the other finders, as without this one
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        for finder in sys.meta_path:  # the finders after this one, as the import system would ask them
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_timm = spec.loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             exec_timm(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_models()
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]  # this spec's own loader instance
         return spec
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 if "timm" in sys.modules:

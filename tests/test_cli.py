@@ -90,6 +90,10 @@ def test_import_mffzoo_is_light_and_registers_models_with_timm() -> None:
     assert out.strip() == "VisionTransformer"
     out = _python("import mffzoo.models, timm; print(len(timm.list_models('mff_vit_*')))")
     assert out.strip() == "6"
+    # an availability check (transformers does this) before the real import must not use the hook up
+    out = _python("import importlib.util, sys, mffzoo; assert importlib.util.find_spec('timm'); "
+                  "assert 'timm' not in sys.modules; import timm; print(len(timm.list_models('mff_vit_*')))")
+    assert out.strip() == "6"
 
 
 @pytest.mark.slow

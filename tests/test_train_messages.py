@@ -141,3 +141,22 @@ def test_torchrun_prints_a_recipe_error_once(tmp_path: Path) -> None:
     assert proc.returncode != 0
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "unknown config key 'optim.bogus'" in ln]
     assert lines == [lines[0]] and lines[0].startswith("error: "), proc.stderr
+
+
+@pytest.mark.slow
+def test_unreadable_files_are_counted_once_over_two_ranks(data_root: Path, tmp_path: Path) -> None:
+    """Under torchrun each rank meets other bad files each epoch; the run still reports each file once."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    files = sorted((root / "train").rglob("*.png"))
+    for v in (files[2], files[3], files[17]):
+        v.write_bytes(b"not an image at all")
+    recipe = write(tiny(root, train={"epochs": 3, "batch_per_device": 4}, data={"max_bad_fraction": 0.2}),
+                   tmp_path / "tiny.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MFFZOO_HOME": str(tmp_path / "zoo")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mffzoo", "train", str(recipe), "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["bad_images"] == 3
+    assert "skipped 3 unreadable image(s) so far" in proc.stderr and "skipped 4" not in proc.stderr
