@@ -17,7 +17,7 @@ def bench() -> None:
 
 
 @bench.command("infer")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--random-init", is_flag=True, help="Random weights (fine for speed; parity is still measured).")
 @click.option("--batch", default=8, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--backends", default=None,
@@ -28,7 +28,7 @@ def bench() -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all).")
 @click.option("--img-size", type=int, default=None)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
-def infer(model: str, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
+def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
     from ..bench.infer import BACKENDS, available_backends, run_infer_bench
@@ -39,6 +39,10 @@ def infer(model: str, random_init: bool, batch: int, backends: str | None, list_
         print_table([[b.name, b.device, b.precision, "yes" if avail[b.name] is None else f"no: {avail[b.name]}",
                       b.description] for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
         return
+    if not model:
+        from ..errors import ConfigError
+
+        raise ConfigError("missing argument MODEL: pass a model name, folder or checkpoint (only --list needs none)")
     result = run_infer_bench(
         model, random_init=random_init, batch=batch,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,

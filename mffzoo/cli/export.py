@@ -17,8 +17,8 @@ def _print_report(report: Any) -> None:
 
 @click.command("export")
 @click.argument("model", required=False)
-@click.option("--format", "fmt", type=click.Choice(["onnx", "trt"]), default=None,
-              help="Artefact format (profile default: onnx).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "openvino"]), default=None,
+              help="Artefact format (profile default: onnx); openvino writes an IR (.xml + .bin).")
 @click.option("--profile", default=None,
               help="Export profile: a YAML path or a name in export/ (default: export/default.yaml).")
 @click.option("--weights", default=None, help="A pretrained tag of MODEL or a weights path (folder or checkpoint).")
@@ -27,11 +27,15 @@ def _print_report(report: Any) -> None:
 @click.option("--batch", default=None, help="Dynamic batch range MIN:OPT:MAX (e.g. 1:8:32).")
 @click.option("--img-size", type=int, default=None, help="Input resolution (a multiple of the patch size).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Artefact path (default: exports/<model>-<features>-<precision>.onnx|.engine).")
+              help="Artefact path (default: exports/<model>-<features>-<precision>.onnx|.engine|.xml).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artefact (refused otherwise).")
 @click.option("--features", type=click.Choice(["auto", "pooled", "tokens", "logits"]), default=None,
               help="Output: pooled embedding, all tokens, or logits (auto: logits for classifiers, else pooled).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
-@click.option("--quantize", type=click.Choice(["dynamic", "static"]), default=None, help="int8 mode.")
+@click.option("--quantize", type=click.Choice(["dynamic", "static"]), default=None,
+              help="int8 mode of ONNX Runtime (OpenVINO's NNCF int8 is always calibrated).")
+@click.option("--calib-images", type=click.Path(path_type=Path), default=None,
+              help="Image folder for int8 calibration (openvino, or --quantize static; default: the demo data).")
 @click.option("--check-images", type=click.Path(path_type=Path), default=None,
               help="Image folder for the parity check (default: the built-in demo dataset).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check (the sidecar then says so).")
@@ -43,11 +47,11 @@ def _print_report(report: Any) -> None:
               help="With --triton-repo: add a preprocessing model + ensemble, so clients send encoded images.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile key.")
 def export(model: str | None, fmt: str | None, profile: str | None, weights: str | None, random_init: bool | None,
-           precision: str | None, batch: str | None, img_size: int | None, output: Path | None,
-           features: str | None, opset: int | None, quantize: str | None, check_images: Path | None,
-           no_check: bool, check_only: Path | None, triton_repo: Path | None, triton_preprocess: bool | None,
-           overrides: tuple[str, ...]) -> None:
-    """Export MODEL (name[.tag], model folder or checkpoint) to ONNX or TensorRT, then check parity vs PyTorch.
+           precision: str | None, batch: str | None, img_size: int | None, output: Path | None, overwrite: bool,
+           features: str | None, opset: int | None, quantize: str | None, calib_images: Path | None,
+           check_images: Path | None, no_check: bool, check_only: Path | None, triton_repo: Path | None,
+           triton_preprocess: bool | None, overrides: tuple[str, ...]) -> None:
+    """Export MODEL (name[.tag], model folder or checkpoint) to ONNX, TensorRT or OpenVINO, then check parity.
 
     Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
     <artefact>.parity.json. Exit code 1 if a parity gate is missed (artefact and report kept), 2 on bad input.
@@ -63,7 +67,8 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
                 ("MODEL", model), ("--format", fmt), ("--profile", profile), ("--weights", weights),
                 ("--random-init", random_init), ("--precision", precision), ("--batch", batch),
                 ("--img-size", img_size), ("--output", output), ("--features", features), ("--opset", opset),
-                ("--quantize", quantize), ("--no-check", no_check), ("--set", overrides),
+                ("--quantize", quantize), ("--calib-images", calib_images), ("--overwrite", overwrite),
+                ("--no-check", no_check), ("--set", overrides),
                 ("--triton-repo", triton_repo), ("--triton-preprocess", triton_preprocess),
             ) if v not in (None, False, ())]
             if given:
@@ -81,13 +86,14 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
         prof = load_profile(
             profile, list(overrides), model=model, format=fmt, weights=weights, random_init=random_init,
             precision=precision, batch=BatchRange.parse(batch) if batch else None, img_size=img_size, output=output,
-            features=features, opset=opset, quantize={"mode": quantize} if quantize else None, check=check or None,
+            features=features, opset=opset, check=check or None,
+            quantize={k: v for k, v in (("mode", quantize), ("calibration_images", calib_images)) if v} or None,
             triton={k: v for k, v in (("repo", triton_repo), ("preprocess", triton_preprocess)) if v} or None,
         )
         if quantize and prof.precision != "int8":  # dynamic is the default mode, so the profile cannot see this
             raise ConfigError(f"--quantize {quantize} applies to --precision int8 only (this export is "
                               f"{prof.precision}); add --precision int8 or drop --quantize")
-        result = export_model(profile=prof)
+        result = export_model(profile=prof, overwrite=overwrite)
     except ParityFailed as exc:
         _print_report(exc.report)
         raise

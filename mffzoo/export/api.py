@@ -1,4 +1,4 @@
-"""``export_model``: profile -> model -> ONNX (-> int8 | TensorRT engine) -> parity -> artefact + sidecar.
+"""``export_model``: profile -> model -> ONNX (-> int8 | TensorRT engine | OpenVINO IR) -> parity -> artefact + sidecar.
 
 Everything a user can get wrong is checked before the first file is written; files are built in a temporary
 folder (in the nearest existing folder of the output) and moved into place at the end, so a failed, interrupted
@@ -29,6 +29,7 @@ from ..zoo import load_model
 from . import triton
 from .inputs import default_image_root, load_images, model_img_size, preprocessing, random_inputs
 from .onnx import OrtRunner, ort_supports, read_metadata, write_metadata
+from .openvino import OvRunner, ov_supports
 from .parity import ParityFailed, ParityReport, Runner, run_parity
 from .pipeline import INPUT_NAME, Built, SigtermGuard, build_artefact
 from .profile import ExportProfile, load_profile
@@ -55,7 +56,16 @@ class ExportResult:
     artefact: Path
     sidecar: Path
     report: ParityReport | None
-    files: list[Path]  # everything written (artefact, intermediate ONNX of an engine, sidecar, report)
+    files: list[Path]  # everything written (artefact, ONNX of an engine or .bin of an IR, sidecar, report)
+
+
+SUFFIXES = {"onnx": ".onnx", "trt": ".engine", "openvino": ".xml"}
+BACKEND_NAMES = {"onnx": "onnxruntime", "trt": "tensorrt", "openvino": "openvino"}
+
+
+def companion_files(fmt: str, artefact: Path) -> list[Path]:
+    """Files that belong to an artefact besides itself: an engine's ONNX, an IR's weights (.bin)."""
+    return {"trt": [artefact.with_suffix(".onnx")], "openvino": [artefact.with_suffix(".bin")]}.get(fmt, [])
 
 
 def _model_spec(prof: ExportProfile) -> str:
@@ -66,6 +76,14 @@ def _model_spec(prof: ExportProfile) -> str:
     if Path(w).expanduser().exists() or os.sep in w or w.endswith(_WEIGHT_SUFFIXES):
         return w
     return f"{prof.model.split('.', 1)[0]}.{w}"
+
+
+def _missing_path(spec: str) -> bool:
+    """A spec written as a path (not a name, not ``local-dir:``/``hf-hub:``) that is not there."""
+    if ":" in spec.split(os.sep, 1)[0]:
+        return False
+    looks_like_path = os.sep in spec or spec.startswith(".") or spec.endswith(_WEIGHT_SUFFIXES)
+    return looks_like_path and not Path(spec).expanduser().exists()
 
 
 def _patch_size(model: torch.nn.Module) -> int:
@@ -84,6 +102,9 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
                               f"use a multiple of {patch} (e.g. {prof.img_size // patch * patch or patch})")
         kwargs["img_size"] = prof.img_size
     spec = _model_spec(prof)
+    if _missing_path(spec):
+        raise WeightsNotFoundError(f"weights '{spec}' do not exist (no such file or folder); pass an existing model "
+                                   "folder or checkpoint, or a model name such as mff_vit_small.demo")
     try:
         if prof.random_init:
             torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
@@ -126,7 +147,7 @@ def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) 
     arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or prof.model.split(".")[0]
     tag = (getattr(model, "pretrained_cfg", {}) or {}).get("tag") if not prof.random_init else "random"
     stem = f"{arch}{'.' + tag if tag else ''}-{features}-{prof.precision}"
-    return Path("exports") / (stem + (".engine" if prof.format == "trt" else ".onnx"))
+    return Path("exports") / (stem + SUFFIXES[prof.format])
 
 
 def _references(model: torch.nn.Module, features: str, prof: ExportProfile) -> dict[str, torch.nn.Module]:
@@ -169,17 +190,19 @@ def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str
                    "batches": batches}
 
 
-def _runner(fmt: str, path: Path) -> Runner:
+def _runner(fmt: str, path: Path, precision: str) -> Runner:
     if fmt == "trt":
         from .trt import TrtRunner
 
         return TrtRunner(path)
+    if fmt == "openvino":
+        return OvRunner(path, precision)
     return OrtRunner(path)
 
 
 def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, features: str,
             pools: dict[str, np.ndarray], info: dict[str, Any]) -> ParityReport:
-    backend = "tensorrt" if prof.format == "trt" else "onnxruntime"
+    backend = BACKEND_NAMES[prof.format]
     _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)", backend, prof.precision,
                  info["batches"])
     return run_parity(
@@ -195,6 +218,10 @@ def _validate_machine(prof: ExportProfile) -> None:
         from .trt import require_trt
 
         require_trt()
+    elif prof.format == "openvino":  # bf16 without bf16 hardware is refused even unchecked: it would run as fp32
+        ok, why = ov_supports(prof.precision)
+        if not ok:
+            raise ExportError(why)
     elif prof.check.enabled:
         ok, why = ort_supports(prof.precision)
         if not ok:
@@ -206,12 +233,13 @@ def export_model(
     *,
     profile: str | os.PathLike[str] | ExportProfile | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
     **fields: Any,
 ) -> ExportResult:
     """Export ``model`` as described by ``profile`` (default ``export/default.yaml``) plus ``fields``/overrides.
 
     ``fields`` are profile keys, e.g. ``export_model("mff_vit_small", random_init=True, precision="fp16",
-    batch={"min": 1, "opt": 8, "max": 16})``.
+    batch={"min": 1, "opt": 8, "max": 16})``. An existing artefact is never replaced unless ``overwrite``.
     """
     prof = load_profile(profile, overrides, model=model, **fields)
     _validate_machine(prof)
@@ -223,19 +251,19 @@ def export_model(
     features = resolve_features(prof.features, fp32)
     ExportModule(fp32, features)  # raises for logits on a backbone
     out = Path(prof.output or _default_output(prof, fp32, features)).expanduser()
-    if prof.format == "onnx" and out.suffix != ".onnx":
-        raise ExportError(f"--output '{out}' must end in .onnx for --format onnx")
+    if prof.format in ("onnx", "openvino") and out.suffix != SUFFIXES[prof.format]:
+        raise ExportError(f"--output '{out}' must end in {SUFFIXES[prof.format]} for --format {prof.format}"
+                          + (" (the weights go to the .bin next to it)" if prof.format == "openvino" else ""))
     if prof.format == "trt" and out.suffix == ".onnx":
         raise ExportError(f"--output '{out}' is the engine path for --format trt: use .engine (the ONNX it is "
                           "built from is written next to it)")
     if out.is_dir():
         raise ExportError(f"--output '{out}' is a folder; pass a file path (e.g. {out / 'model.onnx'})")
     base = _existing_folder(out)
+    if not overwrite:
+        _refuse_overwrite(out, prof.format)
     pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ({}, {})
-    calib = None
-    if prof.precision == "int8" and prof.quantize.mode == "static":
-        root = prof.quantize.calibration_images or prof.check.images or default_image_root()
-        calib = load_images(root, prof.quantize.num_calibration, fp32)
+    calib, calib_info = _calibration(prof, fp32)
 
     # Everything is written into a temp folder in the nearest existing folder (same file system: renames are
     # atomic); the output folder is created only when the finished files move in place, so a failed, interrupted
@@ -249,14 +277,23 @@ def export_model(
             guard.remove_on_term(tmp)
         staged: triton.Staged | None = None
         try:
+            if calib_info:  # logged once the export can write: bad input stays a single error line
+                _logger.info("int8 calibration: %d images from %s (%s)", calib_info["count"], calib_info["images"],
+                             calib_info["source"])
             t0 = time.perf_counter()
             built = build_artefact(fp32, features, prof, tmp, calibration=calib)
             export_s = time.perf_counter() - t0
-            report = _parity(_runner(prof.format, built.artefact), fp32, prof, features, pools, info) \
-                if prof.check.enabled else None
+            report = _parity(_runner(prof.format, built.artefact, prof.precision), fp32, prof, features, pools,
+                             info) if prof.check.enabled else None
             moves = [(built.artefact, out)]
             if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
                 moves.append((built.onnx, out.with_suffix(".onnx")))
+            if prof.format == "openvino":  # the IR's weights; read_model finds them by the .xml's name
+                moves.append((built.artefact.with_suffix(".bin"), out.with_suffix(".bin")))
+                built.extra["openvino"].update(weights_file=out.with_suffix(".bin").name,
+                                               weights_sha256=file_sha256(built.artefact.with_suffix(".bin")))
+            if calib_info:
+                built.extra.setdefault("quantization", {})["calibration"] = calib_info
             side = _sidecar(prof, fp32, features, out, built, report, export_s)
             for src, dst in moves:  # after parity (the verdict is in it), before hashing: the hash is of the final file
                 if dst.suffix == ".onnx":
@@ -291,6 +328,29 @@ def export_model(
     return result
 
 
+def _refuse_overwrite(out: Path, fmt: str) -> None:
+    """Never replace an artefact silently: two option sets may map to one default name (issue 9)."""
+    taken = [p for p in (out, *companion_files(fmt, out), sidecar_path(out)) if p.exists()]
+    if taken:
+        raise ExportError(f"'{taken[0]}' already exists; pass --overwrite to replace it, or choose another --output")
+
+
+def _calibration(prof: ExportProfile, fp32: torch.nn.Module) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """int8 calibration images, loaded (and checked) before anything is written; and what the sidecar says of them.
+
+    ONNX static: ``--calib-images``, else the parity images, else the demo data; OpenVINO (NNCF always
+    calibrates): ``--calib-images``, else the built-in demo data.
+    """
+    q = prof.quantize
+    if prof.precision != "int8" or not (prof.format == "openvino" or q.mode == "static"):
+        return None, {}
+    given = q.calibration_images or (prof.check.images if prof.format == "onnx" else None)
+    root = Path(given) if given else default_image_root()
+    source = ("--calib-images" if q.calibration_images else "--check-images") if given else "built-in demo data"
+    return load_images(root, q.num_calibration, fp32), {"images": str(root.resolve()), "source": source,
+                                                        "count": q.num_calibration}
+
+
 def _existing_folder(out: Path) -> Path:
     """The nearest existing folder above ``out`` (where the temp folder goes); a file in the way is bad input."""
     p = out.absolute().parent
@@ -313,7 +373,7 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
         "format": prof.format,
         "artefact": out.name,
         "artefact_sha256": None,  # set by export_model once the file is final (metadata written)
-        "onnx": out.with_suffix(".onnx").name if prof.format == "trt" else out.name,
+        "onnx": {"trt": out.with_suffix(".onnx").name, "openvino": None}.get(prof.format, out.name),
         "model": {
             "spec": _model_spec(prof), "architecture": cfg.get("architecture"),
             "tag": None if prof.random_init else cfg.get("tag"), "random_init": prof.random_init,
@@ -329,8 +389,7 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
                    "meaning": meaning},
         "preprocessing": preprocessing(fp32),
         "precision": prof.precision,
-        "compute_dtype": {"int8": "int8 weights / uint8 activations (MatMul), fp32 elsewhere"}.get(
-            prof.precision, prof.precision),
+        "compute_dtype": _compute_dtype(prof, built),
         "opset": prof.opset,
         **built.extra,
         "tools": tool_versions(),
@@ -339,6 +398,17 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
         "profile": to_dict(prof),
         "parity": report.to_dict() if report else {"skipped": "--no-check: parity was not verified"},
     }
+
+
+def _compute_dtype(prof: ExportProfile, built: Built) -> str:
+    if prof.format == "openvino":
+        hint = built.extra["openvino"]["compile_config"]["INFERENCE_PRECISION_HINT"]
+        if prof.precision == "int8":
+            return f"int8 weights and activations (NNCF FakeQuantize), {hint} elsewhere (INFERENCE_PRECISION_HINT)"
+        return f"{prof.precision} (OpenVINO INFERENCE_PRECISION_HINT {hint}; the IR holds fp32 weights)"
+    if prof.precision == "int8":
+        return "int8 weights / uint8 activations (MatMul), fp32 elsewhere"
+    return prof.precision
 
 
 def check_artefact(
@@ -356,16 +426,23 @@ def check_artefact(
     data["check"] = {**data.get("check", {}), "enabled": True, **({"images": str(images)} if images else {})}
     prof = load_config(ExportProfile, data)
     _validate_machine(prof)
+    if _missing_path(_model_spec(prof)):
+        raise ExportError(f"the weights '{_model_spec(prof)}' named by the sidecar of '{artefact}' no longer exist; "
+                          "restore them, or re-export from the weights you have")
     fp32 = load_export_model(prof)
     if state_dict_sha256(fp32) != side["weights"]["sha256"]:
         raise ExportError(f"the weights of '{_model_spec(prof)}' changed since '{artefact}' was exported "
                           "(sha256 differs from the sidecar); re-export, or restore those weights")
     changed = file_sha256(artefact) != side.get("artefact_sha256")
+    weights_file = artefact.with_suffix(".bin")
+    if prof.format == "openvino" and weights_file.is_file():  # an IR is two files: its weights can change alone
+        changed |= file_sha256(weights_file) != side.get("openvino", {}).get("weights_sha256")
     if changed:
         _logger.warning("'%s' differs from the file that was exported (sha256 mismatch with its sidecar)", artefact)
     pools, info = _check_inputs(prof, fp32)
     info["artefact_changed_since_export"] = changed
-    report = _parity(_runner(prof.format, artefact), fp32, prof, side["output"]["features"], pools, info)
+    report = _parity(_runner(prof.format, artefact, prof.precision), fp32, prof, side["output"]["features"], pools,
+                     info)
     write_json(report_path(artefact), report.to_dict())
     if not report.passed:
         raise ParityFailed(f"parity gate missed for {artefact}: {'; '.join(report.failures)}; report in "

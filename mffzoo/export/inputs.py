@@ -58,7 +58,11 @@ def image_files(root: str | os.PathLike[str], n: int) -> list[Path]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; pass a folder of images (e.g. an ImageNet val dir)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    try:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as exc:  # e.g. a folder without read permission
+        raise DataError(f"image folder '{root}' cannot be read ({exc.strerror}); fix its permissions or pass "
+                        "another folder") from None
     if not files:
         raise DataError(f"image folder '{root}' holds no images ({', '.join(IMAGE_SUFFIXES)}); pass another folder")
     idx = np.linspace(0, len(files) - 1, num=min(n, len(files))).round().astype(int)

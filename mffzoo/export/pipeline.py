@@ -1,4 +1,4 @@
-"""One artefact pipeline for ``mffzoo export`` and ``mffzoo bench infer``: ONNX -> (int8 | TensorRT engine).
+"""One artefact pipeline for ``mffzoo export`` and ``mffzoo bench infer``: ONNX -> (int8 | engine | OpenVINO IR).
 
 Both build through :func:`build_artefact`, so what the benchmark measures is built exactly like what the export
 writes (same wrapper, I/O names, dtypes, quantiser settings, checker, engine profile): the two cannot drift.
@@ -23,7 +23,9 @@ import torch
 
 from .inputs import model_img_size
 from .onnx import check_onnx, export_onnx
+from .openvino import compile_config, convert_ir
 from .profile import ExportProfile
+from .quantize import quantize_onnx, resolve_reduce_range
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule
 
 __all__ = ["INPUT_NAME", "Built", "build_artefact", "onnx_precision", "SigtermGuard"]
@@ -34,14 +36,15 @@ INPUT_NAME = "pixel_values"
 
 @dataclass
 class Built:
-    artefact: Path  # the file to serve (inside the work folder)
+    artefact: Path  # the file to serve (inside the work folder; an IR's .bin lies next to its .xml)
     onnx: Path  # the ONNX it was made from (the artefact itself for fp32/fp16/bf16 ONNX)
-    extra: dict[str, Any] = field(default_factory=dict)  # sidecar sections: "quantization" / "tensorrt"
+    extra: dict[str, Any] = field(default_factory=dict)  # sidecar sections: "quantization" / "tensorrt" / "openvino"
 
 
-def onnx_precision(precision: str) -> str:
-    """int8 is quantised from the fp32 ONNX; every other precision is exported as such."""
-    return "fp32" if precision == "int8" else precision
+def onnx_precision(precision: str, fmt: str = "onnx") -> str:
+    """int8 is quantised from the fp32 ONNX, OpenVINO converts the fp32 ONNX (bf16 is a compile-time hint there);
+    every other precision is exported as such."""
+    return "fp32" if precision == "int8" or fmt == "openvino" else precision
 
 
 def _fresh(workdir: Path, stem: str, suffix: str) -> Path:
@@ -63,7 +66,7 @@ def build_artefact(
     """Build ``prof``'s artefact from the fp32 model into ``workdir``; ``onnx_cache`` reuses identical ONNX exports."""
     img = model_img_size(fp32)
     b = prof.batch
-    src = onnx_precision(prof.precision)
+    src = onnx_precision(prof.precision, prof.format)
     key = (features, src, b.min, b.max, prof.opset, prof.slim, img)
     onnx_path = (onnx_cache or {}).get(key)
     if onnx_path is None:
@@ -76,9 +79,7 @@ def build_artefact(
         if onnx_cache is not None:
             onnx_cache[key] = onnx_path
     built = Built(onnx_path, onnx_path)
-    if prof.precision == "int8":
-        from .quantize import quantize_onnx, resolve_reduce_range
-
+    if prof.precision == "int8" and prof.format == "onnx":
         q = prof.quantize
         reduce_range, why = resolve_reduce_range(q.reduce_range)
         _logger.info("quantising to int8 (%s, %s %s-bit weights; %s)", q.mode,
@@ -91,6 +92,22 @@ def build_artefact(
                                        "reduce_range_why": why, "weights": "int8 (7-bit)" if reduce_range else "int8",
                                        "activations": "uint8",
                                        "calibration_images": None if calibration is None else len(calibration)}
+    if prof.format == "openvino":
+        built.artefact = _fresh(workdir, f"model-ov-{prof.precision}", ".xml")
+        int8 = prof.precision == "int8"
+        reduce_range, why = resolve_reduce_range(prof.quantize.reduce_range)
+        _logger.info("converting to OpenVINO IR (%s%s)", prof.precision,
+                     f", NNCF int8 on {len(calibration) if calibration is not None else 0} calibration images, "
+                     f"{7 if reduce_range else 8}-bit weights; {why}" if int8 else "")
+        built.extra["openvino"] = convert_ir(onnx_path, built.artefact, calibration=calibration, int8=int8,
+                                             reduce_range=reduce_range, subset_size=prof.quantize.num_calibration)
+        built.extra["openvino"]["compile_config"] = compile_config(prof.precision)
+        if int8:
+            built.extra["quantization"] = {
+                "tool": "nncf", "model_type": "transformer", "overflow_fix": "enable" if reduce_range else "disable",
+                "reduce_range": reduce_range, "reduce_range_why": why,
+                "weights": "int8 (7-bit)" if reduce_range else "int8", "activations": "int8 (calibrated)",
+                "calibration_images": None if calibration is None else len(calibration)}
     if prof.format == "trt":
         from .trt import build_engine
 

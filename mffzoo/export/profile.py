@@ -120,13 +120,15 @@ class TritonConfig:
 
 @dataclass
 class QuantizeConfig:
-    """ONNX Runtime int8 quantisation (CPU serving)."""
+    """int8 quantisation for CPU serving: ONNX Runtime's quantiser (onnx) or NNCF (openvino, always calibrated)."""
 
-    mode: Literal["dynamic", "static"] = "dynamic"
-    calibration_images: Path | None = None  # static only; default: the parity image folder
+    mode: Literal["dynamic", "static"] = "dynamic"  # onnx only: NNCF (openvino) always calibrates
+    # --calib-images; default: onnx static: the parity image folder, openvino: the built-in demo data
+    calibration_images: Path | None = None
     num_calibration: int = 64
     per_channel: bool = True  # per-output-channel weight scales: what export/onnx-int8-cpu.yaml and the bench measure
-    reduce_range: bool | None = None  # 7-bit weights; null: auto, on unless the CPU has VNNI (see quantize.py)
+    reduce_range: bool | None = None  # 7-bit weights; null: auto, on unless the CPU has VNNI (see quantize.py);
+    # openvino: NNCF's overflow_fix (enable / disable)
 
     def validate(self) -> None:
         require(self.num_calibration >= 1, "quantize.num_calibration", f"must be >= 1, got {self.num_calibration}")
@@ -156,14 +158,14 @@ class ExportProfile:
     random_init: bool = False  # explicit random weights (smoke tests, speed); otherwise weights must exist
     seed: int = 0  # seeds random_init, so a random-init artefact can be re-checked later
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. a tiny test model
-    format: Literal["onnx", "trt"] = "onnx"
+    format: Literal["onnx", "trt", "openvino"] = "onnx"
     precision: Precision = "fp32"
     features: Literal["auto", "pooled", "tokens", "logits"] = "auto"  # auto: logits for classifiers, else pooled
     batch: BatchRange = field(default_factory=BatchRange)
     img_size: int | None = None  # default: the model's
     opset: int = 20
     slim: bool = True  # onnxslim pass (keeps the dynamic batch)
-    output: Path | None = None  # default: exports/<model>-<features>-<precision>.<onnx|engine>
+    output: Path | None = None  # default: exports/<model>-<features>-<precision>.<onnx|engine|xml>
     triton: TritonConfig = field(default_factory=TritonConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
@@ -176,6 +178,13 @@ class ExportProfile:
         require(not (self.format == "trt" and self.precision == "int8"), "precision",
                 "int8 is for ONNX Runtime CPU serving (--format onnx); TensorRT int8 needs calibration this "
                 "tool does not do: use --precision fp16 or bf16 with --format trt")
+        require(self.format != "openvino" or self.precision in ("fp32", "bf16", "int8"), "precision",
+                f"'{self.precision}' is not a precision of --format openvino; use fp32, bf16 (CPUs with AMX or "
+                "AVX512-BF16) or int8")
+        require(self.quantize.calibration_images is None or (
+            self.precision == "int8" and (self.format == "openvino" or self.quantize.mode == "static")),
+            "quantize.calibration_images", "calibration images apply to int8 with --format openvino or "
+            "--quantize static only; drop --calib-images or add --precision int8")
         require(self.img_size is None or self.img_size > 0, "img_size", f"must be > 0, got {self.img_size}")
         require(self.quantize.mode == "dynamic" or self.precision == "int8", "quantize.mode",
                 f"'{self.quantize.mode}' quantisation applies to precision int8 only (this profile is "
