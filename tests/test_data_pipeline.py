@@ -161,7 +161,7 @@ def test_dataset_fast_path_skips_bad_files_and_is_deterministic(tmp_path: Path) 
     bad_index = [i for i in range(len(fast)) if fast.filename(i) == str(victim)][0]
     xs, target, seed, bad = fast[(bad_index, 5)]
     xp, target_p, _, bad_p = plain[(bad_index, 5)]
-    assert len(bad) == len(bad_p) == 1 and victim.name in bad[0] and target == target_p
+    assert len(bad) == len(bad_p) == 1 and victim.name in bad[0][0] and target == target_p
     assert float((xs - xp).abs().mean()) < 0.05
     items = [(i, 100 + i) for i in range(len(fast))]
     first = [fast[it][0] for it in items]

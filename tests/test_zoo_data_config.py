@@ -57,7 +57,7 @@ def _check_feeds(model: torch.nn.Module, src: torch.nn.Module, tag: str | None =
     assert x.shape == (1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x))
-    side = {k: v for k, v in preprocessing(model).items() if k != "steps"}
+    side = {k: v for k, v in preprocessing(model).items() if k not in ("steps", "value_range")}  # sidecar-only keys
     assert side == {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
     return cfg
 

@@ -112,4 +112,4 @@ def onnx_metadata(side: dict[str, Any]) -> dict[str, str]:
         "mffzoo_version": side["tools"].get("mffzoo"), "parity": verdict,
     }
     assert tuple(meta) == METADATA_KEYS
-    return {k: json.dumps(v) for k, v in meta.items()}
+    return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}  # one text per value, as the sidecar's
