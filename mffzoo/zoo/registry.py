@@ -10,6 +10,7 @@ plugin discovery); ``mffzoo.zoo`` imports it too, so any use of the zoo has the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.error import URLError
 
@@ -17,7 +18,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..archs import ARCHS, CLASSIFIER_TAG_KWARGS, ZOO_TAGS
+from ..archs import ALIASES, ARCHS, CLASSIFIER_TAG_KWARGS, ZOO_TAGS
 from ..errors import ConfigError, WeightsNotFoundError
 from .catalog import download_cache_path
 from .checkpoint_io import SAFE_EXTRA_GLOBALS
@@ -90,41 +91,28 @@ def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> Weig
     )
 
 
-def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
-    return _create_mff_vit(variant, pretrained=pretrained, **kwargs)
+# timm entrypoints: one per architecture and one per alias (timm registers a function under its __name__).
+_ENTRY_DOCS = {
+    "mff_vit_small_patch16_224": "ViT-S/16 (22M) pretrained with MFF; weights come from the user's own runs "
+                                 "(no official release).",
+    "mff_vit_base_patch16_224": "ViT-B/16 (86M) pretrained with MFF; official mmpretrain weights (300/800 ep, and "
+                                "fine-tuned).",
+    "mff_vit_large_patch16_224": "ViT-L/16 (304M) pretrained with MFF; weights come from the user's own runs "
+                                 "(no official release).",
+}
 
 
-@register_model
-def mff_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-S/16 (22M) pretrained with MFF; weights come from the user's own runs (no official release)."""
-    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
+def _register(name: str, variant: str, doc: str) -> Callable[..., VisionTransformer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        return _create_mff_vit(variant, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = doc
+    globals()[name] = register_model(entrypoint)
+    return entrypoint
 
 
-@register_model
-def mff_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-B/16 (86M) pretrained with MFF; official mmpretrain weights (300/800 ep, and fine-tuned)."""
-    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-L/16 (304M) pretrained with MFF; weights come from the user's own runs (no official release)."""
-    return _build("mff_vit_large_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_small(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_small_patch16_224``."""
-    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_base(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_base_patch16_224``."""
-    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_large(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_large_patch16_224``."""
-    return _build("mff_vit_large_patch16_224", pretrained, kwargs)
+for _variant, _doc in _ENTRY_DOCS.items():
+    _register(_variant, _variant, _doc)
+for _alias, _variant in ALIASES.items():
+    _register(_alias, _variant, f"Alias of ``{_variant}``.")
