@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch.hub
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
@@ -90,7 +91,7 @@ def hub_rows() -> list[ZooRow]:
     """mffzoo models in the local Hugging Face Hub cache (repos made by ``mffzoo push`` and downloaded once):
     they load offline as ``hf-hub:org/name``. Repos we never downloaded are not known here."""
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(hf_constants.HF_HUB_CACHE)  # read now: scan_cache_dir's default is frozen at import
     except (CacheNotFound, OSError):
         return []
     rows = []
