@@ -5,7 +5,9 @@ temporary file in the destination folder, fsync, then ``os.replace``, so a reade
 file. ``tempfile.mkstemp`` creates files with mode 0600; the result is re-moded to what ``open()`` would give
 (0666 minus the umask), so a shared ``MFFZOO_HOME`` works. JSON is written with sorted keys and safetensors
 headers in a canonical order, so identical content gives identical bytes (and the same ``sha256sum``).
-Standard library only: this module sits below everything else.
+Also the one place that says where caches live (:func:`cache_root`, :func:`default_demo_root`) and how a
+figure reaches the disk (:func:`save_figure`). Standard library only (matplotlib only inside
+:func:`save_figure`): this module sits below everything else.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "write_json", "json_text", "file_sha256", "canonical_safetensors", "umask_mode",
-           "CHECKSUM_SUFFIX", "write_checksum", "verify_checksum"]
+           "CHECKSUM_SUFFIX", "write_checksum", "verify_checksum", "cache_root", "default_demo_root", "save_figure"]
 
 CHECKSUM_SUFFIX = ".sha256"
 
@@ -136,3 +138,37 @@ def canonical_safetensors(data: bytes) -> Callable[[Any], None]:
         f.write(memoryview(data)[8 + n:])
 
     return write
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/mffzoo``, else ``~/.cache/mffzoo``: the parent of every cache (zoo home, demo data,
+    features, TensorRT timing). As the XDG spec says, a relative ``XDG_CACHE_HOME`` is ignored."""
+    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "")
+    cache = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return cache / "mffzoo"
+
+
+def default_demo_root() -> Path:
+    """Where the demo dataset is generated: ``$MFFZOO_DEMO_DATA``, else ``<cache root>/demo-data``, so every
+    demo and CLI command reuses one copy."""
+    override = os.environ.get("MFFZOO_DEMO_DATA")
+    if override:
+        return Path(override).expanduser()
+    return cache_root() / "demo-data"
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int) -> Path:
+    """Save a matplotlib figure through a temporary file in the same folder (the format follows the suffix),
+    then close it: a reader never sees half an image and figures do not pile up in pyplot's registry."""
+    import matplotlib.pyplot as plt  # optional heavy dependency: only figure-drawing callers pay for it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

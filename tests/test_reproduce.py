@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mffzoo.eval.reproduce import TINY_MODEL, aggregate, markdown_table, pretrain_recipe, summary_rows
+from mffzoo.analysis.reproduce import TINY_MODEL, aggregate, markdown_table, pretrain_recipe, summary_rows
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,10 +13,10 @@ import yaml
 from helpers import TINY, random_state_dict
 from safetensors.torch import load_file
 
+from mffzoo.archs import ZOO_TAGS, canonical_arch, is_local_cfg, registered_schedule
 from mffzoo.cli.main import main
 from mffzoo.data import write_demo_dataset
 from mffzoo.errors import WeightsNotFoundError
-from mffzoo.models.mff_vision_transformer import ZOO_TAGS, canonical_arch, is_local_cfg, registered_schedule
 from mffzoo.train.recipe import load_recipe
 from mffzoo.zoo.catalog import zoo_rows
 

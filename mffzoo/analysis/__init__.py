@@ -1,1 +1,2 @@
-"""Analyses behind the paper's claims: latent frequency content, robustness to filtered inputs, fusion weights."""
+"""Analyses behind the paper's claims: latent frequency content, robustness to filtered inputs, fusion weights,
+and the MAE-vs-MFF reproduction that runs them (reproduce)."""

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DataError
+from ..io import save_figure
 from ..progress import Progress
 
 __all__ = ["DEFAULT_RADII", "radial_frequency", "filter_mask", "filter_images", "filter_accuracy", "plot_filters"]
@@ -161,8 +162,4 @@ def plot_filters(result: dict[str, Any], path: str | os.PathLike[str], title: st
     default = (f"top-1 under Fourier-filtered inputs: {data} val ({result.get('num_val', '?')} images, "
                f"{classes or '?'} classes)")
     fig.suptitle(title or default, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

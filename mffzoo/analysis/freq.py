@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..io import save_figure
 
 __all__ = ["relative_log_amplitude", "normalized_frequencies", "block_feature_maps", "model_frequency_profile",
            "frequency_analysis", "plot_frequency"]
@@ -140,9 +141,5 @@ def plot_frequency(result: dict[str, Any], path: str | os.PathLike[str], title: 
         bar.set_ticks(range(depth))
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 

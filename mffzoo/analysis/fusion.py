@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..io import save_figure
 from ..train.visualize import block_names, draw_fusion_bars, draw_fusion_history
 
 __all__ = ["fusion_weights", "fusion_history", "fusion_report", "plot_fusion"]
@@ -175,8 +176,4 @@ def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str
             ax.set_title("over training", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

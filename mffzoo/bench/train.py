@@ -485,7 +485,7 @@ def print_results(rows: list[dict[str, Any]], markdown: bool = False) -> None:
         for line in body:
             click.echo("| " + " | ".join(line) + " |")
     else:
-        from ..cli.zoo import print_table
+        from ..table import print_table
 
         print_table(body, header)
     click.echo("")

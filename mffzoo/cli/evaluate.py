@@ -321,8 +321,8 @@ def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers
     Prints mean ± std of k-NN / linear-probe accuracy, reconstruction loss and high-frequency content, and writes
     reproduction.json, table.md and freq.png to --output. Budgeted for < 30 minutes on a 2-core CPU.
     """
-    from ..eval.reproduce import reproduce as run_reproduce
-    from ..eval.reproduce import summary_rows
+    from ..analysis.reproduce import reproduce as run_reproduce
+    from ..analysis.reproduce import summary_rows
     from .zoo import print_table
 
     _quiet_timm()

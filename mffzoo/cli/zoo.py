@@ -6,15 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def print_table(rows: list[list[str]], header: list[str]) -> None:
-    """Plain aligned text table (what every mffzoo listing and report prints)."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    click.echo(line.rstrip())
-    click.echo("  ".join("-" * w for w in widths))
-    for r in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+from ..table import print_table  # the other commands import it from here too
 
 
 @click.command("zoo")

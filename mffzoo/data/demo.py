@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io import default_demo_root
 from ..progress import Progress
 
 __all__ = ["DEMO_CLASSES", "DEMO_DATASET_VERSION", "default_demo_root", "write_demo_dataset"]
@@ -61,16 +62,6 @@ MAX_DEMO_CLASSES = len(_CATALOGUE)
 
 #: Class names of the default 12-class dataset, sorted as ImageFolder indexes them.
 DEMO_CLASSES: tuple[str, ...] = tuple(sorted(name for name, _, _ in _CATALOGUE[:12]))
-
-
-def default_demo_root() -> Path:
-    """Shared cache location, so every demo/CLI reuses one generated copy."""
-    override = os.environ.get("MFFZOO_DEMO_DATA")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    cache = Path(xdg).expanduser() if xdg and os.path.isabs(os.path.expanduser(xdg)) else Path.home() / ".cache"
-    return cache / "mffzoo" / "demo-data"
 
 
 # --------------------------------------------------------------------------- drawing

@@ -1,4 +1,5 @@
-"""Evaluation of frozen and fine-tuned backbones: k-NN, linear probe, fine-tuning, and the MAE-vs-MFF check."""
+"""Evaluation of frozen and fine-tuned backbones: k-NN, linear probe, fine-tuning (the MAE-vs-MFF check that
+uses them is :mod:`mffzoo.analysis.reproduce`)."""
 
 from .features import FeatureSet, compute_features, frozen_features, load_eval_model, resolve_device
 from .knn import knn_accuracy, knn_eval, knn_scores, topk_accuracy

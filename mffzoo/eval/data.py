@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import create_transform, resolve_data_config
+from timm.utils.misc import natural_key
 from torch import nn
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -34,8 +36,6 @@ _HINT = "expected ROOT/train/<class>/*.png and ROOT/val/<class>/*.png (`mffzoo d
 
 def class_order(names: Iterable[str]) -> list[str]:
     """Class names in the order timm's folder reader indexes them (``natural_key``), i.e. the training labels."""
-    from timm.utils.misc import natural_key
-
     return sorted(names, key=natural_key)
 
 
@@ -104,8 +104,6 @@ def model_input_size(model: nn.Module, img_size: int | None = None) -> int:
 
 
 def _data_config(model: nn.Module, img_size: int | None) -> dict[str, Any]:
-    from timm.data import resolve_data_config
-
     cfg = resolve_data_config(model=model)
     size = model_input_size(model, img_size)
     cfg["input_size"] = (3, size, size)
@@ -114,16 +112,12 @@ def _data_config(model: nn.Module, img_size: int | None) -> dict[str, Any]:
 
 def eval_transform(model: nn.Module, img_size: int | None = None) -> Callable[[Any], torch.Tensor]:
     """The model's pretrained_cfg test transform (resize, centre crop, its mean/std) at the model's input size."""
-    from timm.data import create_transform
-
     return create_transform(**_data_config(model, img_size), is_training=False)
 
 
 def train_transform(model: nn.Module, img_size: int | None = None, **aug: Any) -> Callable[[Any], torch.Tensor]:
     """timm's training transform (RandomResizedCrop + flip by default; ``aug`` passes RandAugment, mixup-free
     options such as ``auto_augment='rand-m9-mstd0.5-inc1'``, ``re_prob`` through to ``create_transform``)."""
-    from timm.data import create_transform
-
     cfg = _data_config(model, img_size)
     cfg.pop("crop_pct", None)
     cfg.pop("crop_mode", None)

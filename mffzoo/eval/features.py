@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..io import cache_root
 from ..progress import Progress
 from .data import make_loader
 
@@ -182,8 +183,7 @@ def feature_cache_dir() -> Path:
     env = os.environ.get("MFFZOO_FEATURE_CACHE")
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mffzoo" / "features"
+    return cache_root() / "features"
 
 
 def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, workers: int = 0, bf16: bool = False,

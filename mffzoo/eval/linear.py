@@ -20,10 +20,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+from timm.optim import Lars
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from ..config import require
 from ..errors import ConfigError
+from .data import check_image_folder, eval_transform, make_loader, open_splits, train_transform
+from .features import compute_features, features_info, frozen_features, load_eval_model, pool_tokens, resolve_device
 from .knn import topk_accuracy
 
 __all__ = ["LinearProbeConfig", "LinearHead", "build_head_optimizer", "train_linear_head", "linear_probe",
@@ -74,8 +78,6 @@ def build_head_optimizer(head: nn.Module, cfg: LinearProbeConfig) -> torch.optim
     lr = cfg.effective_lr
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    from timm.optim import Lars
-
     matrices = [p for p in head.parameters() if p.ndim > 1]
     vectors = [p for p in head.parameters() if p.ndim <= 1]
     groups = [{"params": matrices, "always_adapt": True, "weight_decay": cfg.weight_decay},
@@ -137,8 +139,6 @@ def _train_linear_head(
     log: Callable[[dict[str, Any]], None] | None,
     device: torch.device,
 ) -> tuple[LinearHead, list[dict[str, Any]]]:
-    from timm.scheduler import CosineLRScheduler
-
     torch.manual_seed(cfg.seed)
     head = LinearHead(dim, num_classes).to(device)
     opt = build_head_optimizer(head, cfg)
@@ -189,9 +189,6 @@ def linear_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cf
                  bf16: bool = False, cache: bool | str = True, device: str | torch.device = "auto",
                  log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Linear-probe top-1/top-5 of a MODEL spec on an ImageNet-style folder (``batch_size`` is for the encoder)."""
-    from .data import check_image_folder, eval_transform, make_loader, open_splits, train_transform
-    from .features import compute_features, features_info, frozen_features, load_eval_model, pool_tokens, resolve_device
-
     cfg = cfg or LinearProbeConfig()
     cfg.validate()
     dev = resolve_device(device)

@@ -14,18 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..archs import canonical_arch
 from ..errors import WeightsNotFoundError
+from ..zoo.home import CONFIG_NAME, META_NAME, entry_dir
 
 __all__ = ["write_json", "result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Atomically write ``obj`` as deterministic JSON (sorted keys)."""
+    """:func:`mffzoo.io.write_json` with the object first (what the CLI's eval commands call)."""
     return io.write_json(path, obj)
 
 
 def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
-    """Table rows (model, task, pooling, top-1, top-5) for :func:`mffzoo.cli.zoo.print_table`."""
+    """Table rows (model, task, pooling, top-1, top-5) for :func:`mffzoo.table.print_table`."""
     rows = []
     for pool, m in result["results"].items():
         rows.append([result["model"] + (" (random init)" if result.get("random_init") else ""), result["task"], pool,
@@ -35,8 +37,6 @@ def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
 
 def resolve_zoo_entry(spec: str | os.PathLike[str]) -> Path:
     """The local model folder a MODEL spec names (a folder, ``local-dir:PATH`` or ``<arch>.<tag>`` in the zoo home)."""
-    from ..zoo.home import CONFIG_NAME, entry_dir
-
     s = str(spec)
     if s.startswith("local-dir:"):
         s = s[len("local-dir:"):]
@@ -44,8 +44,6 @@ def resolve_zoo_entry(spec: str | os.PathLike[str]) -> Path:
     if p.is_dir() and (p / CONFIG_NAME).is_file():
         return p
     if "." in s and not p.exists():
-        from ..models.mff_vision_transformer import canonical_arch
-
         arch, tag = s.split(".", 1)
         d = entry_dir(canonical_arch(arch), tag)
         if (d / CONFIG_NAME).is_file():
@@ -58,8 +56,6 @@ def resolve_zoo_entry(spec: str | os.PathLike[str]) -> Path:
 
 def update_zoo_metrics(spec: str | os.PathLike[str], result: Mapping[str, Any]) -> Path:
     """Record ``result`` under ``eval["<task>:<dataset>"]`` in the entry's ``mffzoo.json`` (atomic)."""
-    from ..zoo.home import META_NAME
-
     if result.get("random_init"):
         raise WeightsNotFoundError("refusing --update-zoo for a --random-init run: the metrics are not the weights'")
     folder = resolve_zoo_entry(spec)
@@ -75,4 +71,4 @@ def update_zoo_metrics(spec: str | os.PathLike[str], result: Mapping[str, Any]) 
                                       "config") if k in result}
     meta.setdefault("eval", {})[key] = {**summary, "results": result["results"],
                                         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    return write_json(meta, meta_path).parent
+    return io.write_json(meta_path, meta).parent

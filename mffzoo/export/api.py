@@ -92,7 +92,7 @@ def _patch_size(model: torch.nn.Module) -> int:
 
 def load_export_model(prof: ExportProfile) -> torch.nn.Module:
     """The fp32 eval model an export starts from, resolved only through :func:`mffzoo.zoo.load_model`."""
-    from ..models.mff_vision_transformer import ARCHS, canonical_arch
+    from ..archs import ARCHS, canonical_arch
 
     kwargs = dict(prof.model_args)
     if prof.img_size:

@@ -95,7 +95,7 @@ class ParityReport:
         return dataclasses.asdict(self)
 
     def table(self) -> tuple[list[list[str]], list[str]]:
-        """Rows and header for :func:`mffzoo.cli.zoo.print_table`."""
+        """Rows and header for :func:`mffzoo.table.print_table`."""
         def f(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 

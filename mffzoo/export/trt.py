@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from ..io import cache_root
 
 __all__ = ["require_trt", "build_engine", "TrtRunner", "default_timing_cache", "timing_cache_file"]
 
@@ -46,8 +47,7 @@ def require_trt() -> None:
 
 def default_timing_cache() -> Path:
     """The folder of the keyed timing caches (:func:`timing_cache_file`)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mffzoo" / "trt-timing"
+    return cache_root() / "trt-timing"
 
 
 def timing_cache_file(base: str | os.PathLike[str] | None, tensorrt: str, gpu: str, compute_capability: str) -> Path:

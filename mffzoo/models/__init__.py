@@ -1,7 +1,7 @@
-"""Models: the timm backbones (registered on import) and the MFF/MAE pretraining model."""
+"""Models: the MFF/MAE pretraining model (nn modules only). The timm backbones are registered by
+:mod:`mffzoo.zoo.registry`; the architecture tables live in :mod:`mffzoo.archs` (re-exported here)."""
 
-from . import mff_vision_transformer  # noqa: F401  (registers mff_vit_* with timm)
-from .mff_vision_transformer import ALIASES, ARCHS, PRETRAIN_DEFAULTS, ZOO_TAGS, canonical_arch
+from ..archs import ALIASES, ARCHS, PRETRAIN_DEFAULTS, ZOO_TAGS, canonical_arch
 from .pretrain import MFFPretrainModel, MultiLevelFusion, PretrainOutput, create_pretrain_model
 
 __all__ = [

@@ -7,7 +7,8 @@ weighted sum of the levels, the encoder's final LayerNorm on the fused tokens, t
 masked patches against per-patch normalised pixels. ``fusion_layers=[depth - 1]`` is exactly MAE.
 
 The encoder is a plain ``timm.models.vision_transformer.VisionTransformer``: ``model.encoder.state_dict()``
-loads (strict) into ``timm.create_model("mff_vit_*", num_classes=0)``.
+loads (strict) into ``timm.create_model("mff_vit_*", num_classes=0)``. The encoder is built by name through
+timm's registry, which ``import mffzoo`` fills (:mod:`mffzoo.zoo.registry`), so this module imports no zoo code.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..archs import canonical_arch, pretrain_heads
 from .pos_embed import sincos_2d_pos_embed
 
 __all__ = ["MFFPretrainModel", "MultiLevelFusion", "PretrainOutput", "create_pretrain_model"]
@@ -272,25 +275,17 @@ def create_pretrain_model(
     Defaults per size (fusion levels, decoder) come from ``PRETRAIN_DEFAULTS``; pass ``fusion_layers=[depth-1]``
     for the MAE baseline.
     """
-    import timm
-
-    from .mff_vision_transformer import PRETRAIN_DEFAULTS, canonical_arch
-
     arch = canonical_arch(arch)
-    defaults = PRETRAIN_DEFAULTS[arch]
     encoder = timm.create_model(arch, pretrained=False, num_classes=0, **encoder_kwargs)
     depth = len(encoder.blocks)
-    if fusion_layers is None:
-        fusion_layers = defaults["fusion_layers"] if depth == 1 + defaults["fusion_layers"][-1] else [depth - 1]
-    bad = [i for i in fusion_layers if not 0 <= int(i) < depth]
+    heads = pretrain_heads(arch, depth, fusion_layers=fusion_layers, decoder_dim=decoder_dim or None,
+                           decoder_depth=decoder_depth or None, decoder_heads=decoder_heads or None)
+    bad = [i for i in heads["fusion_layers"] if not 0 <= int(i) < depth]
     if bad:
-        raise ValueError(f"fusion_layers {list(fusion_layers)} has indices outside 0..{depth - 1}: {bad}")
+        raise ValueError(f"fusion_layers {heads['fusion_layers']} has indices outside 0..{depth - 1}: {bad}")
     return MFFPretrainModel(
         encoder,
-        fusion_layers=fusion_layers,
-        decoder_dim=decoder_dim or defaults["decoder_dim"],
-        decoder_depth=decoder_depth or defaults["decoder_depth"],
-        decoder_heads=decoder_heads or defaults["decoder_heads"],
+        **heads,
         mask_ratio=mask_ratio,
         norm_pix_loss=norm_pix_loss,
         grad_checkpointing=grad_checkpointing,

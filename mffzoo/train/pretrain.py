@@ -17,12 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import to_dict
-from ..models.mff_vision_transformer import published_tag, registered_schedule
+from ..archs import published_tag, registered_schedule
+from ..config import load_config, to_dict
 from ..models.pretrain import MFFPretrainModel, create_pretrain_model
+from ..zoo.home import entry_dir, git_commit
 from .data import Batch, derive_seed, eval_transform, pretrain_transform
 from .engine import RunContext, Task, TrainResult, run
+from .metrics import read_metrics
+from .publish import export_model_folder
 from .recipe import PretrainRecipe, load_recipe
+from .visualize import save_fusion_plot, save_reconstruction_grid
 
 _logger = logging.getLogger("mffzoo.train")
 
@@ -82,8 +86,6 @@ class PretrainTask(Task):
         """Fixed images, fixed mask; every rank runs the forward (FSDP needs it), rank 0 writes."""
         if self.recipe.log.vis_images == 0:
             return None
-        from .visualize import save_reconstruction_grid
-
         imgs = self._vis_images(ctx)
         noise = torch.rand(len(imgs), self.num_patches, generator=torch.Generator().manual_seed(
             derive_seed(self.recipe.train.seed, 0x515)))
@@ -109,9 +111,6 @@ class PretrainTask(Task):
             self.save_reconstructions(ctx, f"reconstruction_epoch{ctx.epoch:04d}.png")
 
     def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
-        from .metrics import read_metrics
-        from .visualize import save_fusion_plot
-
         recon = self.save_reconstructions(ctx, f"reconstruction_epoch{ctx.epoch:04d}.png")
         if not ctx.env.is_main:
             return {}
@@ -120,8 +119,6 @@ class PretrainTask(Task):
         plot = save_fusion_plot(records, m.fusion_layers or [], ctx.run_dir / "fusion_weights.png",
                                 title=f"{r.name}: {'MAE (single level)' if m.is_mae else 'MFF'} fusion weights")
         final_w = next((rec["fusion_weights"] for rec in reversed(records) if rec.get("fusion_weights")), None)
-        from .publish import export_model_folder
-
         assert ctx.state_dict is not None
         meta = self.provenance(ctx, final_w)
         tag = meta["tag"] = published_tag(m.arch, r.publish.tag, ctx.epoch) if r.publish.tag else None
@@ -129,8 +126,6 @@ class PretrainTask(Task):
         out: dict[str, Any] = {"model_dir": model_dir, "reconstruction_png": recon, "fusion_plot": plot,
                                "fusion_weights": final_w}
         if r.publish.zoo and tag:
-            from ..zoo.home import entry_dir
-
             out["zoo_entry"] = export_model_folder(entry_dir(m.arch, tag), m.arch, m.encoder_kwargs(),
                                                    ctx.state_dict, meta)
             _logger.info("published %s.%s -> %s", m.arch, tag, out["zoo_entry"])
@@ -145,8 +140,6 @@ class PretrainTask(Task):
         return out
 
     def provenance(self, ctx: RunContext, fusion_weights: Sequence[float] | None) -> dict[str, Any]:
-        from ..zoo.home import git_commit
-
         r = self.recipe
         return {
             "recipe_name": r.name, "recipe": to_dict(r), "tag": r.publish.tag, "epochs": ctx.epoch,
@@ -172,7 +165,5 @@ def train(
     if not isinstance(recipe, PretrainRecipe):
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
-        from ..config import load_config
-
         recipe = load_config(PretrainRecipe, to_dict(recipe), list(overrides))
     return run(recipe, task or PretrainTask(recipe), output_dir)

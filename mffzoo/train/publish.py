@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import yaml
+from huggingface_hub import HfApi
 
 from ..errors import ConfigError, WeightsNotFoundError
 from ..io import write_json
@@ -39,8 +42,6 @@ def export_model_folder(
 ) -> Path:
     """Write the encoder of a full ``MFFPretrainModel`` state dict as a timm model folder (atomic), with the
     fusion + decoder weights as ``pretrain_extras.safetensors`` and provenance in ``mffzoo.json``."""
-    import timm
-
     encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
     extras = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
     model = timm.create_model(arch, pretrained=False, num_classes=0, **model_args)
@@ -148,8 +149,6 @@ features = model.forward_features(transform(image).unsqueeze(0))  # (1, 1 + patc
 
 def build_hub_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], repo_id: str) -> Path:
     """Lay out the Hub repo for a finished run in ``out_dir`` (created; must be empty or absent)."""
-    import yaml
-
     run_dir, out = Path(run_dir), Path(out_dir)
     src = _model_folder(run_dir)
     if out.exists() and any(out.iterdir()):
@@ -189,8 +188,6 @@ def push_to_hub(
         raise ConfigError(f"--repo '{repo_id}' is not a Hub repo id; write it as org/name (e.g. me/mff-vit-small)")
     if local_dir is not None:
         return str(build_hub_folder(run_dir, local_dir, repo_id))
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mffzoo-push-") as tmp:
         folder = build_hub_folder(run_dir, Path(tmp) / "repo", repo_id)

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from timm.optim import list_optimizers
+
+from ..archs import ARCHS, canonical_arch, pretrain_heads
 from ..config import load_config, require
+from ..data.demo import MAX_DEMO_CLASSES
 from ..errors import ConfigError
 
 __all__ = [
@@ -39,8 +43,6 @@ class DemoDataConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from ..data.demo import MAX_DEMO_CLASSES
-
         require(1 <= self.num_classes <= MAX_DEMO_CLASSES, "data.demo.num_classes",
                 f"must be in 1..{MAX_DEMO_CLASSES}, got {self.num_classes}")
         require(self.train_per_class >= 1, "data.demo.train_per_class", "must be >= 1")
@@ -145,8 +147,6 @@ class OptimConfig:
     clip_grad: float | None = None  # max grad norm; MAE/MFF pretraining does not clip
 
     def validate(self) -> None:
-        from timm.optim import list_optimizers
-
         names = list_optimizers()
         require(self.opt in names, "optim.opt", f"unknown optimizer '{self.opt}'; e.g. adamw, lamb, lars, sgd")
         require(self.blr > 0, "optim.blr", f"must be > 0, got {self.blr}")
@@ -217,7 +217,7 @@ class EngineRecipe:
 class ModelConfig:
     arch: str = "mff_vit_base_patch16_224"
     img_size: int = 224
-    # null: the architecture's value (mffzoo.models.mff_vision_transformer.ARCHS)
+    # null: the architecture's value (mffzoo.archs.ARCHS)
     patch_size: int | None = None
     embed_dim: int | None = None
     depth: int | None = None
@@ -234,8 +234,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check ranges and fill the nulls, so the recipe written to the run directory is explicit."""
-        from ..models.mff_vision_transformer import ARCHS, PRETRAIN_DEFAULTS, canonical_arch
-
         arch = canonical_arch(self.arch)
         require(arch in ARCHS, "model.arch", f"unknown architecture '{self.arch}'; allowed: {', '.join(ARCHS)}")
         self.arch = arch
@@ -253,10 +251,9 @@ class ModelConfig:
         num_patches = (self.img_size // self.patch_size) ** 2
         require(int(num_patches * (1 - self.mask_ratio)) >= 1, "model.mask_ratio",
                 f"{self.mask_ratio} leaves no visible patch out of {num_patches}; lower it")
-        defaults = PRETRAIN_DEFAULTS[arch]
-        if self.fusion_layers is None:
-            default = defaults["fusion_layers"]
-            self.fusion_layers = list(default) if default[-1] == self.depth - 1 else [self.depth - 1]
+        heads = pretrain_heads(arch, self.depth, fusion_layers=self.fusion_layers, decoder_dim=self.decoder_dim,
+                               decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
+        self.fusion_layers = heads["fusion_layers"]
         fl = self.fusion_layers
         last = self.depth - 1
         require(bool(fl), "model.fusion_layers", f"must list at least one block; [{last}] is plain MAE")
@@ -266,8 +263,7 @@ class ModelConfig:
         require(fl[-1] == last, "model.fusion_layers",
                 f"must end with the last block ({last}), got {fl}; [{last}] alone is plain MAE")
         for k in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if getattr(self, k) is None:
-                setattr(self, k, defaults[k])
+            setattr(self, k, heads[k])
             require(getattr(self, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(self, k)}")
         require(self.decoder_dim % self.decoder_heads == 0, "model.decoder_heads",
                 f"model.decoder_dim={self.decoder_dim} is not divisible by {self.decoder_heads} heads")

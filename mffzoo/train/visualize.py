@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..io import save_figure
+
 __all__ = ["save_reconstruction_grid", "save_fusion_plot", "draw_fusion_bars", "draw_fusion_history", "block_names"]
 
 _ROWS = (("input", "original"), ("masked", "masked input\n(grey: hidden)"),
@@ -27,7 +29,7 @@ _ROWS = (("input", "original"), ("masked", "masked input\n(grey: hidden)"),
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn, not by every training run's import
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -65,11 +67,7 @@ def save_reconstruction_grid(
     fig.text(0.5, 0.01, f"{ratio:.0%} of the patches hidden; the loss covers those only, so the prediction at "
              "visible patches is unconstrained (noise there is expected)", ha="center", va="bottom", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _deviation_label(k: int) -> str:
@@ -129,8 +127,4 @@ def save_fusion_plot(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -1,5 +1,7 @@
-"""The zoo: where weights live (home), where they come from (weights), and how foreign formats map (convert)."""
+"""The zoo: the timm registry (registry), where weights live (home), where they come from (weights), and how
+foreign formats map (convert). Importing the package registers the ``mff_vit_*`` models with timm."""
 
+from . import registry  # noqa: F401  (registers mff_vit_* with timm; mffzoo._register_models relies on it)
 from .checkpoint_io import atomic_torch_save, load_checkpoint_file
 from .convert import Converted, convert_checkpoint, convert_state_dict
 from .home import ZooEntry, entry_dir, list_local, write_model_folder, zoo_home

@@ -3,12 +3,19 @@ mffzoo models in the local Hugging Face Hub cache."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .home import entry_dir, list_local
+import torch.hub
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import scan_cache_dir
+from huggingface_hub.errors import CacheNotFound
+
+from ..archs import ZOO_TAGS, is_local_cfg
+from .home import CONFIG_NAME, META_NAME, entry_dir, list_local
 
 __all__ = ["ZooRow", "zoo_rows", "hub_rows", "download_cache_path"]
 
@@ -30,8 +37,6 @@ class ZooRow:
 
 def download_cache_path(url: str) -> Path:
     """Where timm/torch.hub caches a URL download (what `pretrained=True` reuses)."""
-    import torch.hub
-
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
@@ -61,8 +66,6 @@ def _measured(meta: dict) -> str:
 
 
 def zoo_rows() -> list[ZooRow]:
-    from ..models.mff_vision_transformer import ZOO_TAGS, is_local_cfg
-
     rows: list[ZooRow] = []
     seen: set[tuple[str, str]] = set()
     for arch, tags in ZOO_TAGS.items():
@@ -87,15 +90,8 @@ def zoo_rows() -> list[ZooRow]:
 def hub_rows() -> list[ZooRow]:
     """mffzoo models in the local Hugging Face Hub cache (repos made by ``mffzoo push`` and downloaded once):
     they load offline as ``hf-hub:org/name``. Repos we never downloaded are not known here."""
-    import json
-
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
-    from .home import CONFIG_NAME, META_NAME
-
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(hf_constants.HF_HUB_CACHE)  # read now: scan_cache_dir's default is frozen at import
     except (CacheNotFound, OSError):
         return []
     rows = []

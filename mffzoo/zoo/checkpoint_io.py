@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..io import atomic_write, verify_checksum
+from .home import WEIGHTS_NAME
 
 __all__ = ["load_checkpoint_file", "atomic_torch_save", "SAFE_EXTRA_GLOBALS"]
 
@@ -44,8 +46,6 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a ``.pth``/``.pt``/``.bin``/``.safetensors`` file as plain data, or explain why not."""
     path = Path(path)
     if path.is_dir():
-        from .home import WEIGHTS_NAME
-
         if (path / WEIGHTS_NAME).is_file():
             path = path / WEIGHTS_NAME
         else:
@@ -60,8 +60,6 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "it was written; re-download it or use an earlier copy"
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # SafetensorError, OSError, ValueError, ...: any failure means a bad file

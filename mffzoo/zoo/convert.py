@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 
+from ..archs import ARCHS, canonical_arch
 from ..errors import CheckpointError, ConfigError
+from .checkpoint_io import load_checkpoint_file
+from .home import write_model_folder
 
 _logger = logging.getLogger("mffzoo.zoo")
 
@@ -111,8 +116,6 @@ class Converted:
     def arch_kwargs(self) -> dict[str, Any]:
         """timm kwargs this backbone needs, read from tensor shapes. The head count is not in the tensors: it
         comes from our checkpoints' metadata or a registered width, and is left out otherwise (callers ask)."""
-        from ..models.mff_vision_transformer import ARCHS
-
         sd = self.backbone
         try:
             proj = sd["patch_embed.proj.weight"]
@@ -140,8 +143,6 @@ class Converted:
 
     def arch_name(self) -> str:
         """Registered architecture with the same width and depth (the closest for custom sizes)."""
-        from ..models.mff_vision_transformer import ARCHS
-
         kw = self.arch_kwargs()
         for name, a in ARCHS.items():
             if (a["embed_dim"], a["depth"], a["patch_size"]) == (kw["embed_dim"], kw["depth"], kw["patch_size"]):
@@ -240,8 +241,6 @@ def _resample_pos_embed(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> 
     have = sd.get("pos_embed")
     if want is None or have is None or have.shape == want.shape:
         return
-    from timm.layers import resample_abs_pos_embed
-
     n_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
     sd["pos_embed"] = resample_abs_pos_embed(
         have, new_size=model.patch_embed.grid_size, num_prefix_tokens=n_prefix, verbose=False
@@ -277,12 +276,6 @@ def convert_checkpoint(
 
     ``num_heads`` is only needed for non-standard widths from foreign formats: weights do not record it (ours do).
     """
-    import timm
-
-    from ..models.mff_vision_transformer import ARCHS, canonical_arch
-    from .checkpoint_io import load_checkpoint_file
-    from .home import write_model_folder
-
     if arch is not None and canonical_arch(arch) not in ARCHS:
         raise ConfigError(f"unknown --arch '{arch}'; allowed: {', '.join(ARCHS)} (or omit it: it is inferred)")
     conv = convert_state_dict(load_checkpoint_file(src))

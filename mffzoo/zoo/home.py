@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from ..io import atomic_write, canonical_safetensors, umask_mode, write_json
+from .. import __version__
+from ..io import atomic_write, cache_root, canonical_safetensors, umask_mode, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -36,12 +37,11 @@ __all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "write_model_folde
 
 
 def zoo_home() -> Path:
-    """``$MFFZOO_HOME``, else ``$XDG_CACHE_HOME/mffzoo/zoo`` (``~/.cache/mffzoo/zoo``)."""
+    """``$MFFZOO_HOME``, else ``<cache root>/zoo`` (``~/.cache/mffzoo/zoo``, see :func:`mffzoo.io.cache_root`)."""
     env = os.environ.get("MFFZOO_HOME")
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "mffzoo" / "zoo"
+    return cache_root() / "zoo"
 
 
 def entry_dir(arch: str, tag: str, home: Path | None = None) -> Path:
@@ -165,8 +165,6 @@ def write_model_folder(
         write_safetensors(tmp / WEIGHTS_NAME, sd, {"format": "pt", "architecture": arch})
         write_json(tmp / CONFIG_NAME, timm_config(arch, model, model_args, tag=_folder_tag(folder, arch, meta),
                                                   data=((meta or {}).get("recipe") or {}).get("data")))
-        from .. import __version__
-
         write_json(tmp / META_NAME, {"arch": arch, "mffzoo_version": __version__, **dict(meta or {})})
         if extras:
             write_safetensors(tmp / EXTRAS_NAME, {k: v.detach().cpu().contiguous() for k, v in extras.items()})

@@ -1,6 +1,7 @@
 """The one place that decides where a model's weights come from.
 
-``timm.create_model(name, pretrained=True)`` reaches :func:`resolve_pretrained` through our entrypoints;
+``timm.create_model(name, pretrained=True)`` reaches :func:`resolve_pretrained` through the entrypoints in
+:mod:`mffzoo.zoo.registry`;
 :func:`load_model` is the front door for the CLI and every other tool (export, eval, bench): it accepts a
 registered name with or without tag, ``hf-hub:org/name``, ``local-dir:PATH``, a model folder, or a checkpoint
 file of any supported format.
@@ -17,11 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from timm.models import PretrainedCfg
 
-from ..errors import CheckpointError, WeightsNotFoundError
+from ..archs import ZOO_TAGS, is_local_cfg
+from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
 from .checkpoint_io import load_checkpoint_file
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
@@ -33,20 +36,12 @@ __all__ = ["resolve_pretrained", "load_model", "parse_model_spec", "local_weight
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "state_dict")
 
 
-def _zoo_archs() -> dict[str, dict[str, dict[str, Any]]]:
-    from ..models.mff_vision_transformer import ZOO_TAGS  # models import the zoo: resolved at call time
-
-    return ZOO_TAGS
-
-
 def _zoo_tags(arch: str) -> dict[str, dict[str, Any]]:
-    return _zoo_archs().get(arch, {})
+    return ZOO_TAGS.get(arch, {})
 
 
 def _tag_listing(arch: str) -> str:
     """Every tag of ``arch`` with where its weights come from (what an unknown-tag error offers instead)."""
-    from ..models.mff_vision_transformer import is_local_cfg
-
     official, recipes = [], []
     for t, cfg in _zoo_tags(arch).items():
         recipe = next((n.split(": ", 1)[1] for n in cfg.get("notes") or () if n.startswith("recipe: ")), None)
@@ -112,7 +107,7 @@ def weights_pretrained_cfg(weights: Path, model_args: Mapping[str, Any]) -> dict
     if "num_classes" in model_args:
         out["num_classes"] = int(model_args["num_classes"])
     folder = weights.parent.name
-    if not out.get("tag") and "." in folder and folder.split(".", 1)[0] in _zoo_archs():
+    if not out.get("tag") and "." in folder and folder.split(".", 1)[0] in ZOO_TAGS:
         out["tag"] = folder.split(".", 1)[1]
     return out
 
@@ -162,8 +157,6 @@ def resolve_pretrained(
         return (pretrained_cfg, *_file_source(overlay, overlay["file"]))  # pretrained_cfg_overlay=dict(file=...)
     if any(overlay.get(k) for k in _SOURCE_KEYS) or explicit_cfg:
         return pretrained_cfg, overlay or None, {}  # explicit url/hub/state dict, or a cfg from hf-hub:/local-dir:
-    from ..models.mff_vision_transformer import is_local_cfg
-
     tags = _zoo_tags(arch)
     tag = pretrained_cfg
     if tag is None:
@@ -219,12 +212,8 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
 def load_model(
     spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, **kwargs: Any
 ) -> torch.nn.Module:
-    """Create a backbone from any MODEL spec; ``random_init`` builds the architecture without weights."""
-    import timm
-
-    from .. import models  # noqa: F401  (registers the mff_* architectures)
-    from ..errors import MffzooError
-
+    """Create a backbone from any MODEL spec; ``random_init`` builds the architecture without weights.
+    (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)"""
     if random_init:
         pretrained = False
     name, extra = parse_model_spec(spec) if (pretrained or Path(str(spec)).expanduser().exists()) else (str(spec), {})

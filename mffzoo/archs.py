@@ -1,9 +1,9 @@
-"""MFF-pretrained Vision Transformers as timm models.
+"""The model catalog as data: architectures, pretrained tags, pretraining defaults, and their resolvers.
 
-The backbones are unmodified ``timm.models.vision_transformer.VisionTransformer`` instances; what MFF changes is
-how they were pretrained (see :mod:`mffzoo.models.pretrain`). This module holds the architectures, the pretrained
-tags and their metadata as data, the checkpoint filter that lets timm load every supported checkpoint format,
-and the registrations at the bottom. Registration happens on ``import mffzoo`` (timm has no plugin discovery).
+Standard library only, so everything (the recipe validator, the CLI, the timm registry in
+:mod:`mffzoo.zoo.registry`, the pretraining model) reads one table without importing torch or timm. Local tags
+name no path here: their weights are found in the zoo home (``MFFZOO_HOME``) when a model is created, so
+changing ``MFFZOO_HOME`` after import works.
 
 Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu et al., ICCV 2023
 (arXiv 2308.00261). Official code and weights: open-mmlab/mmpretrain.
@@ -11,21 +11,20 @@ Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu e
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
-from urllib.error import URLError
 
-import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
-from timm.models.vision_transformer import VisionTransformer
+_logger = logging.getLogger("mffzoo")
 
-from ..errors import WeightsNotFoundError
-from ..zoo.catalog import download_cache_path
-from ..zoo.checkpoint_io import SAFE_EXTRA_GLOBALS
-from ..zoo.home import WEIGHTS_NAME, entry_dir
+__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS", "LOCAL_FILE",
+           "canonical_arch", "is_local_cfg", "pretrain_heads", "published_tag", "registered_schedule"]
 
-__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "canonical_arch", "checkpoint_filter_fn",
-           "published_tag", "registered_schedule"]
+# timm.data.IMAGENET_DEFAULT_MEAN/STD (copied: this module imports neither torch nor timm)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# What a local tag's registered `file` says: not a path, a pointer to where mffzoo.zoo.weights looks.
+LOCAL_FILE = "$MFFZOO_HOME/<arch>.<tag>/model.safetensors"
 
 # --- architectures (timm kwargs); LayerNorm eps 1e-6, qkv bias and MLP ratio 4 are timm's ViT defaults ---
 ARCHS: dict[str, dict[str, Any]] = {
@@ -91,7 +90,9 @@ def _local(recipe: str, description: str, epochs: int) -> dict[str, Any]:
     # No download exists: the weights come from the user's own `mffzoo train` run, resolved from the zoo home
     # (MFFZOO_HOME) at creation time by mffzoo.zoo.weights. `notes` marks the tag as local for that resolver;
     # the schedule is what the tag promises (a shorter run publishes as <tag>-partial, see published_tag).
+    # `file` only makes timm list the tag as pretrained; the resolver replaces it with the current home's path.
     return _cfg(
+        file=LOCAL_FILE,
         license="apache-2.0",
         description=description,
         notes=("source: local", f"recipe: {recipe}", f"produce with: mffzoo train {recipe}",
@@ -159,20 +160,9 @@ ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
     "mff_vit_large_patch16_224": _local_runs("l", "mff_in1k_", "mae_in1k_", "ViT-L/16"),
 }
 
-# Local tags point at their folder in the zoo home so timm lists them as pretrained; the path is resolved
-# again at creation time (MFFZOO_HOME may change after import).
-for _arch, _tags in ZOO_TAGS.items():
-    for _tag, _c in _tags.items():
-        if is_local_cfg(_c):
-            _c["file"] = str(entry_dir(_arch, _tag) / WEIGHTS_NAME)
-
 # Fine-tuned classifiers were trained with global average pooling + fc_norm (mmpretrain's ln2); timm builds
 # the same structure from these kwargs.
 CLASSIFIER_TAG_KWARGS = dict(global_pool="avg", fc_norm=True)
-
-default_cfgs = generate_default_cfgs(
-    {f"{arch}.{tag}": cfg for arch, tags in ZOO_TAGS.items() for tag, cfg in tags.items()}
-)
 
 
 def registered_schedule(arch: str, tag: str) -> int | None:
@@ -195,105 +185,24 @@ def canonical_arch(name: str) -> str:
     return ALIASES.get(base, base)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, Any], model: VisionTransformer) -> dict[str, Any]:
-    """timm ``pretrained_filter_fn``: any supported checkpoint format -> this backbone's keys."""
-    from ..zoo.convert import convert_state_dict
-
-    return convert_state_dict(state_dict, target=model).backbone
-
-
-def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Build a backbone; precedence of model kwargs: caller > the local weights' config.json > ``ARCHS``."""
-    from ..zoo.weights import resolve_pretrained
-
-    out_indices = kwargs.pop("out_indices", 3)
-    tag = kwargs.get("pretrained_cfg")
-    saved_args: dict[str, Any] = {}
-    if pretrained:
-        if isinstance(tag, str) and tag.startswith("mff_ft_"):
-            kwargs = {**CLASSIFIER_TAG_KWARGS, **kwargs}
-        kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"], saved_args = resolve_pretrained(
-            variant, tag, kwargs.get("pretrained_cfg_overlay")
-        )
-    kwargs = {**saved_args, **kwargs}
-    width = kwargs.get("embed_dim", ARCHS[variant]["embed_dim"])
-    if width != ARCHS[variant]["embed_dim"] and "num_heads" not in kwargs:
-        from ..errors import ConfigError
-
-        raise ConfigError(  # a silent guess would build a model that loads the weights and computes garbage
-            f"a {width}-wide {variant} needs num_heads=... (weights from mffzoo record it; other "
-            "checkpoints of non-standard widths do not)"
-        )
-    kwargs = {**ARCHS[variant], **kwargs}
-    # timm loads .pth files with weights_only=True; mmengine's `meta` may hold numpy scalars, which are data.
-    with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
-        try:
-            model = build_model_with_cfg(
-                VisionTransformer,
-                variant,
-                pretrained,
-                pretrained_filter_fn=checkpoint_filter_fn,
-                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-                **kwargs,
-            )
-        except URLError as exc:  # offline, proxy, or the server is gone: say which file and how to go without it
-            raise _download_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
-                                  exc) from None
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict):
-        cfg.pop("state_dict", None)  # the weights were copied into the model; do not hold a second copy
-    return model
-
-
-def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> WeightsNotFoundError:
-    cfg = get_pretrained_cfg(f"{variant}.{tag}" if isinstance(tag, str) else variant)
-    explicit = tag if isinstance(tag, dict) else {}  # a pretrained_cfg dict passed by the caller
-    url = (overlay or {}).get("url") or explicit.get("url") or getattr(cfg, "url", None) or "?"
-    name = f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant
-    reason = str(getattr(exc, "reason", exc)).replace("\n", " ")
-    return WeightsNotFoundError(
-        f"could not download the weights of {name} from {url} ({reason}); without network, fetch that file "
-        f"elsewhere and put it at {download_cache_path(url)}, or load it from any path with "
-        f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH')) "
-        "(or `mffzoo convert PATH OUT` for a model folder)"
-    )
-
-
-def _build(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
-    return _create_mff_vit(variant, pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mff_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-S/16 (22M) pretrained with MFF; weights come from the user's own runs (no official release)."""
-    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-B/16 (86M) pretrained with MFF; official mmpretrain weights (300/800 ep, and fine-tuned)."""
-    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT-L/16 (304M) pretrained with MFF; weights come from the user's own runs (no official release)."""
-    return _build("mff_vit_large_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_small(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_small_patch16_224``."""
-    return _build("mff_vit_small_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_base(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_base_patch16_224``."""
-    return _build("mff_vit_base_patch16_224", pretrained, kwargs)
-
-
-@register_model
-def mff_vit_large(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Alias of ``mff_vit_large_patch16_224``."""
-    return _build("mff_vit_large_patch16_224", pretrained, kwargs)
+def pretrain_heads(
+    arch: str, depth: int, *, fusion_layers: Sequence[int] | None = None, decoder_dim: int | None = None,
+    decoder_depth: int | None = None, decoder_heads: int | None = None,
+) -> dict[str, Any]:
+    """Fusion levels and decoder sizes for a ``depth``-block encoder of ``arch``: what is given, else the size's
+    ``PRETRAIN_DEFAULTS``. The default levels are block indices of the registered depth; an encoder of another
+    depth gets ``[depth - 1]`` (plain MAE), which is logged, since fusion then silently disappears.
+    Validation of given values is the caller's (the recipe reports them as config errors)."""
+    defaults = PRETRAIN_DEFAULTS[canonical_arch(arch)]
+    if fusion_layers is None:
+        default = defaults["fusion_layers"]
+        if default[-1] == depth - 1:
+            fusion_layers = list(default)
+        else:
+            fusion_layers = [depth - 1]
+            _logger.info("mffzoo: %s with %d blocks (not the registered %d): no default fusion levels, "
+                         "fusion_layers=[%d] (plain MAE); set model.fusion_layers for MFF", arch, depth,
+                         default[-1] + 1, depth - 1)
+    given = dict(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
+    return {"fusion_layers": list(fusion_layers),
+            **{k: defaults[k] if v is None else v for k, v in given.items()}}

@@ -14,16 +14,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.demo import write_demo_dataset
+from ..eval.data import load_images, open_split
+from ..eval.knn import knn_eval
+from ..eval.linear import LinearProbeConfig, linear_probe
+from ..io import default_demo_root, write_json
+from ..models.pretrain import create_pretrain_model
 from ..progress import configure_console_logging
+from ..train import train
+from ..train.checkpoint import CheckpointManager
+from ..train.data import eval_transform as train_eval_transform
+from ..train.recipe import DataConfig
+from ..zoo import load_checkpoint_file
+from .freq import frequency_analysis, plot_frequency
 
 __all__ = ["TINY_MODEL", "FUSION", "pretrain_recipe", "reproduce", "aggregate", "summary_rows",
            "markdown_table", "val_reconstruction_loss"]
@@ -70,13 +85,6 @@ def pretrain_recipe(method: str, seed: int, epochs: int, data_root: str | os.Pat
 @torch.no_grad()
 def val_reconstruction_loss(run_dir: Path, data_root: Path, num_images: int = 480, seed: int = 1234) -> float:
     """Masked-patch MSE on validation images with masks fixed by ``seed``: the same masks for every run."""
-    from ..models.pretrain import create_pretrain_model
-    from ..train.checkpoint import CheckpointManager
-    from ..train.data import eval_transform as train_eval_transform
-    from ..train.recipe import DataConfig
-    from ..zoo import load_checkpoint_file
-    from .data import load_images, open_split
-
     newest = CheckpointManager(run_dir / "checkpoints").list()
     if not newest:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
@@ -107,11 +115,6 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def _run_one(method: str, seed: int, epochs: int, data_root: Path, out: Path, model: dict[str, Any],
              batch: int, log: Callable[[str], None], parent: int | None = None) -> dict[str, Any]:
-    from ..analysis.freq import frequency_analysis
-    from ..train import train
-    from .knn import knn_eval
-    from .linear import LinearProbeConfig, linear_probe
-
     if parent is not None and os.getppid() != parent:
         # The driver is gone (killed): a pool worker must not start the queued runs on its own.
         raise SystemExit(1)
@@ -188,8 +191,6 @@ def _init_worker(threads: int) -> None:
 
 
 def _log_stderr(msg: str) -> None:
-    import sys
-
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -201,13 +202,6 @@ def reproduce(output: str | os.PathLike[str] = "runs/reproduce", *, seeds: int =
     Runs go to ``workers`` processes (default: one per core, at most 2, so MAE and MFF of a seed train side by
     side under the same load) with ``cores // workers`` threads each.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from ..analysis.freq import plot_frequency
-    from ..data.demo import default_demo_root, write_demo_dataset
-    from .results import write_json
-
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +239,7 @@ def reproduce(output: str | os.PathLike[str] = "runs/reproduce", *, seeds: int =
            "fusion_layers": {"mae": runs[0]["fusion_layers"], "mff": runs[1]["fusion_layers"]}, "probe": PROBE,
            "data": str(data_root), "workers": workers, "threads_per_worker": threads, "cpu_count": cores,
            "runs": runs, "aggregate": agg, "wall_s": round(time.time() - t0, 1)}
-    write_json(res, out / "reproduction.json")
+    write_json(out / "reproduction.json", res)
     (out / "table.md").write_text(markdown_table(res))
     log(f"reproduce: done in {res['wall_s'] / 60:.1f} min")
     return res
