@@ -26,10 +26,13 @@ def test_editable_install_is_not_shadowed_by_the_clone_folder(tmp_path):
     site = tmp_path / "site-packages"
     with zipfile.ZipFile(tmp_path / "wheel" / r.stdout.split()[-1]) as whl:
         whl.extractall(site)
-    check = ("import site, sys; site.addsitedir(sys.argv[1]); import mffzoo, timm; "
+    # -S: this interpreter's own site-packages (which may hold an editable install of the repository under test)
+    # come after the unpacked wheel, as for a user with only the clone installed
+    check = ("import site, sys, sysconfig; site.addsitedir(sys.argv[1]); "
+             "site.addsitedir(sysconfig.get_paths()['purelib']); import mffzoo, timm; "
              "print(mffzoo.__file__, 'mff_vit_small' in timm.list_models('mff*'))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", check, str(site)], cwd=clone.parent, capture_output=True, text=True,
-                       env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-S", "-c", check, str(site)], cwd=clone.parent, capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [str(clone / "mffzoo" / "__init__.py"), "True"]
