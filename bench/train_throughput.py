@@ -3,7 +3,7 @@
     python bench/train_throughput.py --models s,b [--peer-bf16] [--repeats 3] [--markdown]
 
 Same options as ``mffzoo bench train`` (this script is that command); the implementation is
-:mod:`mffzoo.bench.train`, the recorded results are in docs/benchmarks.md.
+:mod:`mffzoo.throughput.train`, the recorded results are in docs/benchmarks.md.
 """
 
 import sys

@@ -147,7 +147,7 @@ def pretrain_run(tmp_path_factory: pytest.TempPathFactory, demo: Path) -> Path:
 
 
 def test_fusion_weights_from_checkpoint_zoo_folder_and_run(pretrain_run: Path, tmp_path: Path) -> None:
-    from mffzoo.models.pretrain import create_pretrain_model
+    from mffzoo.models.mff import create_pretrain_model
 
     # a training checkpoint with known raw weights
     net = create_pretrain_model("mff_vit_small", fusion_layers=[0, 2, 3], decoder_dim=32, decoder_depth=1,

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mffzoo.bench.infer import (
+from mffzoo.cli.main import main
+from mffzoo.export import ExportProfile
+from mffzoo.throughput.infer import (
     BACKENDS,
     BackendResult,
     InferBenchResult,
@@ -18,8 +20,6 @@ from mffzoo.bench.infer import (
     best_exported,
     round_ratios,
 )
-from mffzoo.cli.main import main
-from mffzoo.export import ExportProfile
 from mffzoo.zoo import load_model, write_model_folder
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)

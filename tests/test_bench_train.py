@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import TINY, TINY_DECODER
 
-from mffzoo.bench import train as bt
 from mffzoo.cli.main import main
 from mffzoo.errors import ConfigError
+from mffzoo.throughput import train as bt
 
 pytest.importorskip("transformers")
 

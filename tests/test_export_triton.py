@@ -115,9 +115,9 @@ def test_preprocess_equals_timm_create_transform(interp: str) -> None:
 
 
 def test_parity_images_use_the_shared_preprocessing(tiny: Path, images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """load_images (the parity check's real images) == timm's transform for that model's data config."""
+    """load_image_batch (the parity check's real images) == timm's transform for that model's data config."""
     from mffzoo.export import inputs
-    from mffzoo.export.inputs import image_files, load_images, preprocessing
+    from mffzoo.export.inputs import image_files, load_image_batch, preprocessing
 
     model = load_model(str(tiny))
     cfg = preprocessing(model)
@@ -126,7 +126,7 @@ def test_parity_images_use_the_shared_preprocessing(tiny: Path, images: Path, mo
     tf = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()
                              if k not in ("steps", "value_range")}, is_training=False)
     want = np.stack([tf(Image.open(p).convert("RGB")).numpy() for p in image_files(images, 5)])
-    np.testing.assert_allclose(load_images(images, 5, model), want, atol=1e-5)
+    np.testing.assert_allclose(load_image_batch(images, 5, model), want, atol=1e-5)
     assert len(calls) == 5 and calls[0] == cfg  # the parity check runs the function Triton's model.py imports
 
 

@@ -91,7 +91,7 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
 
     The linear head here is trained with SGD (lr 0.1 per 256) for ``linear_epochs`` on cached clean features.
     """
-    from ..eval.data import check_image_folder, eval_transform, load_images, open_split
+    from ..eval.data import check_image_folder, eval_transform, load_split, open_split
     from ..eval.features import frozen_features, load_eval_model, resolve_device
 
     dev = resolve_device(device)
@@ -111,7 +111,7 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
         net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed, device=dev)
         train, _, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                   workers=workers, bf16=bf16, cache=cache)
-        imgs, y = load_images(open_split(data, "val", eval_transform(net, img_size)), limit=num_images,
+        imgs, y = load_split(open_split(data, "val", eval_transform(net, img_size)), limit=num_images,
                               workers=workers)
         score = _scorer(train, len(classes), y, head, pool, linear_epochs, seed, dev)
         passes = 1 + 2 * len(radii)

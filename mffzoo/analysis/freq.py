@@ -93,7 +93,7 @@ def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.
     """Frequency profiles of several MODEL specs on the same images from ``data/split`` (each model's transform).
 
     ``random_init`` is recorded in the result so an architecture-only run is never mistaken for the weights'."""
-    from ..eval.data import check_image_folder, eval_transform, load_images, open_split
+    from ..eval.data import check_image_folder, eval_transform, load_split, open_split
     from ..eval.features import load_eval_model, resolve_device
 
     dev = resolve_device(device)
@@ -105,7 +105,7 @@ def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.
                            "device": dev.type, "models": {}}
     for spec, label in zip(models, labels):
         net = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed, device=dev)
-        imgs, _ = load_images(open_split(data, split, eval_transform(net, img_size)), limit=num_images)
+        imgs, _ = load_split(open_split(data, split, eval_transform(net, img_size)), limit=num_images)
         out["num_images"] = len(imgs)
         out["models"][label] = {"model": str(spec), **model_frequency_profile(net, imgs, batch_size)}
     return out

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 
 from ..data.demo import write_demo_dataset
-from ..eval.data import load_images, open_split
+from ..eval.data import load_split, open_split
 from ..eval.knn import knn_eval
 from ..eval.linear import LinearProbeConfig, linear_probe
 from ..io import default_demo_root, write_json
-from ..models.pretrain import create_pretrain_model
+from ..models.mff import create_pretrain_model
 from ..progress import configure_console_logging
 from ..train import train
 from ..train.checkpoint import CheckpointManager
-from ..train.data import eval_transform as train_eval_transform
+from ..train.data import preview_transform
 from ..train.recipe import DataConfig
 from ..zoo import load_checkpoint_file
 from .freq import frequency_analysis, plot_frequency
@@ -97,7 +97,7 @@ def val_reconstruction_loss(run_dir: Path, data_root: Path, num_images: int = 48
                                 depth=m["depth"], num_heads=m["num_heads"])
     net.load_state_dict(state["model"])
     net.eval()
-    imgs, _ = load_images(open_split(data_root, "val", train_eval_transform(DataConfig(), m["img_size"])),
+    imgs, _ = load_split(open_split(data_root, "val", preview_transform(DataConfig(), m["img_size"])),
                           limit=num_images)
     num_patches = (m["img_size"] // m["patch_size"]) ** 2
     noise = torch.rand(len(imgs), num_patches, generator=torch.Generator().manual_seed(seed))

@@ -31,7 +31,7 @@ def bench() -> None:
 def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
-    from ..bench.infer import BACKENDS, available_backends, run_infer_bench
+    from ..throughput.infer import BACKENDS, available_backends, run_infer_bench
     from .zoo import print_table
 
     if list_backends:
@@ -78,7 +78,7 @@ def train(models: str, impls: str, peer_bf16: bool, batch_size: int | None, step
     """Pretraining step throughput and peak memory, mffzoo vs HF ViTMAEForPreTraining (ratio, same run)."""
     import json
 
-    from ..bench.train import bench_train, print_results
+    from ..throughput.train import bench_train, print_results
 
     names = [i for i in impls.split(",") if i.strip()] + (["hf-bf16"] if peer_bf16 else [])
     rows = bench_train(
@@ -114,7 +114,7 @@ def data(recipe: str, data: str | None, images: int, rounds: int, workers: int, 
     """Training loader img/s per worker (decode + augmentation + collate): data.fast_decode vs the plain path."""
     import json
 
-    from ..bench.data import run_data_bench
+    from ..throughput.data import run_data_bench
     from .zoo import print_table
 
     result = run_data_bench(recipe, overrides, data=data, num_images=images, rounds=rounds, num_workers=workers,

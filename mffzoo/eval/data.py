@@ -28,7 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..errors import DataError
 
 __all__ = ["SPLITS", "class_order", "class_to_idx", "check_image_folder", "model_input_size", "eval_transform",
-           "train_transform", "EvalImageFolder", "open_split", "open_splits", "make_loader", "load_images"]
+           "train_transform", "EvalImageFolder", "open_split", "open_splits", "make_loader", "load_split"]
 
 SPLITS = ("train", "val")
 _HINT = "expected ROOT/train/<class>/*.png and ROOT/val/<class>/*.png (`mffzoo data demo ROOT` writes one)"
@@ -163,7 +163,7 @@ def make_loader(ds: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool 
                                        drop_last=drop_last, generator=g, persistent_workers=False)
 
 
-def load_images(ds: torch.utils.data.Dataset, *, limit: int | None = None, batch_size: int = 128,
+def load_split(ds: torch.utils.data.Dataset, *, limit: int | None = None, batch_size: int = 128,
                 workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole (small) split as one ``(N, 3, H, W)`` tensor + labels, for analyses that transform images."""
     if limit is not None and limit < len(ds):

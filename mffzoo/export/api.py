@@ -27,7 +27,7 @@ from ..config import load_config, to_dict
 from ..errors import ConfigError, ExportError, WeightsNotFoundError
 from ..zoo import load_model
 from . import triton
-from .inputs import default_image_root, load_images, model_img_size, preprocessing, random_inputs
+from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
 from .onnx import OrtRunner, ort_supports, read_metadata, write_metadata
 from .openvino import OvRunner, ov_supports
 from .parity import ParityFailed, ParityReport, Runner, run_parity
@@ -185,7 +185,8 @@ def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str
     batches = prof.batch.check_batches()
     n = sum(batches)
     root = prof.check.images or default_image_root()
-    pools = {"random": random_inputs(n, model_img_size(model), prof.check.seed), "images": load_images(root, n, model)}
+    pools = {"random": random_inputs(n, model_img_size(model), prof.check.seed),
+             "images": load_image_batch(root, n, model)}
     return pools, {"random": f"{n} x N(0,1), seed {prof.check.seed}", "images": str(Path(root).resolve()),
                    "batches": batches}
 
@@ -347,7 +348,7 @@ def _calibration(prof: ExportProfile, fp32: torch.nn.Module) -> tuple[np.ndarray
     given = q.calibration_images or (prof.check.images if prof.format == "onnx" else None)
     root = Path(given) if given else default_image_root()
     source = ("--calib-images" if q.calibration_images else "--check-images") if given else "built-in demo data"
-    return load_images(root, q.num_calibration, fp32), {"images": str(root.resolve()), "source": source,
+    return load_image_batch(root, q.num_calibration, fp32), {"images": str(root.resolve()), "source": source,
                                                         "count": q.num_calibration}
 
 

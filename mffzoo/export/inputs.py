@@ -17,7 +17,7 @@ import torch
 from ..errors import DataError
 from .preprocess import preprocess_image
 
-__all__ = ["preprocessing", "random_inputs", "image_files", "load_images", "default_image_root"]
+__all__ = ["preprocessing", "random_inputs", "image_files", "load_image_batch", "default_image_root"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -72,7 +72,7 @@ def image_files(root: str | os.PathLike[str], n: int) -> list[Path]:
     return picked
 
 
-def load_images(root: str | os.PathLike[str], n: int, model: torch.nn.Module) -> np.ndarray:
+def load_image_batch(root: str | os.PathLike[str], n: int, model: torch.nn.Module) -> np.ndarray:
     """``n`` real images through the model's eval transform (:mod:`.preprocess`: what served models run too)."""
     from PIL import Image, UnidentifiedImageError
 

@@ -2,7 +2,7 @@
 :mod:`mffzoo.zoo.registry`; the architecture tables live in :mod:`mffzoo.archs` (re-exported here)."""
 
 from ..archs import ALIASES, ARCHS, PRETRAIN_DEFAULTS, ZOO_TAGS, canonical_arch
-from .pretrain import MFFPretrainModel, MultiLevelFusion, PretrainOutput, create_pretrain_model
+from .mff import MFFPretrainModel, MultiLevelFusion, PretrainOutput, create_pretrain_model
 
 __all__ = [
     "ARCHS", "ALIASES", "PRETRAIN_DEFAULTS", "ZOO_TAGS", "canonical_arch",

@@ -34,7 +34,7 @@ _logger = logging.getLogger("mffzoo.train")
 
 __all__ = [
     "Batch", "SampleDataset", "GlobalBatchSampler", "build_dataset", "build_loader", "pretrain_transform",
-    "eval_transform", "resolve_root", "sample_seed", "derive_seed", "UnreadableFiles", "plain_pretrain_transform",
+    "preview_transform", "resolve_root", "sample_seed", "derive_seed", "UnreadableFiles", "plain_pretrain_transform",
     "FastPretrainTransform", "AugParams",
 ]
 
@@ -100,7 +100,7 @@ def plain_pretrain_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.
     ])
 
 
-def eval_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
+def preview_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Deterministic resize + centre crop (for the fixed visualisation images)."""
     from torchvision import transforms as T
 

@@ -19,12 +19,12 @@ from torch import nn
 
 from ..archs import published_tag, registered_schedule
 from ..config import load_config, to_dict
-from ..models.pretrain import MFFPretrainModel, create_pretrain_model
+from ..models.mff import MFFPretrainModel, create_pretrain_model
 from ..zoo.home import entry_dir, git_commit
-from .data import Batch, derive_seed, eval_transform, pretrain_transform
+from .data import Batch, derive_seed, pretrain_transform, preview_transform
 from .engine import RunContext, Task, TrainResult, run
 from .metrics import read_metrics
-from .publish import export_model_folder
+from .publish import save_timm_folder
 from .recipe import PretrainRecipe, load_recipe
 from .visualize import save_fusion_plot, save_reconstruction_grid
 
@@ -77,7 +77,7 @@ class PretrainTask(Task):
     def _vis_images(self, ctx: RunContext) -> torch.Tensor:
         if self._vis is None:
             ds, k = ctx.dataset, self.recipe.log.vis_images
-            tf = eval_transform(self.recipe.data, self.recipe.model.img_size)
+            tf = preview_transform(self.recipe.data, self.recipe.model.img_size)
             idx = torch.linspace(0, len(ds) - 1, k).round().long().unique().tolist()  # spread over classes
             self._vis = torch.stack([tf(ds.load(i)[0]) for i in idx])
         return self._vis
@@ -122,11 +122,11 @@ class PretrainTask(Task):
         assert ctx.state_dict is not None
         meta = self.provenance(ctx, final_w)
         tag = meta["tag"] = published_tag(m.arch, r.publish.tag, ctx.epoch) if r.publish.tag else None
-        model_dir = export_model_folder(ctx.run_dir / "model", m.arch, m.encoder_kwargs(), ctx.state_dict, meta)
+        model_dir = save_timm_folder(ctx.run_dir / "model", m.arch, m.encoder_kwargs(), ctx.state_dict, meta)
         out: dict[str, Any] = {"model_dir": model_dir, "reconstruction_png": recon, "fusion_plot": plot,
                                "fusion_weights": final_w}
         if r.publish.zoo and tag:
-            out["zoo_entry"] = export_model_folder(entry_dir(m.arch, tag), m.arch, m.encoder_kwargs(),
+            out["zoo_entry"] = save_timm_folder(entry_dir(m.arch, tag), m.arch, m.encoder_kwargs(),
                                                    ctx.state_dict, meta)
             _logger.info("published %s.%s -> %s", m.arch, tag, out["zoo_entry"])
             if tag != r.publish.tag:

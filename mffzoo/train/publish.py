@@ -26,7 +26,7 @@ from ..errors import ConfigError, WeightsNotFoundError
 from ..io import write_json
 from ..zoo.home import CONFIG_NAME, META_NAME, WEIGHTS_NAME, write_model_folder
 
-__all__ = ["export_model_folder", "build_hub_folder", "push_to_hub", "timm_native_arch"]
+__all__ = ["save_timm_folder", "build_hub_folder", "push_to_hub", "timm_native_arch"]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+\Z")
 
@@ -36,7 +36,7 @@ def timm_native_arch(arch: str) -> str:
     return arch[len("mff_"):] if arch.startswith("mff_") else arch
 
 
-def export_model_folder(
+def save_timm_folder(
     folder: str | os.PathLike[str], arch: str, model_args: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
 ) -> Path:

@@ -1,7 +1,7 @@
 """MFF-pretrained Vision Transformers registered with timm, with their weights resolved by the zoo.
 
 The backbones are unmodified ``timm.models.vision_transformer.VisionTransformer`` instances; what MFF changes is
-how they were pretrained (see :mod:`mffzoo.models.pretrain`). The architectures and tags are data in
+how they were pretrained (see :mod:`mffzoo.models.mff`). The architectures and tags are data in
 :mod:`mffzoo.archs`; this module turns them into timm entrypoints whose ``pretrained=True`` goes through
 :func:`mffzoo.zoo.weights.resolve_pretrained` and whose checkpoint filter is :mod:`mffzoo.zoo.convert`, so timm
 loads every supported checkpoint format. ``import mffzoo`` imports this module once timm is loaded (timm has no

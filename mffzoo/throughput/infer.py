@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..export.api import load_export_model
-from ..export.inputs import default_image_root, load_images, model_img_size
+from ..export.inputs import default_image_root, load_image_batch, model_img_size
 from ..export.parity import compare, gate_failures
 from ..export.pipeline import SigtermGuard, build_artefact
 from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
@@ -348,9 +348,9 @@ def run_infer_bench(
     features = resolve_features("auto", fp32)
     classifier = features == "logits"
     root = images or default_image_root()
-    xb = load_images(root, batch, fp32)
+    xb = load_image_batch(root, batch, fp32)
     x1 = xb[:1].copy()
-    calib = load_images(root, 32, fp32)
+    calib = load_image_batch(root, 32, fp32)
     gates = GateSet()
 
     built: dict[str, _Backend] = {}

@@ -324,7 +324,7 @@ def _worker() -> None:
 
 def _in_subprocess(spec: Mapping[str, Any]) -> Any:
     what = f"{'/'.join(spec['impls'])} on {SIZE_NAMES[spec['size']]}"
-    cmd = [sys.executable, "-c", "from mffzoo.bench.train import _worker; _worker()"]
+    cmd = [sys.executable, "-c", "from mffzoo.throughput.train import _worker; _worker()"]
     proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True)
     if proc.returncode < 0:
         raise BenchError(
