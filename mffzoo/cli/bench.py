@@ -57,32 +57,47 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
 
 
 @bench.command("train")
-@click.option("--models", default="s,b", show_default=True, help="Comma-separated sizes: s, b, l.")
-@click.option("--impls", default="hf,mffzoo,mffzoo-mae", show_default=True,
-              help="Comma-separated: hf (the peer, its defaults), mffzoo (MFF), mffzoo-mae, "
-                   "mffzoo-sdpa (train.attention=sdpa), hf-bf16.")
-@click.option("--peer-bf16", is_flag=True, help="Also time the peer under bf16 autocast (labelled; not its default).")
+@click.option("--recipe", default=None, metavar="RECIPE",
+              help="Bench what this recipe's run does here (a file or a bare name like vits): its model, "
+                   "train.batch_per_device, precision, attention, optimizer and train.compile, compilation "
+                   "included (its time reported apart). Not with --models.")
+@click.option("--models", default=None, help="Comma-separated sizes s, b, l with the recipe defaults "
+              "[default: s,b].")
+@click.option("--impls", default=None,
+              help="Comma-separated mffzoo rows: mffzoo (eager), mffzoo-compile (torch.compile, as "
+                   "train.compile does), mffzoo-mae, mffzoo-sdpa (train.attention=sdpa) [default: mffzoo,"
+                   "mffzoo-mae; with --recipe: mffzoo, plus mffzoo-compile when the recipe compiles].")
+@click.option("--peers", default="auto", show_default=True,
+              help="Comma-separated HF ViTMAEForPreTraining rows: auto (the peer under each mffzoo row's "
+                   "precision: hf-bf16 where bf16 runs, hf where it falls back to fp32), hf (its fp32 default), "
+                   "hf-bf16, hf-fp16; e.g. auto,hf adds the fp32 default for reference.")
 @click.option("--batch-size", type=int, default=None, help="Per step, same for every implementation "
-              "(default per size: s 16, b 8, l 4 on a CPU; s 256, b 128, l 64 on a GPU).")
+              "(default: the recipe's train.batch_per_device; per size: s 16, b 8, l 4 on a CPU; s 256, b 128, "
+              "l 64 on a GPU).")
 @click.option("--steps", default=5, show_default=True, help="Timed steps (img/s uses their median).")
-@click.option("--warmup", default=2, show_default=True, help="Untimed steps first.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed steps first (a compiled row compiles in "
+              "them).")
 @click.option("--repeats", default=1, show_default=True, help="Runs, each in a fresh process (the spread).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="[default: auto, or the recipe's train.device]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Model override (recipe model.* key), e.g. --set depth=4.")
-@click.option("--no-memory", is_flag=True, help="Skip the peak-memory runs (one fresh process per model).")
+              help="With --recipe: any recipe key, as for mffzoo train (e.g. --set train.batch_per_device=16); "
+                   "else a model override (recipe model.* key), e.g. --set depth=4.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory runs (one fresh process per row).")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for docs/benchmarks.md).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows here.")
-def train(models: str, impls: str, peer_bf16: bool, batch_size: int | None, steps: int, warmup: int, repeats: int,
-          device: str, overrides: tuple[str, ...], no_memory: bool, markdown: bool, json_path: Path | None) -> None:
-    """Pretraining step throughput and peak memory, mffzoo vs HF ViTMAEForPreTraining (ratio, same run)."""
+def train(recipe: str | None, models: str | None, impls: str | None, peers: str, batch_size: int | None, steps: int,
+          warmup: int, repeats: int, device: str | None, overrides: tuple[str, ...], no_memory: bool, markdown: bool,
+          json_path: Path | None) -> None:
+    """Pretraining step throughput and peak memory, mffzoo vs HF ViTMAEForPreTraining under the same precision
+    (ratios in the same run, also to the fastest peer row)."""
     import json
 
     from ..throughput.train import bench_train, print_results
 
-    names = [i for i in impls.split(",") if i.strip()] + (["hf-bf16"] if peer_bf16 else [])
     rows = bench_train(
-        [m for m in models.split(",") if m.strip()], impls=list(dict.fromkeys(names)), batch_size=batch_size,
+        None if models is None else models.split(","), recipe=recipe,
+        impls=None if impls is None else impls.split(","), peers=peers.split(","), batch_size=batch_size,
         steps=steps, warmup=warmup, repeats=repeats, device=device, overrides=overrides, memory=not no_memory,
         log=lambda s: click.echo(s, err=True),
     )
