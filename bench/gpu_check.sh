@@ -5,7 +5,10 @@
 #   3. training on the GPU with train.deterministic: uninterrupted vs SIGTERM to the process group (loader worker
 #      included) at step 20 + resume, compared bit for bit; with 2+ GPUs the same under torchrun (NCCL)
 #   4. a fp32 ONNX export checked on ONNX Runtime's CUDA provider (TF32 off; a CPU fallback fails the step)
-#   5. TensorRT fp16 export with parity, `mffzoo bench infer` (s, b) and `mffzoo bench train` (s, b; vs HF)
+#   5. TensorRT fp16 export with parity, `mffzoo bench infer` (s, b) and `mffzoo bench train` (s, b; vs HF under
+#      the same precision and its fp32 default)
+#   6. MFU of ViT-B/16 pretraining as recipes/vitb.yaml runs it with train.compile=true (compile time apart, the
+#      eager twin and the HF peer under the same precision in the same run) -> mfu-vitb.log
 # Results: one folder, $OUT (default gpu-check/): a log per step, summary.txt (step, status, seconds), JSON of
 # the benchmarks. Exit 0 when every step ran and passed, 1 otherwise (summary.txt says which). Without a CUDA GPU
 # it prints a "skip:" line and exits 0.
@@ -116,7 +119,25 @@ for m in mff_vit_small mff_vit_base; do
   step "bench-infer-${m#mff_vit_}" 0 "$PY" -m mffzoo bench infer "$m" --random-init --batch 64 --backends "$backends" \
     --json "$OUT/bench-infer-$m.json"
 done
-step bench-train 0 "$PY" -m mffzoo bench train --device cuda --models s,b --json "$OUT/bench-train.json"
+step bench-train 0 "$PY" -m mffzoo bench train --device cuda --models s,b --peers auto,hf \
+  --json "$OUT/bench-train.json"
+# ViT-B/16 pretraining as the recipe runs it, compiled; micro-batch 128 (compute-bound already, and leaves the
+# peer's fp32 reference row room on a 40 GB card; the recipe's 512 is its 8-GPU setting)
+step bench-train-vitb 0 "$PY" -m mffzoo bench train --recipe recipes/vitb.yaml --device cuda \
+  --set train.compile=true --set train.batch_per_device=128 --peers auto,hf --steps 10 --warmup 3 \
+  --json "$OUT/bench-train-vitb.json"
+step mfu-vitb 0 "$PY" - "$OUT/bench-train-vitb.json" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+for r in rows:
+    mfu = f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g}" if r.get("mfu") else "- (no peak known for this GPU)"
+    comp = f", compile {r['compile_s']:.0f} s" if r.get("compile_s") is not None else ""
+    print(f"{r['model']} {r['impl']} ({r['precision']}, batch {r['batch']}): {r['img_s']:.1f} img/s, "
+          f"{(r.get('tflops') or 0):.1f} TFLOP/s, MFU {mfu}, x{r['ratio'] or 0:.2f} vs {r['peer']}, "
+          f"x{r['ratio_fastest'] or 0:.2f} vs fastest peer {r['fastest_peer']}{comp}")
+ok = any(r["impl"] == "mffzoo-compile" and r.get("flops_per_step") and r.get("compile_s") is not None for r in rows)
+sys.exit(0 if ok else 1)
+EOF
 
 echo "results in $OUT (summary.txt):"
 cat "$OUT/summary.txt"
