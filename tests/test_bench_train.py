@@ -183,6 +183,8 @@ def test_gpu_batches_are_gpu_sized():
     (dict(recipe=str(DEMO), models=["s"]), "exclude each other"),
     (dict(recipe=str(DEMO), overrides=["train.compil=true"]), "compile"),  # did-you-mean from the recipe schema
     (dict(impls=["mffzoo-compile"], warmup=0), "needs warm-up steps"),
+    (dict(impls=[], peers=["auto"]), "nothing to measure"),
+    (dict(models=[]), "nothing to measure"),
     (dict(steps=0), "steps must be >= 1"),
     (dict(batch_size=0), "batch size must be >= 1"),
     (dict(overrides=["dept=4"]), "depth"),  # did-you-mean from the recipe schema

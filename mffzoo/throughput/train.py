@@ -536,8 +536,8 @@ def bench_train(
         targets = [(m, resolve_recipe(m, overrides)) for m in sizes]  # validates the overrides before any work
         if impl_list is None:
             impl_list = list(DEFAULT_IMPLS)
-    if not targets or not (impl_list or peer_list):
-        raise ConfigError("nothing to measure: give at least one model size and one implementation")
+    if not targets:
+        raise ConfigError("nothing to measure: give at least one model size (--models s,b)")
     device = device or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -557,6 +557,8 @@ def bench_train(
                     for i in ours}
             wanted = [p for p in PEERS if p in peer_list or ("auto" in peer_list and p in same)]
             names = wanted + ours
+            if not names:
+                raise ConfigError("nothing to measure: give at least one implementation (--impls) or peer (--peers)")
             if any(n in PEERS for n in names):
                 try:
                     import transformers  # noqa: F401  (optional dependency, mffzoo[bench])
