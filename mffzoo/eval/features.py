@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import DataError
 from ..io import cache_root
 from ..progress import Progress
+from ..zoo import load_model
 from .data import make_loader
 
 _logger = logging.getLogger("mffzoo")
@@ -87,20 +88,8 @@ def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None
 
     ``random_init`` builds the architecture without weights (seeded, so smoke runs are reproducible).
     """
-    from ..zoo import load_model, parse_model_spec
-
-    if img_size:
-        kwargs["img_size"] = int(img_size)
     kwargs.setdefault("num_classes", 0)
-    if random_init:
-        torch.manual_seed(seed)
-        if any(ch in str(spec) for ch in "/\\") or os.path.exists(str(spec)):
-            # A folder or checkpoint names an architecture too: resolve it, then build without its weights.
-            name, extra = parse_model_spec(spec)
-            arch_kwargs = {k: v for k, v in extra.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
-            spec = name
-            kwargs = {**arch_kwargs, **kwargs}
-    model = load_model(spec, pretrained=not random_init, random_init=random_init, **kwargs)
+    model = load_model(spec, random_init=random_init, img_size=img_size, seed=seed, **kwargs)
     if device is not None:
         model = model.to(resolve_device(device))
     return model.eval()

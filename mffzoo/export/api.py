@@ -106,11 +106,8 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
         raise WeightsNotFoundError(f"weights '{spec}' do not exist (no such file or folder); pass an existing model "
                                    "folder or checkpoint, or a model name such as mff_vit_small.demo")
     try:
-        if prof.random_init:
-            torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
-            model = load_model(spec, random_init=True, **kwargs)
-        else:
-            model = load_model(spec, pretrained=True, **kwargs)
+        # seeded random weights: a random-init artefact can be re-checked
+        model = load_model(spec, random_init=prof.random_init, seed=prof.seed, **kwargs)
     except WeightsNotFoundError as exc:
         if prof.random_init or "--random-init" in str(exc):
             raise

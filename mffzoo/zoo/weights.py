@@ -210,13 +210,24 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, **kwargs: Any
+    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, img_size: int | None = None,
+    seed: int | None = None, **kwargs: Any
 ) -> torch.nn.Module:
-    """Create a backbone from any MODEL spec; ``random_init`` builds the architecture without weights.
-    (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)"""
+    """Create a backbone from any MODEL spec: the one loader behind the CLI, eval and export (each adds its checks).
+
+    ``random_init`` builds the architecture a name, folder or checkpoint describes without its weights (after
+    ``torch.manual_seed(seed)`` when ``seed`` is given, so a smoke run is reproducible); ``img_size`` overrides the
+    input size. (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)
+    """
     if random_init:
         pretrained = False
-    name, extra = parse_model_spec(spec) if (pretrained or Path(str(spec)).expanduser().exists()) else (str(spec), {})
+        if seed is not None:
+            torch.manual_seed(seed)
+    if img_size:
+        kwargs["img_size"] = int(img_size)
+    s = str(spec)
+    looks_like_path = any(ch in s for ch in "/\\") or Path(s).expanduser().exists()
+    name, extra = parse_model_spec(spec) if (pretrained or looks_like_path) else (s, {})
     if not pretrained:  # keep the architecture a folder/checkpoint describes, drop its weights
         if name.startswith("local-dir:"):
             cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG_NAME).read_text())
