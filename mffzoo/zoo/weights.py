@@ -25,6 +25,7 @@ from timm.models import PretrainedCfg
 
 from ..archs import ZOO_TAGS, is_local_cfg
 from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
+from ..io import read_json_object
 from .checkpoint_io import load_checkpoint_file
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
@@ -70,14 +71,7 @@ def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
 
 def _folder_config(weights: Path) -> dict[str, Any]:
     """The timm config.json beside a weights file ({} when there is none or it is unreadable)."""
-    cfg = weights.parent / CONFIG_NAME
-    if not cfg.is_file():
-        return {}
-    try:
-        out = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
+    return read_json_object(weights.parent / CONFIG_NAME)
 
 
 def _saved_model_args(weights: Path) -> dict[str, Any]:
