@@ -25,6 +25,7 @@ import torch
 
 from ..config import load_config, to_dict
 from ..errors import ConfigError, ExportError, WeightsNotFoundError
+from ..io import write_json
 from ..zoo import load_model
 from . import triton
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
@@ -41,7 +42,6 @@ from .sidecar import (
     sidecar_path,
     state_dict_sha256,
     tool_versions,
-    write_json,
 )
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
 

@@ -25,8 +25,9 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ExportError
+from ..io import write_json
 from . import preprocess as preprocess_module
-from .sidecar import file_sha256, read_sidecar, sidecar_path, write_json
+from .sidecar import file_sha256, read_sidecar, sidecar_path
 
 __all__ = ["BACKENDS", "Backend", "TensorSpec", "Staged", "check_request", "stage", "add_to_repository",
            "read_signature", "model_config_pb2"]

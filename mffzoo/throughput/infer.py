@@ -34,8 +34,9 @@ from ..export.inputs import default_image_root, load_image_batch, model_img_size
 from ..export.parity import compare, gate_failures
 from ..export.pipeline import SigtermGuard, build_artefact
 from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
-from ..export.sidecar import tool_versions, write_json
+from ..export.sidecar import tool_versions
 from ..export.wrappers import TORCH_DTYPES, ExportModule, resolve_features
+from ..io import write_json
 
 __all__ = ["BACKENDS", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
 
