@@ -122,7 +122,7 @@ def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str
     import matplotlib  # optional heavy dependency: only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only drawing a figure needs it
 
     models = result["models"]
     with_hist = [k for k, m in models.items() if m.get("history") and m["history"]["weights"]]

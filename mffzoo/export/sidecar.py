@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ExportError
 from ..io import file_sha256
 
 __all__ = ["sidecar_path", "report_path", "read_sidecar", "state_dict_sha256", "file_sha256",
@@ -45,8 +46,6 @@ def report_path(artefact: str | os.PathLike[str]) -> Path:
 
 
 def read_sidecar(artefact: str | os.PathLike[str]) -> dict[str, Any]:
-    from ..errors import ExportError
-
     path = sidecar_path(artefact)
     if not Path(artefact).is_file():
         raise ExportError(f"artefact '{artefact}' does not exist; pass a file written by mffzoo export")
