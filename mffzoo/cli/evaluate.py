@@ -14,7 +14,9 @@ from typing import Any
 
 import click
 
+from ..errors import DataError
 from ..io import write_json  # standard library only: keeps `mffzoo --help` free of torch
+from ..table import print_table
 
 DEFAULT_OUT = Path("runs") / "eval"
 
@@ -33,7 +35,6 @@ def _data_root(data: str) -> Path:
     """``demo`` = the built-in demo dataset (generated on first use), else the folder as given."""
     if data == "demo":
         from ..data.demo import default_demo_root, write_demo_dataset
-        from ..errors import DataError
 
         try:
             return write_demo_dataset(default_demo_root())
@@ -49,7 +50,6 @@ def _marked(label: str, random_init: bool) -> str:
 
 def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zoo: bool, spec: str) -> None:
     from ..eval.results import result_rows, update_zoo_metrics
-    from .zoo import print_table
 
     rows, header = result_rows(result)
     print_table(rows, header)
@@ -190,7 +190,6 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
            "results": {"finetuned": {"top1": x["top1"], "top5": x["top5"], "best_top1": x["best_top1"]}},
            "run_dir": str(result.run_dir), "model_dir": str(x.get("model_dir"))}
     from ..eval.results import result_rows, update_zoo_metrics
-    from .zoo import print_table
 
     rows, header = result_rows(res)
     print_table(rows, header)
@@ -232,7 +231,6 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
          num_images: int | None, device: str, out_dir: Path | None) -> None:
     """Relative log amplitude of each block's feature-map spectrum (one panel per MODEL)."""
     from ..analysis.freq import frequency_analysis, plot_frequency
-    from .zoo import print_table
 
     _quiet_timm()
     res = frequency_analysis(list(models), _data_root(data), num_images=num_images or 256, img_size=img_size,
@@ -260,8 +258,6 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
                radii: str | None, no_cache: bool) -> None:
     """Top-1 on low-/high-pass filtered validation images across cut-off radii."""
     from ..analysis.filters import DEFAULT_RADII, filter_accuracy, plot_filters
-    from ..errors import DataError
-    from .zoo import print_table
 
     _quiet_timm()
     try:
@@ -290,7 +286,6 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
 def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
     """Softmax fusion weights of MFF checkpoints, zoo folders or run directories (+ evolution for runs)."""
     from ..analysis.fusion import fusion_report, plot_fusion
-    from .zoo import print_table
 
     res = fusion_report(list(sources))
     out_dir = out_dir or Path("runs") / "analysis"
@@ -322,7 +317,6 @@ def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers
     """
     from ..analysis.reproduce import reproduce as run_reproduce
     from ..analysis.reproduce import summary_rows
-    from .zoo import print_table
 
     _quiet_timm()
     res = run_reproduce(output, seeds=seeds, epochs=epochs, quick=quick, workers=workers,
