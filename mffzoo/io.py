@@ -21,8 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_json", "json_text", "file_sha256", "canonical_safetensors", "umask_mode",
-           "CHECKSUM_SUFFIX", "write_checksum", "verify_checksum", "cache_root", "default_demo_root", "save_figure"]
+__all__ = ["atomic_write", "write_json", "read_json_object", "json_text", "file_sha256", "canonical_safetensors",
+           "umask_mode", "CHECKSUM_SUFFIX", "write_checksum", "verify_checksum", "cache_root", "default_demo_root",
+           "save_figure"]
 
 CHECKSUM_SUFFIX = ".sha256"
 
@@ -107,6 +108,15 @@ def json_text(obj: Any) -> str:
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` as deterministic JSON."""
     return atomic_write(path, json_text(obj))
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object from an optional side file (provenance, config); {} when it is missing or unreadable."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -22,7 +22,7 @@ from mffzoo.analysis.fusion import fusion_weights, plot_fusion
 from mffzoo.cli.main import main
 from mffzoo.data.demo import write_demo_dataset
 from mffzoo.errors import CheckpointError, DataError
-from mffzoo.zoo import atomic_torch_save, write_model_folder
+from mffzoo.zoo import atomic_torch_save, convert_checkpoint, write_model_folder
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 
@@ -155,7 +155,7 @@ def test_fusion_weights_from_checkpoint_zoo_folder_and_run(pretrain_run: Path, t
     with torch.no_grad():
         net.fusion.weights.copy_(torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1))
     ckpt = atomic_torch_save({"model": net.state_dict(), "arch": "mff_vit_small_patch16_224", "model_args": TINY,
-                              "recipe": {"model": {"fusion_layers": [0, 2, 3]}}}, tmp_path / "ckpt.pth")
+                              "fusion_layers": [0, 2, 3]}, tmp_path / "ckpt.pth")
     expected = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0).tolist()
     r = fusion_weights(ckpt)
     assert r["fusion_layers"] == [0, 2, 3] and r["history"] is None
@@ -164,6 +164,13 @@ def test_fusion_weights_from_checkpoint_zoo_folder_and_run(pretrain_run: Path, t
     folder = write_model_folder(tmp_path / "entry", "mff_vit_small_patch16_224", net.encoder, model_args=TINY,
                                 meta={"fusion_layers": [0, 2, 3]}, extras=net.extras_state_dict())
     assert fusion_weights(folder)["weights"] == pytest.approx(expected)
+    assert fusion_weights(folder)["fusion_layers"] == [0, 2, 3]
+    # `mffzoo convert --keep-extras` of the checkpoint carries the fused levels into the folder's mffzoo.json
+    conv = fusion_weights(convert_checkpoint(ckpt, tmp_path / "converted", keep_extras=True))
+    assert conv["fusion_layers"] == [0, 2, 3] and conv["weights"] == pytest.approx(expected)
+    # recorded layers that disagree with the tensor label by level instead of guessing
+    odd = atomic_torch_save({"model": net.state_dict(), "model_args": TINY, "fusion_layers": [3]}, tmp_path / "o.pth")
+    assert fusion_weights(odd)["fusion_layers"] is None
     bare = write_model_folder(tmp_path / "bare", "mff_vit_small_patch16_224", net.encoder, model_args=TINY)
     with pytest.raises(CheckpointError, match="pretrain_extras"):
         fusion_weights(bare)

@@ -28,9 +28,7 @@ from test_train import assert_same_state, final_model_state, tiny_recipe
 
 from mffzoo.data import write_demo_dataset
 from mffzoo.errors import CheckpointError
-from mffzoo.eval.results import write_json as results_write_json
-from mffzoo.export.sidecar import write_json as sidecar_write_json
-from mffzoo.io import json_text
+from mffzoo.io import json_text, write_json
 from mffzoo.models import create_pretrain_model
 from mffzoo.train import train
 from mffzoo.train.checkpoint import CheckpointManager
@@ -246,8 +244,8 @@ def test_written_files_follow_the_umask(training_ckpt: Path, tmp_path: Path, uma
         atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pth", checksum=True)
         conv = tmp_path / "zoo" / "mff_vit_small_patch16_224.t"
         convert_checkpoint(training_ckpt, conv, keep_extras=True)
-        results_write_json({"a": 1}, tmp_path / "r.json")
-        sidecar_write_json(tmp_path / "s.json", {"a": 1})
+        write_json(tmp_path / "r.json", {"a": 1})  # results, sidecars: every JSON goes through mffzoo.io
+        write_json(tmp_path / "s.json", {"a": 1})
     finally:
         os.umask(old)
     files = [tmp_path / "c.pth", tmp_path / "c.pth.sha256", tmp_path / "r.json", tmp_path / "s.json",

@@ -27,6 +27,7 @@ from mffzoo.train.data import GlobalBatchSampler
 from mffzoo.train.metrics import read_metrics
 from mffzoo.train.recipe import load_recipe
 from mffzoo.zoo import convert_checkpoint, load_checkpoint_file
+from mffzoo.zoo.home import read_folder_meta, recorded_fusion_layers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,10 +183,12 @@ def test_checkpoints_are_safe_plain_data_and_convertible(finished: Any, tmp_path
     assert [int(p.stem.split("-")[1]) for p in files] == [12, 10, 8, 6, 4, 2]
     ck = load_checkpoint_file(files[0])  # weights_only=True: no custom classes inside
     assert ck["arch"] == "mff_vit_small_patch16_224" and ck["model_args"]["num_heads"] == 4
+    assert recorded_fusion_layers(ck) == [0, 1, 3]  # the fused-levels provenance, in its one written place
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (3, 0, 12)
     assert isinstance(ck["recipe"], dict) and ck["recipe"]["model"]["depth"] == 4
     assert any(k.startswith("fusion.proj.") for k in ck["model"]) and "decoder_pred.weight" in ck["model"]
     out = convert_checkpoint(files[0], tmp_path / "conv")
+    assert recorded_fusion_layers(read_folder_meta(out)) == [0, 1, 3]  # convert carries it into mffzoo.json
     import timm
 
     m = timm.create_model(f"local-dir:{out}", pretrained=True)

@@ -18,6 +18,10 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DataError
+from ..eval.data import check_image_folder, eval_transform, load_split, open_split
+from ..eval.features import extract_features, frozen_features, load_eval_model, resolve_device
+from ..eval.knn import knn_accuracy
+from ..eval.linear import LinearProbeConfig, evaluate_head, tensor_batches, train_linear_head
 from ..io import save_figure
 from ..progress import Progress
 
@@ -52,8 +56,6 @@ def filter_images(imgs: torch.Tensor, cutoff: float, mode: Literal["low", "high"
 def _features(net: torch.nn.Module, imgs: torch.Tensor, pool: str, batch_size: int, bf16: bool,
               filt: tuple[float, Literal["low", "high"]] | None = None) -> torch.Tensor:
     """``pool`` features of ``imgs``, each batch moved to the model's device and (optionally) filtered there."""
-    from ..eval.features import extract_features
-
     dev = next(net.parameters()).device
 
     def batches() -> Any:
@@ -67,9 +69,6 @@ def _features(net: torch.nn.Module, imgs: torch.Tensor, pool: str, batch_size: i
 def _scorer(train: Any, num_classes: int, y: torch.Tensor, head: str, pool: str, linear_epochs: int,
             seed: int, device: torch.device) -> Any:
     """``features -> top-1`` with a head fitted once on clean training features."""
-    from ..eval.knn import knn_accuracy
-    from ..eval.linear import LinearProbeConfig, evaluate_head, tensor_batches, train_linear_head
-
     bank, bank_y = train[pool].to(device), train.labels.to(device)  # once, not per scored filter setting
     if head == "knn":
         return lambda x: knn_accuracy(bank, bank_y, x, y, num_classes, device=device)["top1"]
@@ -91,9 +90,6 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
 
     The linear head here is trained with SGD (lr 0.1 per 256) for ``linear_epochs`` on cached clean features.
     """
-    from ..eval.data import check_image_folder, eval_transform, load_split, open_split
-    from ..eval.features import frozen_features, load_eval_model, resolve_device
-
     dev = resolve_device(device)
     check_image_folder(data)
 
@@ -132,10 +128,10 @@ def filter_accuracy(models: Sequence[str | os.PathLike[str]], data: str | os.Pat
 def plot_filters(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
     """Two panels (low-pass, high-pass): top-1 vs cut-off radius, one line per model, its clean (unfiltered)
     accuracy dashed, chance dotted; the title names the data (``title`` replaces it)."""
-    import matplotlib
+    import matplotlib  # heavy: only drawing a figure needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only drawing a figure needs it
 
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True, layout="constrained")
     radii = result["radii"]

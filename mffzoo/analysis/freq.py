@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..eval.data import check_image_folder, eval_transform, load_split, open_split
+from ..eval.features import load_eval_model, resolve_device
 from ..io import save_figure
 
 __all__ = ["relative_log_amplitude", "normalized_frequencies", "block_feature_maps", "model_frequency_profile",
@@ -93,9 +95,6 @@ def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.
     """Frequency profiles of several MODEL specs on the same images from ``data/split`` (each model's transform).
 
     ``random_init`` is recorded in the result so an architecture-only run is never mistaken for the weights'."""
-    from ..eval.data import check_image_folder, eval_transform, load_split, open_split
-    from ..eval.features import load_eval_model, resolve_device
-
     dev = resolve_device(device)
     check_image_folder(data, (split,))
     labels = list(labels) if labels else [str(m) for m in models]
@@ -114,12 +113,12 @@ def frequency_analysis(models: Sequence[str | os.PathLike[str]], data: str | os.
 def plot_frequency(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
     """One panel per model: Δ log amplitude vs normalised frequency, one curve per block coloured by its 0-based
     index (the numbering of ``fusion_layers`` and of the fusion plot)."""
-    import matplotlib
+    import matplotlib  # heavy: only drawing a figure needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import cm
-    from matplotlib.colors import ListedColormap, Normalize
+    import matplotlib.pyplot as plt  # heavy: only drawing a figure needs it
+    from matplotlib import cm  # heavy: only drawing a figure needs it
+    from matplotlib.colors import ListedColormap, Normalize  # heavy: only drawing a figure needs it
 
     models = result["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 1.0, 3.8), squeeze=False, sharey=True,

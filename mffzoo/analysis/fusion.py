@@ -4,42 +4,31 @@ The paper reads these softmax weights to show that the shallow levels take a rea
 (the capacity MAE wastes on pixel detail in its last layer). Sources: a training checkpoint (any format
 ``mffzoo.zoo.convert_state_dict`` maps, mmpretrain's included), a zoo folder published with
 ``pretrain_extras.safetensors``, or a run directory, which also gives the weights' evolution over training
-from the ``fusion_weights`` field of its ``metrics.jsonl``.
+from the ``fusion_weights`` field of its ``metrics.jsonl``. Which block each level is comes from the one place
+training and conversion record it (:func:`mffzoo.zoo.home.recorded_fusion_layers`); weights without that record
+are labelled by level.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..errors import CheckpointError
 from ..io import save_figure
+from ..train.metrics import read_metrics
 from ..train.visualize import block_names, draw_fusion_bars, draw_fusion_history
+from ..zoo import convert_state_dict, load_checkpoint_file
+from ..zoo.home import EXTRAS_NAME, read_folder_meta, recorded_fusion_layers
 
 __all__ = ["fusion_weights", "fusion_history", "fusion_report", "plot_fusion"]
 
 _CKPT = re.compile(r"checkpoint-(\d+)\.pth\Z")
-
-
-def _find_fusion_layers(*sources: Any) -> list[int] | None:
-    """``fusion_layers`` from a checkpoint's recipe dict or a zoo entry's metadata, wherever it was recorded."""
-    for src in sources:
-        if not isinstance(src, Mapping):
-            continue
-        for path in (("fusion_layers",), ("model", "fusion_layers"), ("recipe", "model", "fusion_layers"),
-                     ("model_args", "fusion_layers")):
-            node: Any = src
-            for k in path:
-                node = node.get(k) if isinstance(node, Mapping) else None
-            if isinstance(node, (list, tuple)) and node and all(isinstance(i, int) for i in node):
-                return [int(i) for i in node]
-    return None
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
@@ -49,20 +38,14 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _from_checkpoint(path: Path) -> tuple[torch.Tensor, list[int] | None]:
-    from ..zoo import convert_state_dict, load_checkpoint_file
-
-    ckpt = load_checkpoint_file(path)
-    conv = convert_state_dict(ckpt)
+    conv = convert_state_dict(load_checkpoint_file(path))
     if "fusion.weights" not in conv.extras:
         raise CheckpointError(f"'{path}' has no fusion weights: it is not an MFF/MAE pretraining checkpoint "
                               "(backbone-only and fine-tuned weights drop them)")
-    return conv.extras["fusion.weights"].reshape(-1), _find_fusion_layers(ckpt, conv.meta)
+    return conv.extras["fusion.weights"].reshape(-1), recorded_fusion_layers(conv.meta)
 
 
 def _from_zoo_folder(folder: Path) -> tuple[torch.Tensor, list[int] | None]:
-    from ..zoo import load_checkpoint_file
-    from ..zoo.home import EXTRAS_NAME, META_NAME
-
     extras = folder / EXTRAS_NAME
     if not extras.is_file():
         raise CheckpointError(f"zoo folder '{folder}' has no {EXTRAS_NAME} (it was published without the fusion "
@@ -71,33 +54,21 @@ def _from_zoo_folder(folder: Path) -> tuple[torch.Tensor, list[int] | None]:
     sd = load_checkpoint_file(extras)
     if "fusion.weights" not in sd:
         raise CheckpointError(f"'{extras}' holds no fusion.weights; it is not an MFF pretraining extras file")
-    meta: dict[str, Any] = {}
-    if (folder / META_NAME).is_file():
-        try:
-            meta = json.loads((folder / META_NAME).read_text())
-        except ValueError:
-            meta = {}
-    return sd["fusion.weights"].reshape(-1), _find_fusion_layers(meta)
+    return sd["fusion.weights"].reshape(-1), recorded_fusion_layers(read_folder_meta(folder))
 
 
-def _run_recipe(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    for name in ("recipe.yaml", "config.yaml"):
-        p = run_dir / name
-        if p.is_file():
-            try:
-                data = yaml.safe_load(p.read_text())
-                return data if isinstance(data, dict) else {}
-            except yaml.YAMLError:
-                return {}
-    return {}
+def _run_fusion_layers(run_dir: Path) -> list[int] | None:
+    """The fused blocks of a run that has no checkpoint yet: its ``recipe.yaml`` (written by the engine at start)."""
+    path = run_dir / "recipe.yaml"
+    try:
+        recipe = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return recorded_fusion_layers(recipe.get("model")) if isinstance(recipe, dict) else None
 
 
 def fusion_history(run_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
     """``{"step": [...], "epoch": [...], "weights": [[w_0..w_K-1], ...]}`` from ``RUN/metrics.jsonl``."""
-    from ..train.metrics import read_metrics
-
     steps, epochs, weights = [], [], []
     for rec in read_metrics(run_dir, "train"):
         w = rec.get("fusion_weights")
@@ -110,21 +81,18 @@ def fusion_history(run_dir: str | os.PathLike[str]) -> dict[str, list[Any]]:
 
 def fusion_weights(source: str | os.PathLike[str]) -> dict[str, Any]:
     """Softmax fusion weights (and the block index of each level, when recorded) of a checkpoint/folder/run."""
-    from ..zoo.home import EXTRAS_NAME
-
     p = Path(source).expanduser()
     history: dict[str, list[Any]] | None = None
     if p.is_dir() and ((p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file()):
         history = fusion_history(p)
         ckpt = _newest_checkpoint(p)
-        layers = _find_fusion_layers(_run_recipe(p))
         if ckpt is not None:
-            raw, found = _from_checkpoint(ckpt)
+            raw, layers = _from_checkpoint(ckpt)
             w = torch.softmax(raw.float(), dim=0).tolist()
-            layers = found or layers
             origin = str(ckpt)
         elif history["weights"]:
             w = history["weights"][-1]  # the log records softmax weights already
+            layers = _run_fusion_layers(p)
             origin = str(p / "metrics.jsonl")
         else:
             raise CheckpointError(f"run directory '{p}' has neither checkpoints nor fusion weights in metrics.jsonl")
@@ -151,10 +119,10 @@ def fusion_report(sources: list[str | os.PathLike[str]]) -> dict[str, Any]:
 def plot_fusion(result: dict[str, Any], path: str | os.PathLike[str], title: str | None = None) -> Path:
     """Per source, the final weights as deviation from uniform (values written on the bars); for run
     directories, a second panel with their evolution. Blocks are 0-based, as ``fusion_layers``."""
-    import matplotlib
+    import matplotlib  # optional heavy dependency: only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only drawing a figure needs it
 
     models = result["models"]
     with_hist = [k for k, m in models.items() if m.get("history") and m["history"]["weights"]]

@@ -14,6 +14,10 @@ from typing import Any
 
 import click
 
+from ..errors import DataError
+from ..io import write_json  # standard library only: keeps `mffzoo --help` free of torch
+from ..table import print_table
+
 DEFAULT_OUT = Path("runs") / "eval"
 
 
@@ -31,7 +35,6 @@ def _data_root(data: str) -> Path:
     """``demo`` = the built-in demo dataset (generated on first use), else the folder as given."""
     if data == "demo":
         from ..data.demo import default_demo_root, write_demo_dataset
-        from ..errors import DataError
 
         try:
             return write_demo_dataset(default_demo_root())
@@ -46,12 +49,11 @@ def _marked(label: str, random_init: bool) -> str:
 
 
 def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zoo: bool, spec: str) -> None:
-    from ..eval.results import result_rows, update_zoo_metrics, write_json
-    from .zoo import print_table
+    from ..eval.results import result_rows, update_zoo_metrics
 
     rows, header = result_rows(result)
     print_table(rows, header)
-    path = write_json(result, out or DEFAULT_OUT / default_name)
+    path = write_json(out or DEFAULT_OUT / default_name, result)
     click.echo(f"\nresults: {path}")
     if update_zoo:
         folder = update_zoo_metrics(spec, result)
@@ -187,12 +189,11 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
            "data": str(resolve_root(rec.data)), "epochs": result.epoch,
            "results": {"finetuned": {"top1": x["top1"], "top5": x["top5"], "best_top1": x["best_top1"]}},
            "run_dir": str(result.run_dir), "model_dir": str(x.get("model_dir"))}
-    from ..eval.results import result_rows, update_zoo_metrics, write_json
-    from .zoo import print_table
+    from ..eval.results import result_rows, update_zoo_metrics
 
     rows, header = result_rows(res)
     print_table(rows, header)
-    path = write_json(res, result.run_dir / "finetune_result.json")
+    path = write_json(result.run_dir / "finetune_result.json", res)
     md = x.get("model_dir")
     click.echo(f"\nresults: {path}\nclassifier: {md} (timm.create_model('local-dir:{md}', pretrained=True))")
     if update_zoo:
@@ -230,8 +231,6 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
          num_images: int | None, device: str, out_dir: Path | None) -> None:
     """Relative log amplitude of each block's feature-map spectrum (one panel per MODEL)."""
     from ..analysis.freq import frequency_analysis, plot_frequency
-    from ..eval.results import write_json
-    from .zoo import print_table
 
     _quiet_timm()
     res = frequency_analysis(list(models), _data_root(data), num_images=num_images or 256, img_size=img_size,
@@ -244,7 +243,7 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
                      f"{hf[-1]:+.3f}", f"{m['mean_high_freq']:+.3f}"])
     print_table(rows, ["model", "grid", "blocks", "Δ@high first", "Δ@high last", "Δ@high mean"])
     png = plot_frequency(res, out_dir / "freq.png")
-    js = write_json(res, out_dir / "freq.json")
+    js = write_json(out_dir / "freq.json", res)
     click.echo(f"\nplot: {png}\nnumbers: {js}\n(Δ@high: log-amplitude at the highest frequency below Nyquist minus "
                "DC; lower = more low-pass features)")
 
@@ -259,9 +258,6 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
                radii: str | None, no_cache: bool) -> None:
     """Top-1 on low-/high-pass filtered validation images across cut-off radii."""
     from ..analysis.filters import DEFAULT_RADII, filter_accuracy, plot_filters
-    from ..errors import DataError
-    from ..eval.results import write_json
-    from .zoo import print_table
 
     _quiet_timm()
     try:
@@ -279,7 +275,7 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
                          *[f"{v:.1f}" for v in m[mode]]])
     print_table(rows, ["model", "filter", "clean", *[f"r={r:g}" for r in res["radii"]]])
     png = plot_filters(res, out_dir / "filter.png")
-    js = write_json(res, out_dir / "filter.json")
+    js = write_json(out_dir / "filter.json", res)
     click.echo(f"\nplot: {png}\nnumbers: {js}")
 
 
@@ -290,8 +286,6 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
 def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
     """Softmax fusion weights of MFF checkpoints, zoo folders or run directories (+ evolution for runs)."""
     from ..analysis.fusion import fusion_report, plot_fusion
-    from ..eval.results import write_json
-    from .zoo import print_table
 
     res = fusion_report(list(sources))
     out_dir = out_dir or Path("runs") / "analysis"
@@ -303,7 +297,7 @@ def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
                      str(len(m["history"]["step"])) if m.get("history") else "-"])
     print_table(rows, ["source", "softmax weights", "logged steps"])
     png = plot_fusion(res, out_dir / "fusion.png")
-    js = write_json(res, out_dir / "fusion.json")
+    js = write_json(out_dir / "fusion.json", res)
     click.echo(f"\nplot: {png}\nnumbers: {js}")
 
 
@@ -323,7 +317,6 @@ def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers
     """
     from ..analysis.reproduce import reproduce as run_reproduce
     from ..analysis.reproduce import summary_rows
-    from .zoo import print_table
 
     _quiet_timm()
     res = run_reproduce(output, seeds=seeds, epochs=epochs, quick=quick, workers=workers,

@@ -7,10 +7,11 @@ from typing import Any
 
 import click
 
+from ..errors import ConfigError
+from ..table import print_table
+
 
 def _print_report(report: Any) -> None:
-    from .zoo import print_table
-
     rows, header = report.table()
     print_table(rows, header)
 
@@ -56,7 +57,6 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
     Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
     <artefact>.parity.json. Exit code 1 if a parity gate is missed (artefact and report kept), 2 on bad input.
     """
-    from ..errors import ConfigError
     from ..export import check_artefact, export_model
     from ..export.parity import ParityFailed
     from ..export.profile import BatchRange, load_profile

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..table import print_table  # the other commands import it from here too
+from ..errors import DataError
+from ..table import print_table  # `mffzoo bench` imports it from here too
 
 
 @click.command("zoo")
@@ -59,7 +60,6 @@ def demo(root: Path | None, seed: int, image_size: int, train_per_class: int, va
          overwrite: bool) -> None:
     """Write the procedural demo dataset as an ImageNet-style folder (ROOT/train, ROOT/val)."""
     from ..data.demo import default_demo_root, write_demo_dataset
-    from ..errors import DataError
 
     try:
         out = write_demo_dataset(root or default_demo_root(), seed=seed, image_size=image_size,

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..io import cache_root
 from ..progress import Progress
-from .data import make_loader
+from ..zoo import atomic_torch_save, load_checkpoint_file, load_model
+from .data import eval_transform, make_loader, model_input_size, open_splits
 
 _logger = logging.getLogger("mffzoo")
 
@@ -37,8 +38,6 @@ POOLS = ("cls", "avg")
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None): the first CUDA GPU if one is visible, else the CPU; ``cuda`` without a GPU is an error."""
-    from ..errors import ConfigError
-
     if isinstance(device, torch.device):
         return device
     name = str(device or "auto").strip().lower()
@@ -87,20 +86,8 @@ def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None
 
     ``random_init`` builds the architecture without weights (seeded, so smoke runs are reproducible).
     """
-    from ..zoo import load_model, parse_model_spec
-
-    if img_size:
-        kwargs["img_size"] = int(img_size)
     kwargs.setdefault("num_classes", 0)
-    if random_init:
-        torch.manual_seed(seed)
-        if any(ch in str(spec) for ch in "/\\") or os.path.exists(str(spec)):
-            # A folder or checkpoint names an architecture too: resolve it, then build without its weights.
-            name, extra = parse_model_spec(spec)
-            arch_kwargs = {k: v for k, v in extra.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
-            spec = name
-            kwargs = {**arch_kwargs, **kwargs}
-    model = load_model(spec, pretrained=not random_init, random_init=random_init, **kwargs)
+    model = load_model(spec, random_init=random_init, img_size=img_size, seed=seed, **kwargs)
     if device is not None:
         model = model.to(resolve_device(device))
     return model.eval()
@@ -201,9 +188,6 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
         key += "" if dev == "cpu" else f"-{dev}"  # GPU kernels round differently: keep their features apart
         path = root / f"{key}.pt"
         if path.is_file():
-            from ..errors import CheckpointError
-            from ..zoo import load_checkpoint_file
-
             try:
                 d = load_checkpoint_file(path)
                 _logger.debug("features from cache %s", path)
@@ -214,8 +198,6 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
     with Progress(total=len(ds), desc=f"features: {split} split, {len(ds)} images", unit="img") as progress:
         feats = extract_features(model, make_loader(ds, batch_size, workers=workers), bf16=bf16, progress=progress)
     if path is not None:
-        from ..zoo import atomic_torch_save
-
         atomic_torch_save(feats.to_dict(), path)
     return feats
 
@@ -223,8 +205,6 @@ def compute_features(model: nn.Module, ds: Any, *, batch_size: int = 128, worker
 def features_info(model: nn.Module, classes: list[str], num_train: int, val: FeatureSet,
                   img_size: int | None = None) -> dict[str, Any]:
     """The sizes every frozen-feature result reports."""
-    from .data import model_input_size
-
     return {"num_classes": len(classes), "num_train": num_train, "num_val": len(val),
             "img_size": model_input_size(model, img_size), "feature_dim": int(val.cls.shape[1])}
 
@@ -236,8 +216,6 @@ def frozen_features(model: nn.Module, data: str | os.PathLike[str], *, img_size:
     """(train, val, classes, info) features of a checked ImageNet-style folder with the model's test transform.
 
     ``classes[i]`` is the class of label ``i`` (timm's training order, see :mod:`mffzoo.eval.data`)."""
-    from .data import eval_transform, open_splits
-
     tf = eval_transform(model, img_size)
     train_ds, val_ds = open_splits(data, tf, tf)
     key = model_fingerprint(model) if cache is not False else None

@@ -30,13 +30,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.data import Mixup, create_dataset, create_transform
+from timm.data.auto_augment import posterize
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_model_args
 from torch import nn
 
-from ..config import require, to_dict
+from ..config import load_config, require, to_dict
 from ..errors import ConfigError, DataError
 from ..train.data import Batch, derive_seed, resolve_root
+from ..train.distributed import all_reduce
 from ..train.engine import RunContext, Task, TrainResult, run
 from ..train.recipe import DEMO_ROOT, EngineRecipe, OptimConfig, TrainConfig, load_recipe
+from ..zoo.home import git_commit, write_model_folder
+from .data import check_image_folder, class_to_idx, make_loader, model_input_size
+from .features import load_eval_model
 
 _logger = logging.getLogger("mffzoo.eval")
 
@@ -169,8 +177,6 @@ def build_finetune_model(spec: str | os.PathLike[str], num_classes: int, *, img_
                          drop_path_rate: float = 0.1, random_init: bool = False, head_init_std: float = 2.0e-5,
                          seed: int = 0) -> nn.Module:
     """Pretrained ViT -> classifier as MAE fine-tunes it: avg pool, fresh fc_norm (final norm dropped), new head."""
-    from ..eval.features import load_eval_model
-
     model = load_eval_model(spec, img_size=img_size, random_init=random_init, seed=seed,
                             drop_path_rate=drop_path_rate)
     fc_norm = getattr(model, "fc_norm", None)
@@ -189,8 +195,6 @@ def build_finetune_model(spec: str | os.PathLike[str], num_classes: int, *, img_
 
 
 def _classifier_model_args(model: nn.Module) -> dict[str, Any]:
-    from timm.models import get_model_args
-
     args = get_model_args(model)
     args.pop("num_classes", None)
     if isinstance(args.get("img_size"), (tuple, list)):
@@ -224,16 +228,12 @@ def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
 
     RandAugment ``inc1`` maps magnitude 10 (reached by the ``mstd0.5`` noise ~2% of the time) to 0 bits; MAE ran
     on a Pillow that returned black there, current Pillow raises and kills the loader."""
-    from timm.data.auto_augment import posterize
-
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)
     return posterize(img, bits_to_keep, **kwargs)
 
 
 def _pillow_safe(tf: Any) -> Any:
-    from timm.data.auto_augment import posterize
-
     for t in getattr(tf, "transforms", []):
         ops = list(getattr(t, "ops", []) or []) + [op for sub in getattr(t, "policy", []) or [] for op in sub]
         for op in ops:
@@ -253,16 +253,10 @@ class FinetuneTask(Task):
         self.mixup_fn = None
         m = recipe.mixup
         if m.active:
-            from timm.data import Mixup
-
             self.mixup_fn = Mixup(mixup_alpha=m.mixup, cutmix_alpha=m.cutmix, prob=m.prob, switch_prob=m.switch_prob,
                                   mode=m.mode, label_smoothing=m.label_smoothing, num_classes=self.num_classes)
-            from timm.loss import SoftTargetCrossEntropy
-
             self.criterion: nn.Module = SoftTargetCrossEntropy()
         elif m.label_smoothing > 0:
-            from timm.loss import LabelSmoothingCrossEntropy
-
             self.criterion = LabelSmoothingCrossEntropy(smoothing=m.label_smoothing)
         else:
             self.criterion = nn.CrossEntropyLoss()
@@ -277,7 +271,6 @@ class FinetuneTask(Task):
         r = self.recipe
         if r.data.dataset or not self.root.is_dir():
             return []  # tar / hfds: the recipe's model.num_classes says how many
-        from .data import check_image_folder
 
         return check_image_folder(self.root, (r.data.split, r.evaluation.split))
 
@@ -287,7 +280,6 @@ class FinetuneTask(Task):
         if not mapping:
             return None
         mapping = {str(k): int(v) for k, v in mapping.items()}
-        from .data import class_to_idx
 
         if self.classes and mapping != class_to_idx(self.classes):
             only_reader = sorted(set(mapping) - set(self.classes))[:5]
@@ -299,8 +291,6 @@ class FinetuneTask(Task):
 
     def eval_dataset(self, ctx: RunContext, transform: Callable[[Any], torch.Tensor]) -> Any:
         """The validation split through timm's ``create_dataset`` with the training reader's class map."""
-        from timm.data import create_dataset
-
         r = self.recipe
         mapping = self.train_class_map(ctx.dataset)
         try:
@@ -340,7 +330,6 @@ class FinetuneTask(Task):
             model = build_finetune_model(m.pretrained, self.num_classes, img_size=m.img_size,
                                          drop_path_rate=m.drop_path_rate, random_init=m.random_init,
                                          head_init_std=m.head_init_std, seed=self.recipe.train.seed)
-            from .data import model_input_size
 
             self.input_size = model_input_size(model, m.img_size)
             self.arch = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture")
@@ -360,8 +349,6 @@ class FinetuneTask(Task):
         return self.input_size
 
     def build_transform(self) -> Callable[[Any], torch.Tensor]:
-        from timm.data import create_transform
-
         a, d = self.recipe.aug, self.recipe.data
         tf = create_transform(self._size(), is_training=True, scale=tuple(a.crop_scale), hflip=d.hflip,
                               color_jitter=a.color_jitter, auto_augment=a.auto_augment, interpolation=a.interpolation,
@@ -399,11 +386,6 @@ class FinetuneTask(Task):
         Every rank runs the same number of equal-sized batches (the last shard is padded with repeats that are
         masked out of the sums), so FSDP's per-forward collectives can never wait on a rank that has finished.
         """
-        from timm.data import create_transform
-
-        from ..train.distributed import all_reduce
-        from .data import make_loader
-
         r, d = self.recipe, self.recipe.data
         tf = create_transform(self._size(), is_training=False, interpolation=r.aug.interpolation
                               if r.aug.interpolation != "random" else "bicubic", mean=tuple(d.mean),
@@ -446,7 +428,6 @@ class FinetuneTask(Task):
 
     def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
         history = read_eval_log(ctx.run_dir) if ctx.env.is_main else []  # includes epochs before a resume
-        from ..train.distributed import all_reduce  # a no-op in a single process
 
         # rank 0 alone knows whether an evaluation is missing; every rank must run it (FSDP)
         dev = next(ctx.model.parameters()).device
@@ -456,7 +437,6 @@ class FinetuneTask(Task):
             return {}
         final = history[-1] if history else {"epoch": ctx.epoch, **(fresh or {})}
         best = max((h["top1"] for h in history), default=final["top1"])
-        from ..zoo.home import git_commit, write_model_folder
 
         assert ctx.state_dict is not None
         r = self.recipe
@@ -515,8 +495,6 @@ def finetune(recipe: FinetuneRecipe | str | os.PathLike[str] | dict[str, Any], o
     if not isinstance(recipe, FinetuneRecipe):
         recipe = load_finetune_recipe(recipe, overrides)
     elif overrides:
-        from ..config import load_config
-
         recipe = load_config(FinetuneRecipe, to_dict(recipe), list(overrides))
     if recipe.data.root == DEMO_ROOT:
         _logger.info("data.root: demo -> the built-in demo dataset")

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .features import POOLS
+from .data import check_image_folder
+from .features import POOLS, frozen_features, load_eval_model, resolve_device
 
 _logger = logging.getLogger("mffzoo")
 
@@ -72,9 +73,6 @@ def knn_eval(model: str | os.PathLike[str], data: str | os.PathLike[str], *, k: 
     """k-NN top-1/top-5 of a MODEL spec on an ImageNet-style folder, per pooling (``cls``, ``avg``).
 
     The encoder and the neighbour search run on ``device`` (``auto``: a CUDA GPU when one is visible)."""
-    from .data import check_image_folder
-    from .features import frozen_features, load_eval_model, resolve_device
-
     dev = resolve_device(device)
     check_image_folder(data)  # bad data fails before any model is built
     net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=seed, device=dev)

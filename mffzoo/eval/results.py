@@ -18,12 +18,7 @@ from ..archs import canonical_arch
 from ..errors import WeightsNotFoundError
 from ..zoo.home import CONFIG_NAME, META_NAME, entry_dir
 
-__all__ = ["write_json", "result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
-
-
-def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """:func:`mffzoo.io.write_json` with the object first (what the CLI's eval commands call)."""
-    return io.write_json(path, obj)
+__all__ = ["result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
 
 
 def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:

@@ -10,21 +10,27 @@ A missed parity gate still moves the artefact and writes its report (to inspect)
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
+from ..archs import ARCHS, canonical_arch
 from ..config import load_config, to_dict
 from ..errors import ConfigError, ExportError, WeightsNotFoundError
+from ..io import write_json
 from ..zoo import load_model
 from . import triton
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
@@ -41,8 +47,8 @@ from .sidecar import (
     sidecar_path,
     state_dict_sha256,
     tool_versions,
-    write_json,
 )
+from .trt import TrtRunner, require_trt
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
 
 __all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
@@ -92,8 +98,6 @@ def _patch_size(model: torch.nn.Module) -> int:
 
 def load_export_model(prof: ExportProfile) -> torch.nn.Module:
     """The fp32 eval model an export starts from, resolved only through :func:`mffzoo.zoo.load_model`."""
-    from ..archs import ARCHS, canonical_arch
-
     kwargs = dict(prof.model_args)
     if prof.img_size:
         patch = kwargs.get("patch_size") or ARCHS.get(canonical_arch(prof.model), {}).get("patch_size")
@@ -106,11 +110,8 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
         raise WeightsNotFoundError(f"weights '{spec}' do not exist (no such file or folder); pass an existing model "
                                    "folder or checkpoint, or a model name such as mff_vit_small.demo")
     try:
-        if prof.random_init:
-            torch.manual_seed(prof.seed)  # reproducible random weights: a random-init artefact can be re-checked
-            model = load_model(spec, random_init=True, **kwargs)
-        else:
-            model = load_model(spec, pretrained=True, **kwargs)
+        # seeded random weights: a random-init artefact can be re-checked
+        model = load_model(spec, random_init=prof.random_init, seed=prof.seed, **kwargs)
     except WeightsNotFoundError as exc:
         if prof.random_init or "--random-init" in str(exc):
             raise
@@ -131,11 +132,6 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
 
 
 def _unknown_model_arg(key: str) -> str:
-    import difflib
-    import inspect
-
-    from timm.models.vision_transformer import VisionTransformer
-
     allowed = [n for n in inspect.signature(VisionTransformer.__init__).parameters if n != "self"]
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -167,9 +163,8 @@ def _torch_int8(model: torch.nn.Module, per_channel: bool) -> torch.nn.Module | 
 
     Informational only; ``None`` (row left out, logged) where this torch has no eager dynamic quantisation.
     """
-    import warnings
-
     try:
+        # optional: not in every torch build
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError as exc:
         _logger.info("no 'torch int8' parity row: torch.ao.quantization is unavailable (%s)", exc)
@@ -193,8 +188,6 @@ def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str
 
 def _runner(fmt: str, path: Path, precision: str) -> Runner:
     if fmt == "trt":
-        from .trt import TrtRunner
-
         return TrtRunner(path)
     if fmt == "openvino":
         return OvRunner(path, precision)
@@ -216,8 +209,6 @@ def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, feature
 def _validate_machine(prof: ExportProfile) -> None:
     """Options this machine cannot honour fail before any file is written."""
     if prof.format == "trt":
-        from .trt import require_trt
-
         require_trt()
     elif prof.format == "openvino":  # bf16 without bf16 hardware is refused even unchecked: it would run as fp32
         ok, why = ov_supports(prof.precision)

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import resolve_data_config
 
+from ..data.demo import default_demo_root, write_demo_dataset
 from ..errors import DataError
 from .preprocess import preprocess_image
 
@@ -29,8 +32,6 @@ def model_img_size(model: torch.nn.Module) -> tuple[int, int]:
 
 def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     """timm's eval data config for ``model`` at its actual input size (what the sidecar tells users to do)."""
-    from timm.data import resolve_data_config
-
     h, w = model_img_size(model)
     cfg = resolve_data_config({"input_size": (3, h, w)}, model=model)
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
@@ -48,8 +49,6 @@ def random_inputs(n: int, img_size: tuple[int, int], seed: int = 0) -> np.ndarra
 
 def default_image_root() -> Path:
     """The built-in demo dataset's val split (written on first use, no download)."""
-    from ..data.demo import default_demo_root, write_demo_dataset
-
     return write_demo_dataset(default_demo_root()) / "val"
 
 
@@ -74,8 +73,6 @@ def image_files(root: str | os.PathLike[str], n: int) -> list[Path]:
 
 def load_image_batch(root: str | os.PathLike[str], n: int, model: torch.nn.Module) -> np.ndarray:
     """``n`` real images through the model's eval transform (:mod:`.preprocess`: what served models run too)."""
-    from PIL import Image, UnidentifiedImageError
-
     cfg = preprocessing(model)
     out = []
     for path in image_files(root, n):

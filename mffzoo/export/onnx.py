@@ -78,11 +78,11 @@ def _quiet_exporter_logs() -> Iterator[None]:
 def _slim(path: Path) -> None:
     """onnxslim folds constants and fuses leftovers of the exporter; skipped (logged) when not installed."""
     try:
-        import onnxslim
+        import onnxslim  # optional: mffzoo[onnx]
     except ImportError:
         _logger.info("onnxslim not installed: skipping the slim pass (pip install onnxslim)")
         return
-    import onnx
+    import onnx  # optional: mffzoo[onnx]
 
     slimmed = onnxslim.slim(onnx.load(str(path)))
     onnx.save(slimmed, str(path))
@@ -90,7 +90,7 @@ def _slim(path: Path) -> None:
 
 def onnx_batch_dim(path: str | os.PathLike[str]) -> str | int:
     """The first input's batch dimension: a symbol (dynamic) or a number (fixed)."""
-    import onnx
+    import onnx  # optional: mffzoo[onnx]
 
     dim = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     return dim.dim_param or dim.dim_value
@@ -102,7 +102,7 @@ def write_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
     Written after the parity check, so the file keeps the verdict; the graph bytes are compared before and after,
     so the served computation is the checked one.
     """
-    import onnx
+    import onnx  # optional: mffzoo[onnx]
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph.SerializeToString()
@@ -118,7 +118,7 @@ def write_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The file's ``metadata_props`` as a dict (what ONNX Runtime's ``custom_metadata_map`` returns)."""
-    import onnx
+    import onnx  # optional: mffzoo[onnx]
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -129,7 +129,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> None:
     """``onnx.checker`` full check (with shape inference) plus: the batch dimension is still symbolic."""
-    import onnx
+    import onnx  # optional: mffzoo[onnx]
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -143,7 +143,7 @@ def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> N
 def ort_supports(precision: str) -> tuple[bool, str]:
     """Whether this ONNX Runtime can run an artefact of ``precision``; else why not (for a one-line error)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: mffzoo[onnx]
     except ImportError:
         return False, "onnxruntime is not installed: pip install 'mffzoo[onnx]'"
     if precision == "bf16" and "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -175,7 +175,7 @@ class OrtRunner:
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: mffzoo[onnx]
 
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

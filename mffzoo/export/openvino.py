@@ -106,7 +106,8 @@ def quantize_ir(model: Any, calibration: np.ndarray | None, *, reduce_range: boo
     if calibration is None or not len(calibration):
         raise ExportError("OpenVINO int8 needs calibration images; pass --calib-images DIR (a folder of images)")
     with _quiet_nncf():
-        import nncf  # optional heavy dependency (and it imports torch's extension machinery: quietened)
+        # optional heavy dependency (and it imports torch's extension machinery: quietened)
+        import nncf
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         items = [np.ascontiguousarray(calibration[i:i + 1], dtype=np.float32) for i in range(len(calibration))]

@@ -26,6 +26,7 @@ from .onnx import check_onnx, export_onnx
 from .openvino import compile_config, convert_ir
 from .profile import ExportProfile
 from .quantize import quantize_onnx, resolve_reduce_range
+from .trt import build_engine
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule
 
 __all__ = ["INPUT_NAME", "Built", "build_artefact", "onnx_precision", "SigtermGuard"]
@@ -109,8 +110,6 @@ def build_artefact(
                 "weights": "int8 (7-bit)" if reduce_range else "int8", "activations": "int8 (calibrated)",
                 "calibration_images": None if calibration is None else len(calibration)}
     if prof.format == "trt":
-        from .trt import build_engine
-
         _logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d)", b.min, b.opt, b.max)
         built.artefact = _fresh(workdir, onnx_path.stem, ".engine")
         t = prof.trt

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import load_config, read_yaml, require
+from ..config import load_config, read_yaml, require, to_dict
 from ..errors import ConfigError
 
 __all__ = [
@@ -227,8 +227,6 @@ def load_profile(
     **fields: Any,
 ) -> ExportProfile:
     """Profile file (default ``export/default.yaml``) + Python ``fields`` (nested dicts ok) + ``a.b=v`` overrides."""
-    from ..config import to_dict
-
     if isinstance(profile, ExportProfile):
         data: dict[str, Any] = to_dict(profile)
     else:

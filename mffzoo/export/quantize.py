@@ -92,8 +92,9 @@ def quantize_onnx(
 
 def _quantize(src: str | os.PathLike[str], dst: Path, mode: str, calibration: np.ndarray | None, input_name: str,
               per_channel: bool, reduce_range: bool) -> None:
+    # optional: mffzoo[onnx]
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # optional: mffzoo[onnx]
 
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .. import io
+from ..errors import ExportError
 from ..io import file_sha256
 
-__all__ = ["sidecar_path", "report_path", "write_json", "read_sidecar", "state_dict_sha256", "file_sha256",
+__all__ = ["sidecar_path", "report_path", "read_sidecar", "state_dict_sha256", "file_sha256",
            "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS"]
 
 # Keys every sidecar has (tests and serving code rely on them).
@@ -45,14 +45,7 @@ def report_path(artefact: str | os.PathLike[str]) -> Path:
     return Path(f"{artefact}.parity.json")
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomic write (temp + rename): a reader never sees half a sidecar; sorted keys, mode from the umask."""
-    return io.write_json(path, data)
-
-
 def read_sidecar(artefact: str | os.PathLike[str]) -> dict[str, Any]:
-    from ..errors import ExportError
-
     path = sidecar_path(artefact)
     if not Path(artefact).is_file():
         raise ExportError(f"artefact '{artefact}' does not exist; pass a file written by mffzoo export")

@@ -19,14 +19,16 @@ import re
 import shutil
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..errors import ExportError
+from ..io import write_json
 from . import preprocess as preprocess_module
-from .sidecar import file_sha256, read_sidecar, sidecar_path, write_json
+from .sidecar import file_sha256, read_sidecar, sidecar_path
 
 __all__ = ["BACKENDS", "Backend", "TensorSpec", "Staged", "check_request", "stage", "add_to_repository",
            "read_signature", "model_config_pb2"]
@@ -118,8 +120,6 @@ def _onnx_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def _ir_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """An OpenVINO IR's Parameter and Result tensors, read from its XML (no OpenVINO needed)."""
-    import xml.etree.ElementTree as ET
-
     root = ET.parse(path).getroot()
     layers = {lay.get("id"): lay for lay in root.iter("layer")}
 
@@ -229,7 +229,7 @@ def _config_text(cfg: Any, what: str) -> str:
 
 
 def _read_config(path: Path) -> Any:
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # optional: comes with mffzoo[triton]
 
     pb = model_config_pb2()
     try:

@@ -85,7 +85,7 @@ def _trt_call(what: str, fn: Callable[[], Any]) -> Any:
 
 
 def _logger_cls() -> Any:
-    import tensorrt as trt
+    import tensorrt as trt  # optional: mffzoo[gpu]
 
     class Collect(trt.ILogger):
         """Keeps errors so a failed build says why in one line."""
@@ -122,7 +122,7 @@ def build_engine(
 ) -> dict[str, Any]:
     """Parse ``onnx_path`` into a strongly typed network and write a serialized engine; returns build facts."""
     require_trt()
-    import tensorrt as trt
+    import tensorrt as trt  # optional: mffzoo[gpu]
 
     log = _logger_cls()
     builder = _trt_call("create a builder", lambda: trt.Builder(log))
@@ -187,7 +187,7 @@ class TrtRunner:
 
     def __init__(self, engine_path: str | os.PathLike[str]) -> None:
         require_trt()
-        import tensorrt as trt
+        import tensorrt as trt  # optional: mffzoo[gpu]
 
         self._log = _logger_cls()
         self.runtime = _trt_call("create a runtime", lambda: trt.Runtime(self._log))

@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import ExportError
+
 __all__ = ["ExportModule", "OUTPUT_NAMES", "resolve_features", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
@@ -38,8 +40,6 @@ class ExportModule(nn.Module):
         if features not in OUTPUT_NAMES:
             raise ValueError(f"features must be one of {sorted(OUTPUT_NAMES)}, got {features!r}")
         if features == "logits" and not getattr(model, "num_classes", 0):
-            from ..errors import ExportError
-
             raise ExportError("--features logits needs a classifier (num_classes > 0); this model is a backbone: "
                               "use --features pooled or tokens")
         # A copy, so the caller's fp32 model stays the reference.

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..data.demo import default_demo_root
 from ..errors import ConfigError
+from ..io import cache_root
 from ..train.data import GlobalBatchSampler, SampleDataset, build_dataset, build_loader, collate, pretrain_transform
 from ..train.recipe import PretrainRecipe, load_recipe
 from .infer import _cpu_name
@@ -64,7 +64,7 @@ def bench_jpegs(num_images: int = 256, size: tuple[int, int] = (500, 375), quali
                 root: str | os.PathLike[str] | None = None) -> Path:
     """An ImageNet-style folder (``train/<class>/*.JPEG``) of generated photos; written once, then reused."""
     w, h = size
-    base = Path(root) if root is not None else default_demo_root().parent
+    base = Path(root) if root is not None else cache_root()
     out = base / f"bench-jpegs-v{_JPEG_VERSION}-{w}x{h}-q{quality}-n{num_images}"
     if (out / "done").is_file():
         return out

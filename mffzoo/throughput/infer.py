@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import platform
@@ -31,11 +32,15 @@ import torch
 from ..errors import ConfigError
 from ..export.api import load_export_model
 from ..export.inputs import default_image_root, load_image_batch, model_img_size
+from ..export.onnx import OrtRunner
+from ..export.openvino import OvRunner, cpu_has_bf16, ov_supports
 from ..export.parity import compare, gate_failures
 from ..export.pipeline import SigtermGuard, build_artefact
 from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
-from ..export.sidecar import tool_versions, write_json
+from ..export.sidecar import tool_versions
+from ..export.trt import TrtRunner
 from ..export.wrappers import TORCH_DTYPES, ExportModule, resolve_features
+from ..io import write_json
 
 __all__ = ["BACKENDS", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
 
@@ -100,8 +105,6 @@ def available_backends() -> dict[str, str | None]:
 
 def _openvino_availability() -> tuple[str | None, str | None, str | None]:
     """Why OpenVINO (all rows), its bf16 row and its int8 row cannot run here (None: they can)."""
-    from ..export.openvino import cpu_has_bf16, ov_supports
-
     (ok32, why32), (ok8, why8) = ov_supports("fp32"), ov_supports("int8")
     if not ok32:
         return why32, why32, why32
@@ -237,16 +240,11 @@ def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: 
         built = build_artefact(fp32, features, _bench_profile(spec, batch), tmp, calibration=calib,
                                onnx_cache=onnx_cache)
         if spec.kind == "tensorrt":
-            from ..export.trt import TrtRunner
-
             trt_runner = TrtRunner(built.artefact)
             return _Backend(trt_runner.run_torch, lambda a: torch.from_numpy(a).cuda(), "cuda")
         if spec.kind == "openvino":
-            from ..export.openvino import OvRunner
-
             ov_runner = OvRunner(built.artefact, spec.precision, threads=threads)
             return _Backend(ov_runner, lambda a: np.ascontiguousarray(a), "cpu")
-        from ..export.onnx import OrtRunner
 
         runner = OrtRunner(built.artefact, threads=threads, providers=["CPUExecutionProvider"])
         return _Backend(runner, lambda a: np.ascontiguousarray(a), "cpu")
@@ -299,8 +297,6 @@ def _cpu_name() -> str:
 
 def _tools(names: list[str]) -> dict[str, str]:
     """The export tools' versions, plus OpenVINO's and NNCF's when an ov-* backend ran."""
-    import importlib.metadata
-
     out = tool_versions()
     if any(BACKENDS[n].kind == "openvino" for n in names):
         for pkg in ("openvino", "nncf"):

@@ -95,7 +95,7 @@ class MetricsWriter:
         self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: only with log.tensorboard
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
             except ImportError:

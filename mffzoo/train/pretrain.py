@@ -20,7 +20,7 @@ from torch import nn
 from ..archs import published_tag, registered_schedule
 from ..config import load_config, to_dict
 from ..models.mff import MFFPretrainModel, create_pretrain_model
-from ..zoo.home import entry_dir, git_commit
+from ..zoo.home import FUSION_LAYERS_KEY, entry_dir, git_commit
 from .data import Batch, derive_seed, pretrain_transform, preview_transform
 from .engine import RunContext, Task, TrainResult, run
 from .metrics import read_metrics
@@ -70,8 +70,9 @@ class PretrainTask(Task):
         return out.loss, {"fusion_weights": out.fusion_weights.detach()}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What ``mffzoo convert`` reads next to ``model``."""
-        return {"arch": self.recipe.model.arch, "model_args": self.recipe.model.encoder_kwargs()}
+        """What ``mffzoo convert`` reads next to ``model``, and the fused levels ``mffzoo analyze fusion`` reads."""
+        m = self.recipe.model
+        return {"arch": m.arch, "model_args": m.encoder_kwargs(), FUSION_LAYERS_KEY: m.fusion_layers}
 
     # ---- figures and publishing
     def _vis_images(self, ctx: RunContext) -> torch.Tensor:
@@ -147,7 +148,7 @@ class PretrainTask(Task):
             "data": {"root": r.data.root, "dataset": r.data.dataset or "folder", "split": r.data.split,
                      "num_images": len(ctx.dataset), "augment": r.data.augment, "unreadable_skipped": ctx.bad_images},
             "final_loss": ctx.last_loss, "method": "mae" if r.model.is_mae else "mff",
-            "fusion_layers": r.model.fusion_layers, "fusion_weights": list(fusion_weights or []),
+            FUSION_LAYERS_KEY: r.model.fusion_layers, "fusion_weights": list(fusion_weights or []),
             "world_size": ctx.env.world_size, "device": str(ctx.env.device), "wall_time_s": round(ctx.wall_s, 1),
             "git_commit": git_commit(Path(__file__).parent),
         }

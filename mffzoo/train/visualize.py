@@ -32,7 +32,7 @@ def _pyplot():
     import matplotlib  # heavy: loaded only when a figure is drawn, not by every training run's import
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only drawing a figure needs it
 
     return plt
 

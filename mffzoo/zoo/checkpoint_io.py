@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -20,21 +21,17 @@ from ..errors import CheckpointError
 from ..io import atomic_write, verify_checksum
 from .home import WEIGHTS_NAME
 
+try:
+    from numpy._core.multiarray import _reconstruct, scalar
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+
 __all__ = ["load_checkpoint_file", "atomic_torch_save", "SAFE_EXTRA_GLOBALS"]
 
 
 def _numpy_safe_globals() -> list[Any]:
     """numpy scalar/dtype reconstructors: data, not code, and common in mmengine ``meta``."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels
-        return []
-    out: list[Any] = [np.dtype, np.ndarray]
-    try:
-        from numpy._core.multiarray import _reconstruct, scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
-    out += [scalar, _reconstruct]
+    out: list[Any] = [np.dtype, np.ndarray, scalar, _reconstruct]
     out += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
     return out
 

@@ -29,7 +29,7 @@ from timm.layers import resample_abs_pos_embed
 from ..archs import ARCHS, canonical_arch
 from ..errors import CheckpointError, ConfigError
 from .checkpoint_io import load_checkpoint_file
-from .home import write_model_folder
+from .home import FUSION_LAYERS_KEY, write_model_folder
 
 _logger = logging.getLogger("mffzoo.zoo")
 
@@ -157,7 +157,7 @@ def unwrap_checkpoint(obj: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
         meta = dict(obj.get("meta") or {})
         obj = obj["state_dict"]
     elif "model" in obj and isinstance(obj["model"], Mapping):
-        for k in ("model_args", "recipe", "arch"):
+        for k in ("model_args", "recipe", "arch", FUSION_LAYERS_KEY):
             if k in obj:
                 meta[k] = obj[k]
         if isinstance(obj.get("model_args"), Mapping) and "num_heads" in obj["model_args"]:
@@ -309,6 +309,7 @@ def convert_checkpoint(
     info = {"source": str(src), "source_format": conv.source_format, "dropped_keys": len(dropped),
             "dropped": key_groups(dropped),
             "fusion_levels": int(conv.extras["fusion.weights"].numel()) if "fusion.weights" in conv.extras else None,
+            **({FUSION_LAYERS_KEY: conv.meta[FUSION_LAYERS_KEY]} if FUSION_LAYERS_KEY in conv.meta else {}),
             **dict(meta or {})}
     return write_model_folder(dst, arch, model, model_args=model_args, meta=info,
                               extras=conv.extras if keep_extras and conv.extras else None)

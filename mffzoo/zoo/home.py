@@ -6,13 +6,12 @@ Hub repo uses, so ``local-dir:``/``hf-hub:`` loading and publishing need no conv
     $MFFZOO_HOME/mff_vit_small_patch16_224.mff_in1k_300e/
         config.json          # timm: architecture, num_classes, model_args, pretrained_cfg
         model.safetensors    # backbone weights (timm VisionTransformer keys)
-        mffzoo.json          # provenance: recipe, epochs, data, final loss, mffzoo version, git commit
+        mffzoo.json          # provenance: recipe, epochs, data, final loss, fusion_layers, mffzoo version, git commit
         pretrain_extras.safetensors   # optional: fusion + decoder weights, to resume or visualise
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -26,14 +25,19 @@ import torch
 from safetensors.torch import save
 
 from .. import __version__
-from ..io import atomic_write, cache_root, canonical_safetensors, umask_mode, write_json
+from ..io import atomic_write, cache_root, canonical_safetensors, read_json_object, umask_mode, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 META_NAME = "mffzoo.json"
 EXTRAS_NAME = "pretrain_extras.safetensors"
+# The fused-levels provenance: the 0-based encoder blocks whose outputs MFF fused, written under this top-level key
+# in a training checkpoint (``PretrainTask.checkpoint_meta``) and in a model folder's mffzoo.json (the run's
+# provenance, or ``convert_checkpoint`` copying it from the checkpoint); read back by :func:`recorded_fusion_layers`.
+FUSION_LAYERS_KEY = "fusion_layers"
 
-__all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "write_model_folder", "write_safetensors", "git_commit"]
+__all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "read_folder_meta", "recorded_fusion_layers",
+           "write_model_folder", "write_safetensors", "git_commit"]
 
 
 def zoo_home() -> Path:
@@ -72,15 +76,23 @@ def list_local(arch: str | None = None, home: Path | None = None) -> list[ZooEnt
         a, t = d.name.split(".", 1)
         if arch and a != arch:
             continue
-        meta: dict[str, Any] = {}
-        if (d / META_NAME).is_file():
-            try:
-                meta = json.loads((d / META_NAME).read_text())
-            except (OSError, ValueError):
-                meta = {}
-        out.append(ZooEntry(a, t, d, meta))
+        out.append(ZooEntry(a, t, d, read_folder_meta(d)))
     out.sort(key=lambda e: e.weights.stat().st_mtime, reverse=True)
     return out
+
+
+def read_folder_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model folder's mffzoo.json; {} when there is none or it is unreadable (provenance is optional)."""
+    return read_json_object(Path(folder) / META_NAME)
+
+
+def recorded_fusion_layers(meta: Mapping[str, Any] | None) -> list[int] | None:
+    """The fused blocks recorded under :data:`FUSION_LAYERS_KEY` of a checkpoint, an mffzoo.json or a recipe's
+    ``model`` section; None when not recorded (weights from elsewhere), so callers label levels by position."""
+    layers = (meta or {}).get(FUSION_LAYERS_KEY)
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) for i in layers):
+        return [int(i) for i in layers]
+    return None
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:

@@ -25,6 +25,7 @@ from timm.models import PretrainedCfg
 
 from ..archs import ZOO_TAGS, is_local_cfg
 from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
+from ..io import read_json_object
 from .checkpoint_io import load_checkpoint_file
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
@@ -70,14 +71,7 @@ def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
 
 def _folder_config(weights: Path) -> dict[str, Any]:
     """The timm config.json beside a weights file ({} when there is none or it is unreadable)."""
-    cfg = weights.parent / CONFIG_NAME
-    if not cfg.is_file():
-        return {}
-    try:
-        out = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
+    return read_json_object(weights.parent / CONFIG_NAME)
 
 
 def _saved_model_args(weights: Path) -> dict[str, Any]:
@@ -210,13 +204,24 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, **kwargs: Any
+    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, img_size: int | None = None,
+    seed: int | None = None, **kwargs: Any
 ) -> torch.nn.Module:
-    """Create a backbone from any MODEL spec; ``random_init`` builds the architecture without weights.
-    (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)"""
+    """Create a backbone from any MODEL spec: the one loader behind the CLI, eval and export (each adds its checks).
+
+    ``random_init`` builds the architecture a name, folder or checkpoint describes without its weights (after
+    ``torch.manual_seed(seed)`` when ``seed`` is given, so a smoke run is reproducible); ``img_size`` overrides the
+    input size. (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)
+    """
     if random_init:
         pretrained = False
-    name, extra = parse_model_spec(spec) if (pretrained or Path(str(spec)).expanduser().exists()) else (str(spec), {})
+        if seed is not None:
+            torch.manual_seed(seed)
+    if img_size:
+        kwargs["img_size"] = int(img_size)
+    s = str(spec)
+    looks_like_path = any(ch in s for ch in "/\\") or Path(s).expanduser().exists()
+    name, extra = parse_model_spec(spec) if (pretrained or looks_like_path) else (s, {})
     if not pretrained:  # keep the architecture a folder/checkpoint describes, drop its weights
         if name.startswith("local-dir:"):
             cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG_NAME).read_text())
