@@ -2,7 +2,21 @@
 
 :func:`run` reads like facebookresearch/mae's ``main_pretrain`` + ``engine_pretrain``: join the process group,
 build data, model, optimizer and schedule, resume, then loop epochs -> micro-batches with gradient accumulation,
-logging every ``log.every_steps`` and checkpointing every ``checkpoint.every_steps`` and at epoch ends.
+logging every ``log.every_steps`` and checkpointing every ``checkpoint.every_steps`` and at epoch ends. The loop
+is a sequence of phases over one :class:`_RunState`, each a function of its own::
+
+    _run
+      _setup            data (fails fast), run directory, model + DDP/FSDP2, optimizer, schedule, scaler
+      _resume           newest valid checkpoint -> weights, optimizer, schedule, position, RNG, data stats
+      _start            compile wrapper, loader, metrics writer, progress, stop vote; the header line
+      _train_epoch      per epoch:
+        _micro_step       forward + backward of one micro-batch (gradient sync on the last one only)
+        _optimizer_step   step, counters, stop vote; when due: _flush, _save_checkpoint or _stop_now
+      _end_epoch        flush, synced stop vote, epoch record, checkpoint or stop, task.on_epoch_end
+      _finish           task.on_train_end with the full state, summary.json
+
+``_flush`` reduces a log window across ranks (the only host syncs) and ``_check_window`` stops on a non-finite
+loss or too many unreadable files.
 
 An objective plugs in as a :class:`Task` (see :class:`mffzoo.train.pretrain.PretrainTask`)::
 
@@ -44,19 +58,31 @@ parent's (``parent``: torchrun), so tests interrupt a run at a known step instea
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 
 from ..config import dump_yaml, to_dict
 from ..errors import CheckpointError, ConfigError, DataError, MffzooError
@@ -67,6 +93,7 @@ from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, r
 from .recipe import EngineRecipe
 
 _logger = logging.getLogger("mffzoo.train")
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # what checkpoints hold: whole tensors, on the CPU
 
 __all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "Tf32", "accumulation_steps", "build_optimizer",
            "configure_attention", "cpu_has_amx", "numerics", "resolve_precision", "run"]
@@ -255,8 +282,6 @@ def build_optimizer(model: nn.Module, oc: Any, batch_size: int, **extra: Any) ->
     """timm's optimizer factory with the recipe's hyper-parameters: no weight decay for 1-D params (norms,
     biases) and ``model.no_weight_decay()``; AdamW/Adam use torch's fused kernel, which exists for CUDA and CPU
     (3x faster optimizer step than the for-each path on the dev CPU)."""
-    from timm.optim import create_optimizer_v2
-
     kwargs: dict[str, Any] = {}
     if "adam" in oc.opt or "lamb" in oc.opt:
         kwargs.update(betas=tuple(oc.betas), eps=oc.eps)
@@ -416,23 +441,144 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
 
 
 def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
-    tc, oc = recipe.train, recipe.optim
-    device = env.device
+    """The whole run, phase by phase; each phase is a function below over one :class:`_RunState`."""
+    s = _setup(recipe, task, env, run_dir, t_start)
+    _resume(s)
+    _start(s)
+    try:
+        with s.stopper:
+            while s.epoch < s.tc.epochs and s.stop_reason == "finished":
+                _train_epoch(s)
+                if s.stop_reason != "finished":
+                    break
+                _end_epoch(s)
+    finally:
+        s.vote.close()
+        s.progress.close()
+        s.writer.close()
+        # Shut the loader workers down now. They ignore SIGTERM (a scheduler's signal is the main process's to
+        # handle), so a loader still referenced at interpreter exit, e.g. from a frame kept alive by a reference
+        # cycle in a hook, hangs multiprocessing's exit handler on their join.
+        s.loader = None
+    return _finish(s)
 
-    # ---- data first: a wrong path fails in a second, before any model is built
+
+@dataclass
+class _RunState:
+    """What the phases of one run share: built by :func:`_setup`, moved on by :func:`_resume` and the loop.
+
+    Counters count optimizer steps; the window fields hold the current log window on the device until
+    :func:`_flush` reduces them (the only host syncs: log windows, checkpoints, stop requests)."""
+
+    recipe: EngineRecipe
+    task: Task
+    env: DistEnv
+    run_dir: Path
+    t_start: float
+    dataset: SampleDataset
+    sampler: GlobalBatchSampler
+    ckpts: CheckpointManager
+    total_steps: int
+    warmup_steps: int
+    model: nn.Module  # what a step calls: DDP-wrapped under torchrun, else ``core``
+    core: nn.Module  # the module whose state dict is saved (FSDP2 shards it in place); hooks see it
+    ddp: nn.parallel.DistributedDataParallel | None
+    amp_dtype: torch.dtype | None
+    attention: str
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler  # per iteration (step_update)
+    scaler: torch.amp.GradScaler
+    # position (restored by _resume)
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0
+    global_step: int = 0
+    resumed_from: Path | None = None
+    ckpt_path: Path | None = None  # the newest checkpoint of this run
+    unreadable: UnreadableFiles = field(default_factory=UnreadableFiles)
+    bad_total: int = 0  # unreadable files of the whole run, the same on every rank after a flush
+    last_loss: float | None = None
+    # the current log window (this rank, on the device)
+    window: list[torch.Tensor] = field(default_factory=list)  # per-step mean loss
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric_count: int = 0
+    bad_new: int = 0  # unreadable files new to this rank since the last flush
+    t_window: float = 0.0
+    imgs_window: int = 0
+    # the current optimizer step (micro-batches accumulated so far) and the stop request
+    micro: int = 0
+    step_loss: torch.Tensor | None = None
+    stop_sig: int = 0  # the signal the ranks agreed to stop on at the latest vote (0: none)
+    stop_reason: str = "finished"
+    images_this_run: int = 0
+    t_loop: float = 0.0
+    # set by _start
+    train_model: nn.Module = field(init=False)  # ``model``, or its torch.compile wrapper
+    amp: Any = field(init=False)  # autocast context (re-entered every micro-batch), or a null context
+    loader: Any = field(init=False)
+    writer: MetricsWriter = field(init=False)
+    progress: Progress = field(init=False)
+    stopper: _StopSignal = field(default_factory=_StopSignal)
+    vote: StopVote = field(init=False)
+    test_signal: _TestSignal | None = None
+
+    @property
+    def tc(self) -> Any:
+        return self.recipe.train
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def accum(self) -> int:
+        return self.sampler.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def context(self, state_dict: dict[str, torch.Tensor] | None = None) -> RunContext:
+        return RunContext(self.recipe, self.env, self.run_dir, self.core, self.dataset, self.epoch, self.global_step,
+                          self.total_steps, self.steps_per_epoch, self.last_loss, time.time() - self.t_start,
+                          state_dict, self.global_step * self.tc.batch_size, self.bad_total)
+
+
+# --------------------------------------------------------------------------------------------- setup
+def _setup(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> _RunState:
+    """Data first (a wrong path fails in a second, before any model is built), then the run directory, then
+    model, optimizer and schedule."""
+    tc, oc = recipe.train, recipe.optim
     accumulation_steps(tc.batch_size, tc.batch_per_device, env.world_size)
     dataset = build_dataset(recipe.data, task.build_transform())
     task.on_dataset(dataset)
     sampler = GlobalBatchSampler(len(dataset), tc.batch_size, tc.batch_per_device, env.world_size, env.rank,
                                  seed=tc.seed)
-    accum, steps_per_epoch = sampler.accum, sampler.steps_per_epoch
-    if steps_per_epoch == 0:
+    if sampler.steps_per_epoch == 0:
         raise DataError(f"the dataset has {len(dataset)} images, fewer than one batch (train.batch_size="
                         f"{tc.batch_size}); lower train.batch_size or add data")
-    total_steps = tc.epochs * steps_per_epoch
-    warmup_steps = int(round(oc.warmup_epochs * steps_per_epoch))
+    total_steps = tc.epochs * sampler.steps_per_epoch
+    warmup_steps = int(round(oc.warmup_epochs * sampler.steps_per_epoch))
+    ckpts = _prepare_run_dir(recipe, env, run_dir)
 
-    # ---- run directory
+    if env.device.type == "cpu" and tc.cpu_threads:
+        torch.set_num_threads(tc.cpu_threads)
+    amp_dtype, use_scaler = resolve_precision(tc.precision, env.device)
+    model, core, ddp = _build_model(recipe, task, env)
+    attention = configure_attention(core, tc.attention, env.device, amp_dtype)
+    lr = oc.resolved_lr(tc.batch_size)
+    optimizer = build_optimizer(core, oc, tc.batch_size, **task.optimizer_kwargs(core))
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=oc.min_lr,
+                                  warmup_t=warmup_steps, warmup_lr_init=lr * oc.warmup_start_factor,
+                                  warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
+    return _RunState(recipe, task, env, run_dir, t_start, dataset, sampler, ckpts, total_steps, warmup_steps,
+                     model, core, ddp, amp_dtype, attention, lr, optimizer, scheduler, scaler)
+
+
+def _prepare_run_dir(recipe: EngineRecipe, env: DistEnv, run_dir: Path) -> CheckpointManager:
+    """Refuse to mix runs: an existing run directory is resumed, restarted (its checkpoints set aside) or an
+    error; rank 0 writes the resolved recipe."""
     ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
     if recipe.checkpoint.restart:
         if env.is_main and (aside := ckpts.set_aside()) is not None:
@@ -443,24 +589,21 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(recipe, run_dir / "recipe.yaml")
+    return ckpts
 
-    # ---- model, precision, parallel wrapper, optimizer, schedule
-    if device.type == "cpu" and tc.cpu_threads:
-        torch.set_num_threads(tc.cpu_threads)
-    amp_dtype, use_scaler = resolve_precision(tc.precision, device)
+
+def _build_model(recipe: EngineRecipe, task: Task, env: DistEnv,
+                 ) -> tuple[nn.Module, nn.Module, nn.parallel.DistributedDataParallel | None]:
+    """(model to call, core to save, DDP wrapper or None): the same init on every rank, then per-rank RNG
+    streams; FSDP2 shards the timm blocks and the root in place, DDP wraps."""
+    tc, device = recipe.train, env.device
     torch.manual_seed(derive_seed(tc.seed, 0x1))  # the same init on every rank (FSDP shards each rank's own copy)
     model = task.build_model().to(device)
     torch.manual_seed(derive_seed(tc.seed, env.rank, 0x7))  # then per-rank streams (e.g. drop path)
-    core = model  # the module whose state_dict we save (FSDP2 shards it in place)
-    ddp = None
+    core, ddp = model, None
     if tc.fsdp and env.distributed:
-        import warnings
-
-        from torch.distributed.fsdp import fully_shard
-
         # Our forward returns slices (pred) that nobody modifies in place; the warning does not apply.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-
         for m in list(model.modules()):
             if m is not model and type(m).__name__ == "Block":  # timm ViT blocks (encoder and decoder)
                 fully_shard(m)
@@ -472,278 +615,280 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
         model = ddp
     elif tc.fsdp:
         _logger.info("train.fsdp is on but this is a single process; training unsharded")
-    attention = configure_attention(core, tc.attention, device, amp_dtype)
-    lr = oc.resolved_lr(tc.batch_size)
-    from timm.scheduler import CosineLRScheduler
+    return model, core, ddp
 
-    optimizer = build_optimizer(core, oc, tc.batch_size, **task.optimizer_kwargs(core))
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=oc.min_lr,
-                                  warmup_t=warmup_steps, warmup_lr_init=lr * oc.warmup_start_factor,
-                                  warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    # ---- resume
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+# --------------------------------------------------------------------------------------------- resume
+def _resume(s: _RunState) -> None:
+    """Continue from the newest valid checkpoint: weights, optimizer, schedule, scaler, position, each rank's
+    RNG and the unreadable-file count, so the run continues exactly as if it had never stopped."""
+    found = s.ckpts.load_latest() if s.recipe.checkpoint.resume and not s.recipe.checkpoint.restart else None
+    if found is None:
+        return
+    state, path = found
+    _check_resumable(state, s.recipe, path)
+    if state.get("steps_per_epoch") not in (None, s.steps_per_epoch):
+        raise CheckpointError(f"checkpoint '{path}' was written with {state['steps_per_epoch']} steps per "
+                              f"epoch, now {s.steps_per_epoch} (the dataset changed); use another --output")
+    _check_shapes(state["model"], s.core, path)
+    set_model_state_dict(s.core, state["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(s.core, s.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    s.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        s.scaler.load_state_dict(state["scaler"])
+    s.epoch, s.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+    s.global_step = int(state["global_step"])
+    rngs = state.get("rng") or []
+    if len(rngs) == s.env.world_size:
+        restore_rng(rngs[s.env.rank])
+    s.unreadable = UnreadableFiles.from_state(state.get("data_stats"))
+    s.bad_total = s.unreadable.count
+    s.last_loss = (state.get("metrics") or {}).get("loss")
+    s.resumed_from = s.ckpt_path = path
+    _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", path, s.epoch,
+                 s.step_in_epoch, s.steps_per_epoch, s.global_step)
+    if s.global_step >= s.total_steps:
+        _logger.info("the run in %s is already complete; re-exporting its outputs", s.run_dir)
 
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    epoch, step_in_epoch, global_step, resumed_from = 0, 0, 0, None
-    bad_total, last_loss, unreadable = 0, None, UnreadableFiles()
-    found = ckpts.load_latest() if recipe.checkpoint.resume and not recipe.checkpoint.restart else None
-    if found is not None:
-        state, resumed_from = found
-        _check_resumable(state, recipe, resumed_from)
-        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise CheckpointError(f"checkpoint '{resumed_from}' was written with {state['steps_per_epoch']} steps per "
-                                  f"epoch, now {steps_per_epoch} (the dataset changed); use another --output")
-        _check_shapes(state["model"], core, resumed_from)
-        set_model_state_dict(core, state["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(core, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, global_step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
-        rngs = state.get("rng") or []
-        if len(rngs) == env.world_size:
-            restore_rng(rngs[env.rank])
-        unreadable = UnreadableFiles.from_state(state.get("data_stats"))
-        bad_total = unreadable.count
-        last_loss = (state.get("metrics") or {}).get("loss")
-        _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", resumed_from, epoch,
-                     step_in_epoch, steps_per_epoch, global_step)
-        del state
-        if global_step >= total_steps:
-            _logger.info("the run in %s is already complete; re-exporting its outputs", run_dir)
-    train_model: nn.Module = torch.compile(model) if tc.compile else model
 
-    loader = build_loader(dataset, sampler, recipe.data, pin_memory=device.type == "cuda", seed=tc.seed,
-                          rank=env.rank)
-    writer = MetricsWriter(run_dir, env.is_main, recipe.log.tensorboard,
-                           resume_step=global_step if resumed_from is not None else None)
-    progress = Progress(recipe.log.progress, env.is_main, total_steps, global_step)
+# --------------------------------------------------------------------------------------------- start
+def _start(s: _RunState) -> None:
+    """What the loop needs beyond the model: the compile wrapper, loader, metrics writer, progress, the stop
+    machinery; and the header line that says what this run does."""
+    tc, env, device = s.tc, s.env, s.device
+    s.train_model = torch.compile(s.model) if tc.compile else s.model
+    s.amp = torch.autocast(device.type, dtype=s.amp_dtype) if s.amp_dtype is not None else contextlib.nullcontext()
+    s.loader = build_loader(s.dataset, s.sampler, s.recipe.data, pin_memory=device.type == "cuda", seed=tc.seed,
+                            rank=env.rank)
+    s.writer = MetricsWriter(s.run_dir, env.is_main, s.recipe.log.tensorboard,
+                             resume_step=s.global_step if s.resumed_from is not None else None)
+    s.progress = Progress(s.recipe.log.progress, env.is_main, s.total_steps, s.global_step)
     if env.is_main:
         _logger.info(
             "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d processes x %d accumulation,"
-            " lr %.3g, %s on %s (%s attention) -> %s", recipe.name, len(dataset), tc.epochs, steps_per_epoch,
-            tc.batch_size, tc.batch_per_device, env.world_size, accum, lr,
-            str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", device, attention, run_dir)
-        if warmup_steps >= total_steps:
+            " lr %.3g, %s on %s (%s attention) -> %s", s.recipe.name, len(s.dataset), tc.epochs, s.steps_per_epoch,
+            tc.batch_size, tc.batch_per_device, env.world_size, s.accum, s.lr,
+            str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "fp32", device, s.attention, s.run_dir)
+        if s.warmup_steps >= s.total_steps:
             _logger.warning("the warm-up (optim.warmup_epochs=%g) covers the whole run (train.epochs=%d): the lr only "
                             "rises and never decays; lower optim.warmup_epochs or raise train.epochs",
-                            oc.warmup_epochs, tc.epochs)
-
-    # ---- state shared by the closures below
-    window: list[torch.Tensor] = []  # per-step mean loss on this rank (device)
-    metric_sums: dict[str, torch.Tensor] = {}
-    metric_count = 0
-    bad_new = 0  # unreadable files new to this rank since the last flush
-    t_window, imgs_window = time.time(), 0
-    img_s = 0.0
-    ckpt_path: Path | None = resumed_from
-    images_this_run, t_loop = 0, time.time()
-
-    def flush() -> dict[str, Any] | None:
-        """Reduce the window across ranks (two collectives, one host sync), check it, log it."""
-        nonlocal window, metric_sums, metric_count, bad_new, bad_total, t_window, imgs_window, img_s
-        nonlocal last_loss
-        keys = sorted(metric_sums)
-        parts = [torch.stack(window).float() if window else torch.zeros(0, device=device)]
-        parts += [(metric_sums[k].float() / max(metric_count, 1)).reshape(-1) for k in keys]
-        parts.append(torch.tensor([float(bad_new)], device=device))
-        packed = all_reduce(torch.cat(parts).to(device)) / env.world_size
-        mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op="max")  # the fullest rank
-        vals = torch.cat([packed, mem]).cpu()
-        vals, mem_mb = vals[:-1], float(vals[-1])
-        reset_peak_memory(device)  # each window reports its own peak
-        n = len(window)
-        if vals[-1] > 0 and unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
-            bad_total = unreadable.count
-            if env.is_main:
-                _logger.warning("skipped %d unreadable image(s) so far, e.g. %s", bad_total, unreadable.examples(3))
-        if bad_total > recipe.data.max_bad_fraction * len(dataset):
-            raise DataError(
-                f"{bad_total} of {len(dataset)} images unreadable (more than data.max_bad_fraction="
-                f"{recipe.data.max_bad_fraction}), e.g. {unreadable.examples(1)}; fix or remove them"
-            )
-        bad_new = 0
-        losses = vals[:n]
-        if n and not torch.isfinite(losses).all():
-            bad_step = global_step - n + int((~torch.isfinite(losses)).nonzero()[0, 0]) + 1
-            last = ckpts.list()
-            raise TrainingDiverged(
-                f"loss is {float(losses[~torch.isfinite(losses)][0])} at step {bad_step} (epoch {epoch + 1}); stopped "
-                f"without saving. Last good checkpoint: {last[0] if last else 'none'}. Lower optim.blr, set "
-                "optim.clip_grad or use train.precision=fp32, then rerun to resume from it"
-            )
-        rec = None
-        if n:
-            now = time.time()
-            img_s = imgs_window / max(now - t_window, 1e-9)
-            last_loss = float(losses.mean())
-            rec = {"type": "train", "step": global_step, "epoch": round(epoch + step_in_epoch / steps_per_epoch, 4),
-                   "loss": last_loss, "lr": max(g["lr"] for g in optimizer.param_groups), "img_s": round(img_s, 2),
-                   "mem_mb": round(mem_mb, 1), "time": round(now - t_start, 2)}
-            off = n
-            for k in keys:
-                size = metric_sums[k].numel()
-                v = vals[off:off + size]
-                rec[k] = [round(float(x), 6) for x in v] if metric_sums[k].dim() else round(float(v[0]), 6)
-                off += size
-            writer.write(rec)
-            progress.show(rec)
-            t_window, imgs_window = now, 0
-        window, metric_sums, metric_count = [], {}, 0
-        return rec
-
-    def save_checkpoint() -> Path | None:
-        """All ranks gather (FSDP needs it); rank 0 writes. Always after a flush, so the state is finite."""
-        nonlocal ckpt_path
-        e, s = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
-        model_sd = get_model_state_dict(core, options=full)
-        optim_sd = get_optimizer_state_dict(core, optimizer, options=full)
-        rngs = all_gather_object(capture_rng())
-        if env.is_main:
-            sampler_state = {**sampler.state_dict(), "epoch": e, "start_step": s}
-            state = {
-                "format": CHECKPOINT_FORMAT, "model": model_sd, **task.checkpoint_meta(),
-                "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": e, "step_in_epoch": s, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "world_size": env.world_size, "sampler": sampler_state, "rng": rngs,
-                "data_stats": unreadable.state(),
-                "metrics": {"loss": last_loss}, "recipe": to_dict(recipe),
-            }
-            ckpt_path = ckpts.save(state, global_step)
-        barrier()
-        return ckpt_path
-
-    # ---- train
-    stop_reason = "finished"
-    stopper = _StopSignal()
-    vote = StopVote(env)
-    test_signal = _TestSignal.from_env(env)
-
-    def stop_now(signum: int, where: str) -> None:
-        nonlocal stop_reason
-        stop_reason = signal.Signals(signum).name.lower()
-        t0 = time.time()
-        path = save_checkpoint()
-        _logger.info("%s received: checkpoint %s saved %s in %.1f s", signal.Signals(signum).name, path, where,
-                     time.time() - t0)
-
+                            s.recipe.optim.warmup_epochs, tc.epochs)
+    s.test_signal = _TestSignal.from_env(env)
+    s.vote = StopVote(env)
+    s.t_window = s.t_loop = time.time()
     reset_peak_memory(device)
-    try:
-        with stopper:
-            while epoch < tc.epochs and stop_reason == "finished":
-                sampler.set_epoch(epoch, step_in_epoch)
-                train_model.train()
-                t_window, imgs_window = time.time(), 0
-                micro = 0
-                step_loss: torch.Tensor | None = None
-                amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                       else contextlib.nullcontext())
-                stop_sig = 0
-                for batch in _batches(loader):
-                    if micro == 0:
-                        scheduler.step_update(num_updates=global_step)
-                    last_micro = micro == accum - 1
-                    batch = batch.to(device)
-                    if batch.bad:
-                        bad_new += unreadable.add(batch.bad)
-                    if ddp is not None and not last_micro:
-                        sync: Any = ddp.no_sync()
-                    else:
-                        sync = contextlib.nullcontext()
-                        if tc.fsdp and env.distributed:
-                            core.set_requires_gradient_sync(last_micro)
-                    with sync:
-                        with amp:
-                            loss, metrics = task.step(train_model, batch)
-                        scaler.scale(loss / accum).backward()
-                    loss_d = loss.detach().float() / accum
-                    step_loss = loss_d if step_loss is None else step_loss + loss_d
-                    for k, v in metrics.items():
-                        v = v.detach().float()
-                        metric_sums[k] = metric_sums[k] + v if k in metric_sums else v.clone()
-                    metric_count += 1
-                    micro += 1
-                    if not last_micro:
-                        continue
-                    micro = 0
-                    if oc.clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(core.parameters(), oc.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    window.append(step_loss)
-                    step_loss = None
-                    global_step += 1
-                    step_in_epoch += 1
-                    imgs_window += tc.batch_size
-                    images_this_run += tc.batch_size
-                    progress.update()
-                    if test_signal is not None:
-                        test_signal.maybe_fire(global_step)
-                    # every step: the stop vote (no host sync on the device); one step late under torchrun
-                    stop_sig = vote.poll(stopper.signum)
 
-                    # host syncs only here: every log window, before a checkpoint, on a stop request
-                    ckpt_due = recipe.checkpoint.every_steps and global_step % recipe.checkpoint.every_steps == 0
-                    if global_step % recipe.log.every_steps == 0 or ckpt_due or stop_sig:
-                        flush()
-                        if step_in_epoch < steps_per_epoch and stop_sig:
-                            stop_now(stop_sig, f"at step {global_step}")
-                            break
-                        if ckpt_due and step_in_epoch < steps_per_epoch:
-                            save_checkpoint()
-                if stop_reason != "finished":
-                    break
 
-                # ---- epoch end (also where a stop at the epoch's last step is saved)
-                flush()
-                stop_sig = max(stop_sig, vote.poll(stopper.signum, sync=True))  # ranks sync here anyway
-                epoch += 1
-                step_in_epoch = 0
-                epoch_rec = {"type": "epoch", "step": global_step, "epoch": epoch, "loss": last_loss,
-                             "bad_images": bad_total, "time": round(time.time() - t_start, 2)}
-                writer.write(epoch_rec)
-                elapsed = time.time() - t_loop
-                eta = elapsed / max(images_this_run, 1) * (total_steps - global_step) * tc.batch_size
-                progress.epoch_line(
-                    f"epoch {epoch}/{tc.epochs}  step {global_step}/{total_steps}  loss {last_loss:.4f}  "
-                    f"lr {max(g['lr'] for g in optimizer.param_groups):.2e}  "
-                    f"{images_this_run / max(elapsed, 1e-9):.0f} img/s  "
-                    f"elapsed {format_duration(time.time() - t_start)}  eta {format_duration(eta)}"
-                )
-                if stop_sig and epoch < tc.epochs:
-                    stop_now(stop_sig, f"at the end of epoch {epoch}")
-                elif epoch % recipe.checkpoint.every_epochs == 0 or epoch == tc.epochs:
-                    save_checkpoint()
-                task.on_epoch_end(_ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps,
-                                       steps_per_epoch, last_loss, t_start, bad_total, None))
-    finally:
-        vote.close()
-        progress.close()
-        writer.close()
+# --------------------------------------------------------------------------------------------- one epoch
+def _train_epoch(s: _RunState) -> None:
+    """The micro-batches of one epoch (from the sampler's position): an optimizer step every ``accum`` of
+    them; stops early when the ranks agreed to stop mid-epoch (``s.stop_reason`` then says why)."""
+    s.sampler.set_epoch(s.epoch, s.step_in_epoch)
+    s.train_model.train()
+    s.t_window, s.imgs_window = time.time(), 0
+    s.micro, s.step_loss, s.stop_sig = 0, None, 0
+    for batch in _batches(s.loader):
+        _micro_step(s, batch)
+        if s.micro == 0 and _optimizer_step(s):
+            break
 
-    completed = stop_reason == "finished" and epoch >= tc.epochs
+
+def _micro_step(s: _RunState, batch: Batch) -> None:
+    """Forward and backward of one micro-batch; gradients sync across ranks only on an optimizer step's last
+    micro-batch (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync``). Loss and metrics stay on the device."""
+    if s.micro == 0:
+        s.scheduler.step_update(num_updates=s.global_step)
+    last_micro = s.micro == s.accum - 1
+    batch = batch.to(s.device)
+    if batch.bad:
+        s.bad_new += s.unreadable.add(batch.bad)
+    if s.ddp is not None and not last_micro:
+        sync: Any = s.ddp.no_sync()
+    else:
+        sync = contextlib.nullcontext()
+        if s.tc.fsdp and s.env.distributed:
+            s.core.set_requires_gradient_sync(last_micro)
+    with sync:
+        with s.amp:
+            loss, metrics = s.task.step(s.train_model, batch)
+        s.scaler.scale(loss / s.accum).backward()
+    loss_d = loss.detach().float() / s.accum
+    s.step_loss = loss_d if s.step_loss is None else s.step_loss + loss_d
+    for k, v in metrics.items():
+        v = v.detach().float()
+        s.metric_sums[k] = s.metric_sums[k] + v if k in s.metric_sums else v.clone()
+    s.metric_count += 1
+    s.micro = 0 if last_micro else s.micro + 1
+
+
+def _optimizer_step(s: _RunState) -> bool:
+    """Step, count, vote on a stop (every step, no host sync), then flush / checkpoint / stop when due.
+    True when the epoch must end here (a stop mid-epoch was saved)."""
+    oc = s.recipe.optim
+    if oc.clip_grad is not None:
+        s.scaler.unscale_(s.optimizer)
+        nn.utils.clip_grad_norm_(s.core.parameters(), oc.clip_grad)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.window.append(s.step_loss)
+    s.step_loss = None
+    s.global_step += 1
+    s.step_in_epoch += 1
+    s.imgs_window += s.tc.batch_size
+    s.images_this_run += s.tc.batch_size
+    s.progress.update()
+    if s.test_signal is not None:
+        s.test_signal.maybe_fire(s.global_step)
+    s.stop_sig = s.vote.poll(s.stopper.signum)  # one step late under torchrun
+
+    # host syncs only here: every log window, before a checkpoint, on a stop request
+    every = s.recipe.checkpoint.every_steps
+    ckpt_due = bool(every) and s.global_step % every == 0
+    if s.global_step % s.recipe.log.every_steps == 0 or ckpt_due or s.stop_sig:
+        _flush(s)
+        mid_epoch = s.step_in_epoch < s.steps_per_epoch
+        if mid_epoch and s.stop_sig:
+            _stop_now(s, s.stop_sig, f"at step {s.global_step}")
+            return True
+        if ckpt_due and mid_epoch:
+            _save_checkpoint(s)
+    return False
+
+
+def _end_epoch(s: _RunState) -> None:
+    """Close the epoch: flush, a synced stop vote, the epoch record and line, then a stop checkpoint or the
+    epoch's checkpoint, then the task's epoch hook (a stop at an epoch's last step is saved here)."""
+    tc = s.tc
+    _flush(s)
+    s.stop_sig = max(s.stop_sig, s.vote.poll(s.stopper.signum, sync=True))  # ranks sync here anyway
+    s.epoch += 1
+    s.step_in_epoch = 0
+    s.writer.write({"type": "epoch", "step": s.global_step, "epoch": s.epoch, "loss": s.last_loss,
+                    "bad_images": s.bad_total, "time": round(time.time() - s.t_start, 2)})
+    elapsed = time.time() - s.t_loop
+    eta = elapsed / max(s.images_this_run, 1) * (s.total_steps - s.global_step) * tc.batch_size
+    s.progress.epoch_line(
+        f"epoch {s.epoch}/{tc.epochs}  step {s.global_step}/{s.total_steps}  loss {s.last_loss:.4f}  "
+        f"lr {max(g['lr'] for g in s.optimizer.param_groups):.2e}  "
+        f"{s.images_this_run / max(elapsed, 1e-9):.0f} img/s  "
+        f"elapsed {format_duration(time.time() - s.t_start)}  eta {format_duration(eta)}"
+    )
+    if s.stop_sig and s.epoch < tc.epochs:
+        _stop_now(s, s.stop_sig, f"at the end of epoch {s.epoch}")
+    elif s.epoch % s.recipe.checkpoint.every_epochs == 0 or s.epoch == tc.epochs:
+        _save_checkpoint(s)
+    s.task.on_epoch_end(s.context())
+
+
+# --------------------------------------------------------------------------------------------- log window
+def _flush(s: _RunState) -> dict[str, Any] | None:
+    """Reduce the log window across ranks (two collectives, one host sync), check it, log it; returns the record
+    (None for an empty window)."""
+    device, keys = s.device, sorted(s.metric_sums)
+    parts = [torch.stack(s.window).float() if s.window else torch.zeros(0, device=device)]
+    parts += [(s.metric_sums[k].float() / max(s.metric_count, 1)).reshape(-1) for k in keys]
+    parts.append(torch.tensor([float(s.bad_new)], device=device))
+    packed = all_reduce(torch.cat(parts).to(device)) / s.env.world_size
+    mem = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op="max")  # the fullest rank
+    vals = torch.cat([packed, mem]).cpu()
+    vals, mem_mb = vals[:-1], float(vals[-1])
+    reset_peak_memory(device)  # each window reports its own peak
+    n = len(s.window)
+    _check_window(s, vals[:n], new_bad=bool(vals[-1] > 0))
+    rec = None
+    if n:
+        now = time.time()
+        s.last_loss = float(vals[:n].mean())
+        rec = {"type": "train", "step": s.global_step,
+               "epoch": round(s.epoch + s.step_in_epoch / s.steps_per_epoch, 4), "loss": s.last_loss,
+               "lr": max(g["lr"] for g in s.optimizer.param_groups),
+               "img_s": round(s.imgs_window / max(now - s.t_window, 1e-9), 2), "mem_mb": round(mem_mb, 1),
+               "time": round(now - s.t_start, 2)}
+        off = n
+        for k in keys:
+            size = s.metric_sums[k].numel()
+            v = vals[off:off + size]
+            rec[k] = [round(float(x), 6) for x in v] if s.metric_sums[k].dim() else round(float(v[0]), 6)
+            off += size
+        s.writer.write(rec)
+        s.progress.show(rec)
+        s.t_window, s.imgs_window = now, 0
+    s.window, s.metric_sums, s.metric_count = [], {}, 0
+    return rec
+
+
+def _check_window(s: _RunState, losses: torch.Tensor, new_bad: bool) -> None:
+    """Stop on too many unreadable files (counted the same on every rank) or a non-finite loss (before anything
+    of this window is saved)."""
+    if new_bad and s.unreadable.sync(all_gather_object):  # every rank sees the same sum: all gather
+        s.bad_total = s.unreadable.count
+        if s.env.is_main:
+            _logger.warning("skipped %d unreadable image(s) so far, e.g. %s", s.bad_total, s.unreadable.examples(3))
+    if s.bad_total > s.recipe.data.max_bad_fraction * len(s.dataset):
+        raise DataError(
+            f"{s.bad_total} of {len(s.dataset)} images unreadable (more than data.max_bad_fraction="
+            f"{s.recipe.data.max_bad_fraction}), e.g. {s.unreadable.examples(1)}; fix or remove them"
+        )
+    s.bad_new = 0
+    if len(losses) and not torch.isfinite(losses).all():
+        bad_step = s.global_step - len(losses) + int((~torch.isfinite(losses)).nonzero()[0, 0]) + 1
+        last = s.ckpts.list()
+        raise TrainingDiverged(
+            f"loss is {float(losses[~torch.isfinite(losses)][0])} at step {bad_step} (epoch {s.epoch + 1}); stopped "
+            f"without saving. Last good checkpoint: {last[0] if last else 'none'}. Lower optim.blr, set "
+            "optim.clip_grad or use train.precision=fp32, then rerun to resume from it"
+        )
+
+
+# --------------------------------------------------------------------------------------------- checkpoint, stop
+def _save_checkpoint(s: _RunState) -> Path | None:
+    """All ranks gather (FSDP needs it); rank 0 writes. Always after a flush, so the state is finite. At an
+    epoch's last step the position saved is the next epoch's start."""
+    end = s.step_in_epoch >= s.steps_per_epoch
+    e, step = (s.epoch + 1, 0) if end else (s.epoch, s.step_in_epoch)
+    model_sd = get_model_state_dict(s.core, options=_FULL)
+    optim_sd = get_optimizer_state_dict(s.core, s.optimizer, options=_FULL)
+    rngs = all_gather_object(capture_rng())
+    if s.env.is_main:
+        sampler_state = {**s.sampler.state_dict(), "epoch": e, "start_step": step}
+        state = {
+            "format": CHECKPOINT_FORMAT, "model": model_sd, **s.task.checkpoint_meta(),
+            "optimizer": optim_sd, "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
+            "epoch": e, "step_in_epoch": step, "global_step": s.global_step, "steps_per_epoch": s.steps_per_epoch,
+            "total_steps": s.total_steps, "world_size": s.env.world_size, "sampler": sampler_state, "rng": rngs,
+            "data_stats": s.unreadable.state(),
+            "metrics": {"loss": s.last_loss}, "recipe": to_dict(s.recipe),
+        }
+        s.ckpt_path = s.ckpts.save(state, s.global_step)
+    barrier()
+    return s.ckpt_path
+
+
+def _stop_now(s: _RunState, signum: int, where: str) -> None:
+    """The ranks agreed to stop on ``signum``: save where they are and end the loop (exit 128 + signum)."""
+    s.stop_reason = signal.Signals(signum).name.lower()
+    t0 = time.time()
+    path = _save_checkpoint(s)
+    _logger.info("%s received: checkpoint %s saved %s in %.1f s", signal.Signals(signum).name, path, where,
+                 time.time() - t0)
+
+
+# --------------------------------------------------------------------------------------------- finish
+def _finish(s: _RunState) -> TrainResult:
+    """A finished run hands the full state to the task's end hook (export, publish); every run writes its
+    summary, finished or stopped."""
+    completed = s.stop_reason == "finished" and s.epoch >= s.tc.epochs
     extra: dict[str, Any] = {}
     if completed:
-        model_sd = get_model_state_dict(core, options=full)
-        ctx = _ctx(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps, steps_per_epoch, last_loss,
-                   t_start, bad_total, model_sd if env.is_main else None)
-        extra = task.on_train_end(ctx) or {}
+        model_sd = get_model_state_dict(s.core, options=_FULL)
+        extra = s.task.on_train_end(s.context(model_sd if s.env.is_main else None)) or {}
         barrier()
-    wall = time.time() - t_start
-    result = TrainResult(run_dir, completed, stop_reason, epoch, global_step, total_steps, last_loss, ckpt_path, wall,
-                         images_this_run / max(time.time() - t_loop, 1e-9), extra)
-    if env.is_main:
-        _write_summary(result, recipe, env, bad_total)
+    wall = time.time() - s.t_start
+    result = TrainResult(s.run_dir, completed, s.stop_reason, s.epoch, s.global_step, s.total_steps, s.last_loss,
+                         s.ckpt_path, wall, s.images_this_run / max(time.time() - s.t_loop, 1e-9), extra)
+    if s.env.is_main:
+        _write_summary(result, s.recipe, s.env, s.bad_total)
     return result
 
 
@@ -754,16 +899,7 @@ def _batches(loader: Any) -> Iterator[Batch]:
         raise _one_line(exc) from None
 
 
-def _ctx(recipe: EngineRecipe, env: DistEnv, run_dir: Path, core: nn.Module, dataset: SampleDataset, epoch: int,
-         global_step: int, total_steps: int, steps_per_epoch: int, last_loss: float | None, t_start: float,
-         bad_total: int, state_dict: dict[str, torch.Tensor] | None) -> RunContext:
-    return RunContext(recipe, env, run_dir, core, dataset, epoch, global_step, total_steps, steps_per_epoch,
-                      last_loss, time.time() - t_start, state_dict, global_step * recipe.train.batch_size, bad_total)
-
-
 def _write_summary(result: TrainResult, recipe: EngineRecipe, env: DistEnv, bad_total: int) -> None:
-    import json
-
     summary = {
         "name": recipe.name, "completed": result.completed, "stop_reason": result.stop_reason,
         "epochs": result.epoch, "global_step": result.global_step, "total_steps": result.total_steps,
