@@ -1,10 +1,9 @@
-"""Tests that load OpenVINO run in their own pytest process (`python -m pytest -q -m openvino`, see .ci/run).
+"""Shared test configuration: the ``openvino`` marker on every test that loads OpenVINO in-process.
 
-With OpenVINO's runtime loaded into the long-lived pytest process, the rest of the suite (fork-based DataLoader
-workers, ONNX Runtime, training) left the interpreter's heap corrupted: a reproducible segfault in a later,
-unrelated test (2026-12-02, AMD EPYC; gdb: pymalloc freeing a corrupted list). Each half of the suite passed on
-its own. The root cause is not found yet; until it is, the default run deselects these tests (pyproject addopts)
-and CI runs them in a second process.
+Select them with ``-m openvino`` or leave them out with ``-m 'not openvino'``. They once had to run in their own
+process: OpenVINO left the main thread's alternate signal stack pointing at unmapped memory, and the next signal
+(torch's SIGCHLD handler) crashed the suite or corrupted its heap. :func:`mffzoo.export.openvino.keep_signal_stack`
+fixes that; ``test_signals_survive_compiled_models_destroyed_out_of_order`` guards it.
 """
 
 from __future__ import annotations

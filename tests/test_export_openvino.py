@@ -254,3 +254,25 @@ def test_openvino_profiles(tmp_path: Path) -> None:
     for p in ("fp32", "bf16", "int8"):
         prof = load_profile(REPO / "export" / f"openvino-{p}.yaml")
         assert (prof.format, prof.precision) == ("openvino", p)
+
+
+_SIGNAL_AFTER_RUNNERS = """
+import gc, signal, sys
+from mffzoo.export.openvino import OvRunner
+a, b = OvRunner(sys.argv[1]), OvRunner(sys.argv[1])  # each one's Core is destroyed first, inside OvRunner
+del a; gc.collect()
+del b; gc.collect()  # compiled models destroyed out of creation order
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+signal.raise_signal(signal.SIGUSR1)  # a Python handler runs on this thread's alternate signal stack (SA_ONSTACK)
+print("handled", len(got))
+"""
+
+
+def test_signals_survive_compiled_models_destroyed_out_of_order(fp32) -> None:
+    """OpenVINO leaves the thread's alternate signal stack pointing at unmapped memory after this order of
+    destruction; without :func:`keep_signal_stack` the signal kills the process with SIGSEGV (rc -11): the heap
+    corruption that used to crash the test suite (torch's SIGCHLD handler, after loader workers exit)."""
+    out = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_RUNNERS, str(fp32.artefact)], capture_output=True,
+                         text=True, timeout=180, cwd=REPO)
+    assert out.returncode == 0 and "handled 1" in out.stdout, (out.returncode, out.stderr[-2000:])

@@ -13,9 +13,12 @@ Runtime's int8, see :mod:`mffzoo.export.quantize`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import numpy as np
 from ..errors import ExportError
 
 __all__ = ["require_openvino", "cpu_has_bf16", "ov_supports", "compile_config", "convert_ir", "quantize_ir",
-           "OvRunner", "INSTALL_HINT", "PRECISIONS"]
+           "OvRunner", "keep_signal_stack", "INSTALL_HINT", "PRECISIONS"]
 
 _logger = logging.getLogger("mffzoo")
 INSTALL_HINT = "pip install 'mffzoo[openvino]'"
@@ -40,6 +43,42 @@ def require_openvino(precision: str = "fp32") -> None:
         except ImportError:
             raise ExportError(f"--format openvino{' --precision int8' if name == 'nncf' else ''} needs the "
                               f"'{name}' package, which is not installed; {INSTALL_HINT}") from None
+
+
+class _StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Give the calling thread its own alternate signal stack back after an OpenVINO call that replaces it.
+
+    OpenVINO's CPU plugin installs a fresh alternate signal stack on the compiling thread for every compiled model
+    and, when that model is destroyed, puts back the one it found (if its own is still current) and unmaps its
+    own. Python destroys compiled models in any order, so the thread can be left pointing at an unmapped stack
+    (e.g. a Core, then model A, then model B). Python installs every signal handler with ``SA_ONSTACK``
+    (SIGINT's, torch DataLoader's SIGCHLD), so the next signal then kills the process with SIGSEGV, or the kernel
+    writes the signal frame into memory mapped there since: the heap corruption that once forced OpenVINO's tests
+    into their own process. With the caller's stack restored right after each call, every model saves and
+    restores that one, which lives as long as its owner (faulthandler's lives as long as the process).
+    """
+    if not sys.platform.startswith("linux"):  # seen on Linux; elsewhere leave the platform's handling alone
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _StackT()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        now = _StackT()
+        libc.sigaltstack(None, ctypes.byref(now))
+        if (now.ss_sp, now.ss_size, now.ss_flags) != (saved.ss_sp, saved.ss_size, saved.ss_flags):
+            if saved.ss_flags & 2:  # SS_DISABLE: there was none; the kernel wants ss_sp/ss_size ignored then
+                saved.ss_flags = 2
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def _core() -> Any:
@@ -92,7 +131,8 @@ def convert_ir(onnx_path: str | os.PathLike[str], xml_path: str | os.PathLike[st
     """
     import openvino as ov  # optional heavy dependency
 
-    model = ov.convert_model(str(onnx_path))
+    with keep_signal_stack():
+        model = ov.convert_model(str(onnx_path))
     facts: dict[str, Any] = {"openvino": ov.__version__, "weights_compressed_to_fp16": False}
     if int8:
         model, facts["nncf"] = quantize_ir(model, calibration, reduce_range=reduce_range, subset_size=subset_size)
@@ -114,8 +154,9 @@ def quantize_ir(model: Any, calibration: np.ndarray | None, *, reduce_range: boo
         # reduce_range: 7-bit weights in every layer, so u8 x s8 int16 pair sums cannot saturate (CPUs without VNNI)
         adv = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE if reduce_range else OverflowFix.DISABLE)
         try:
-            q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=min(subset_size, len(items)), advanced_parameters=adv)
+            with keep_signal_stack():  # NNCF compiles the model to collect statistics
+                q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=min(subset_size, len(items)), advanced_parameters=adv)
         except Exception as exc:  # NNCF raises its own exception types per failure
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"NNCF could not quantise the model: {first}") from None
@@ -154,7 +195,8 @@ class OvRunner:
         self.config = compile_config(precision, threads)
         core = _core()
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
+            with keep_signal_stack():
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
         except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line message
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"OpenVINO cannot load '{path}': {first}") from None
