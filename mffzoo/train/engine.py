@@ -8,7 +8,8 @@ is a sequence of phases over one :class:`_RunState`, each a function of its own:
     _run
       _setup            data (fails fast), run directory, model + DDP/FSDP2, optimizer, schedule, scaler
       _resume           newest valid checkpoint -> weights, optimizer, schedule, position, RNG, data stats
-      _start            compile wrapper, loader, metrics writer, progress, stop vote; the header line
+      _start            loader, metrics writer, progress, stop vote; the header line
+        _decide_compile   train.compile (auto on a CPU: _probe_eager_step first) -> the compile wrapper
       _train_epoch      per epoch:
         _micro_step       forward + backward of one micro-batch (gradient sync on the last one only)
         _optimizer_step   step, counters, stop vote; when due: _flush, _save_checkpoint or _stop_now
@@ -26,7 +27,9 @@ An objective plugs in as a :class:`Task` (see :class:`mffzoo.train.pretrain.Pret
         def step(self, model, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
             ...                                              # runs under autocast; loss = mean over the
                                                              # micro-batch; metrics = detached tensors,
-                                                             # averaged over each log window and all ranks
+                                                             # averaged over each log window and all ranks.
+                                                             # train.compile=auto may first time it on a
+                                                             # synthetic batch (a shallow copy of the task)
         # optional hooks
         def on_dataset(self, dataset) -> None: ...           # check the data before a model is built
         def optimizer_kwargs(self, model) -> dict: ...       # extra timm create_optimizer_v2 kwargs
@@ -58,6 +61,7 @@ parent's (``parent``: torchrun), so tests interrupt a run at a known step instea
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -87,6 +91,14 @@ from torch.distributed.fsdp import fully_shard
 from ..config import dump_yaml, to_dict
 from ..errors import CheckpointError, ConfigError, DataError, MffzooError
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
+from .compile import (
+    CompileCache,
+    CompileDecision,
+    CompileRecorder,
+    compile_for_training,
+    decide_compile,
+    time_eager_step,
+)
 from .data import Batch, GlobalBatchSampler, SampleDataset, UnreadableFiles, build_dataset, build_loader, derive_seed
 from .distributed import DistEnv, StopVote, all_gather_object, all_reduce, barrier, destroy, init_distributed
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, reset_peak_memory
@@ -521,6 +533,8 @@ class _RunState:
     stopper: _StopSignal = field(default_factory=_StopSignal)
     vote: StopVote = field(init=False)
     test_signal: _TestSignal | None = None
+    compile: CompileDecision | None = None  # train.compile's outcome; a resumed run keeps its checkpoint's
+    recorder: CompileRecorder = field(init=False)  # times a compiled run's first steps into the compile cache
 
     @property
     def tc(self) -> Any:
@@ -644,6 +658,7 @@ def _resume(s: _RunState) -> None:
     s.unreadable = UnreadableFiles.from_state(state.get("data_stats"))
     s.bad_total = s.unreadable.count
     s.last_loss = (state.get("metrics") or {}).get("loss")
+    s.compile = CompileDecision.from_state(state.get("compile"))
     s.resumed_from = s.ckpt_path = path
     _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", path, s.epoch,
                  s.step_in_epoch, s.steps_per_epoch, s.global_step)
@@ -656,8 +671,9 @@ def _start(s: _RunState) -> None:
     """What the loop needs beyond the model: the compile wrapper, loader, metrics writer, progress, the stop
     machinery; and the header line that says what this run does."""
     tc, env, device = s.tc, s.env, s.device
-    s.train_model = torch.compile(s.model) if tc.compile else s.model
     s.amp = torch.autocast(device.type, dtype=s.amp_dtype) if s.amp_dtype is not None else contextlib.nullcontext()
+    _decide_compile(s)
+    s.train_model = compile_for_training(s.model, s.compile.enabled)
     s.loader = build_loader(s.dataset, s.sampler, s.recipe.data, pin_memory=device.type == "cuda", seed=tc.seed,
                             rank=env.rank)
     s.writer = MetricsWriter(s.run_dir, env.is_main, s.recipe.log.tensorboard,
@@ -666,9 +682,10 @@ def _start(s: _RunState) -> None:
     if env.is_main:
         _logger.info(
             "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d processes x %d accumulation,"
-            " lr %.3g, %s on %s (%s attention) -> %s", s.recipe.name, len(s.dataset), tc.epochs, s.steps_per_epoch,
-            tc.batch_size, tc.batch_per_device, env.world_size, s.accum, s.lr,
-            str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "fp32", device, s.attention, s.run_dir)
+            " lr %.3g, %s on %s (%s attention), compile: %s -> %s", s.recipe.name, len(s.dataset), tc.epochs,
+            s.steps_per_epoch, tc.batch_size, tc.batch_per_device, env.world_size, s.accum, s.lr,
+            str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "fp32", device, s.attention, s.compile,
+            s.run_dir)
         if s.warmup_steps >= s.total_steps:
             _logger.warning("the warm-up (optim.warmup_epochs=%g) covers the whole run (train.epochs=%d): the lr only "
                             "rises and never decays; lower optim.warmup_epochs or raise train.epochs",
@@ -677,6 +694,65 @@ def _start(s: _RunState) -> None:
     s.vote = StopVote(env)
     s.t_window = s.t_loop = time.time()
     reset_peak_memory(device)
+
+
+_KEPT = "kept from the checkpoint: "
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Every global RNG (torch, CUDA, numpy, python) as it was afterwards: transforms and tasks draw from any."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def _decide_compile(s: _RunState) -> None:
+    """``train.compile`` -> ``s.compile`` and the timing recorder. Under ``auto`` a resumed run keeps the
+    decision in its checkpoint (it computes what the interrupted run would have); on a CPU a fresh one measures an
+    eager step first (:mod:`mffzoo.train.compile`). Every rank takes rank 0's decision. The run's RNG streams
+    and gradients are left as they were: a run with the probe is bit-identical to one without."""
+    mode, device = s.tc.compile, s.device
+    remaining = s.total_steps - s.global_step
+    with _rng_kept():
+        sample = s.dataset[(0, 0)][0]  # one sample: the shape of a synthetic batch and of the cache key
+        key = CompileCache.key_for(s.core, tuple(sample.shape), s.tc.batch_per_device, s.amp_dtype, device)
+        eager_micro = None
+        if mode == "auto" and s.compile is not None:
+            reason = s.compile.reason.removeprefix(_KEPT)  # the original reason, however often resumed
+            s.compile = CompileDecision(s.compile.enabled, _KEPT + reason)
+        else:
+            if mode == "auto" and device.type == "cpu" and remaining > 0:
+                eager_micro = _probe_eager_step(s, sample)
+            decision = decide_compile(mode, device.type, remaining_steps=remaining,
+                                      eager_step_s=None if eager_micro is None else eager_micro * s.accum,
+                                      estimate=CompileCache(key).estimate())
+            s.compile = all_gather_object(decision)[0]
+        # Timings are recorded from single-process runs only: under torchrun a step's time includes gradient
+        # communication, which the probe (on the unwrapped module) leaves out.
+        record = s.compile.enabled and remaining > 0 and not s.env.distributed
+        if record and eager_micro is None:
+            eager_micro = _probe_eager_step(s, sample)  # what the compile time is measured against
+    s.recorder = CompileRecorder(CompileCache(key) if record else None, eager_micro, device)
+
+
+def _probe_eager_step(s: _RunState, sample: torch.Tensor) -> float:
+    """Seconds of one eager micro-step (forward + backward) on a synthetic batch of ``sample``'s shape, the
+    slowest rank's; the run's RNG and gradients are left as they were."""
+    n, device = s.tc.batch_per_device, s.device
+    images = torch.randn((n, *sample.shape), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = Batch(images, torch.zeros(n, dtype=torch.long, device=device), torch.arange(n))
+
+    task = copy.copy(s.task)  # a task that counts its steps (attributes it rebinds) does not count the probe
+
+    def step() -> torch.Tensor:
+        with s.amp:
+            return task.step(s.core, batch)[0]
+
+    elapsed = time_eager_step(s.core, step, device)
+    return float(all_reduce(torch.tensor([elapsed], device=device), op="max")[0])
 
 
 # --------------------------------------------------------------------------------------------- one epoch
@@ -708,7 +784,7 @@ def _micro_step(s: _RunState, batch: Batch) -> None:
         sync = contextlib.nullcontext()
         if s.tc.fsdp and s.env.distributed:
             s.core.set_requires_gradient_sync(last_micro)
-    with sync:
+    with sync, s.recorder.step():
         with s.amp:
             loss, metrics = s.task.step(s.train_model, batch)
         s.scaler.scale(loss / s.accum).backward()
@@ -857,7 +933,7 @@ def _save_checkpoint(s: _RunState) -> Path | None:
             "optimizer": optim_sd, "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(),
             "epoch": e, "step_in_epoch": step, "global_step": s.global_step, "steps_per_epoch": s.steps_per_epoch,
             "total_steps": s.total_steps, "world_size": s.env.world_size, "sampler": sampler_state, "rng": rngs,
-            "data_stats": s.unreadable.state(),
+            "data_stats": s.unreadable.state(), "compile": s.compile.state() if s.compile else None,
             "metrics": {"loss": s.last_loss}, "recipe": to_dict(s.recipe),
         }
         s.ckpt_path = s.ckpts.save(state, s.global_step)

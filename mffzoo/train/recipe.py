@@ -101,7 +101,9 @@ class TrainConfig:
     batch_size: int = 4096  # effective (global) batch, kept on any number of devices by gradient accumulation
     batch_per_device: int = 512  # micro-batch per process (official: 8 GPUs x 512); lower it to fit memory
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # bf16 autocast where supported, else fp32 (CPU)/fp16
-    compile: bool = False  # torch.compile the model
+    # torch.compile the model: auto = on CUDA, and on a CPU when the run is long enough to pay the compilation
+    # back (measured eager step vs cached or default compile cost; mffzoo.train.compile); true/false force it.
+    compile: Literal["auto", True, False] = "auto"
     # auto: plain matmul + softmax attention on AMX CPUs under bf16 autocast (torch's CPU flash-attention kernel
     # was several times slower there, docs/benchmarks.md), fused SDPA everywhere else. Speed only: same weights.
     attention: Literal["auto", "sdpa", "math"] = "auto"
@@ -126,6 +128,8 @@ class TrainConfig:
             f"{_largest_divisor(self.batch_size, self.batch_per_device)})",
         )
         require(self.seed >= 0, "train.seed", "must be >= 0")
+        require(isinstance(self.compile, bool) or self.compile == "auto", "train.compile",
+                f"must be auto, true or false, got {self.compile!r}")
         require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads", "must be >= 1 or null")
 
 
