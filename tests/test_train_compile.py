@@ -38,7 +38,7 @@ from mffzoo.train.compile import (
 from mffzoo.train.recipe import load_recipe
 from mffzoo.zoo import load_checkpoint_file
 
-DEFAULT = CompileEstimate.default()
+DEFAULT = CompileEstimate.default("bf16")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,10 @@ def test_explicit_modes_and_cuda_need_no_measurement() -> None:
 
 
 def test_auto_on_cpu_compiles_when_the_saving_beats_the_compile_time() -> None:
-    assert (DEFAULT_CPU_COMPILE_S, DEFAULT_CPU_GAIN) == (90.0, 0.10)
+    assert (DEFAULT_CPU_COMPILE_S, DEFAULT_CPU_GAIN["bf16"]) == (90.0, 0.10)
+    # fp32 on a CPU: compiling measured no gain (0.99x), so without a measurement auto never compiles it
+    assert not decide_compile("auto", "cpu", remaining_steps=10**6, eager_step_s=1.0,
+                              estimate=CompileEstimate.default("fp32")).enabled
     short = decide_compile("auto", "cpu", remaining_steps=40, eager_step_s=0.8, estimate=DEFAULT)
     assert not short.enabled
     assert str(short) == ("off (auto: 40 steps x 0.8 s x 10% = 3.2 s < ~90 s compile on cpu, default estimate)")
@@ -88,12 +91,12 @@ def test_decision_survives_a_checkpoint_and_the_cache_reads_back_measurements(tm
     key = CompileCache.key_for(torch.nn.Linear(4, 2), (3, 32, 32), 4, None, torch.device("cpu"))
     assert key["precision"] == "fp32" and key["device"] == "cpu" and key["torch"] == torch.__version__
     cache = CompileCache(key, root=tmp_path)
-    assert cache.estimate() == DEFAULT  # nothing measured yet
+    assert cache.estimate() == CompileEstimate.default("fp32")  # nothing measured yet
     cache.record(compile_s=30.0, eager_step_s=0.2, compiled_step_s=0.16)
     est = cache.estimate()
     assert est.measured and est.compile_s == 30.0 and est.gain == pytest.approx(0.2)  # 20% of a step saved
-    other = CompileCache.key_for(torch.nn.Linear(4, 3), (3, 32, 32), 4, None, torch.device("cpu"))
-    assert CompileCache(other, root=tmp_path).estimate() == DEFAULT  # another architecture: not this one's data
+    other = CompileCache.key_for(torch.nn.Linear(4, 3), (3, 32, 32), 4, None, torch.device("cpu"))  # another model
+    assert CompileCache(other, root=tmp_path).estimate() == CompileEstimate.default("fp32")
 
 
 # --------------------------------------------------------------------------------------------- the recipe field

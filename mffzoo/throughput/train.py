@@ -41,6 +41,7 @@ from ..archs import ARCHS
 from ..config import load_config
 from ..errors import ConfigError, MffzooError
 from ..table import print_table
+from ..train.compile import compile_for_training
 from ..train.data import Batch
 from ..train.engine import Tf32, build_optimizer, configure_attention, resolve_precision
 from ..train.metrics import proc_status_kib, reset_peak_memory
@@ -49,7 +50,7 @@ from ..train.recipe import PretrainRecipe, find_recipe, load_recipe
 
 __all__ = [
     "SIZES", "DEFAULT_BATCH", "IMPLS", "PEERS", "bench_train", "resolve_recipe", "hf_config", "build_model",
-    "compile_model", "count_params", "measure", "add_ratios", "format_results", "print_results",
+    "count_params", "measure", "add_ratios", "format_results", "print_results",
 ]
 
 # Sizes the benchmark knows, and the per-step batch used for every implementation of that size: on a CPU small
@@ -132,14 +133,9 @@ def impl_recipe(base: Any, impl: str) -> Any:
 
 
 def recipe_compiles(recipe: Any) -> bool:
-    """Whether a run of ``recipe`` compiles: ``train.compile`` true or ``auto`` both count as compiling here."""
+    """Whether a run of ``recipe`` may compile: ``true``, or ``auto`` (whose choice depends on the run's length and
+    this configuration's measurements, :mod:`mffzoo.train.compile`): the bench then shows both rows."""
     return str(recipe.train.compile).lower() in ("true", "auto")
-
-
-def compile_model(model: torch.nn.Module) -> Any:
-    """What the engine does with ``train.compile`` (``torch.compile`` of the module, default settings).
-    MERGE NOTE: replace with the engine's own compile function (mffzoo/train/compile.py) once it is on main."""
-    return torch.compile(model)
 
 
 def hf_config(mc: Any) -> Any:
@@ -251,7 +247,7 @@ def _setup(impl: str, spec: Mapping[str, Any], base: Any = None) -> dict[str, An
         flags = Tf32.for_run(dev, amp_dtype)  # fp32: torch's defaults (no TF32); AMP: what mffzoo's AMP rows get
         attention = f"transformers {model.config._attn_implementation}"
         opt, opt_name, clip = _peer_optimizer(model, recipe, batch), "torch AdamW", None
-    compiled = compile_model(model) if impl in EAGER_TWIN else model
+    compiled = compile_for_training(model, impl in EAGER_TWIN)  # the engine's own compile
     autocast = torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device, enabled=use_scaler)
     size = recipe.model.img_size

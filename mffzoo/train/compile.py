@@ -37,11 +37,13 @@ _logger = logging.getLogger("mffzoo.train")
 __all__ = ["CompileDecision", "CompileEstimate", "CompileCache", "CompileRecorder", "compile_for_training",
            "decide_compile", "time_eager_step", "DEFAULT_CPU_COMPILE_S", "DEFAULT_CPU_GAIN"]
 
-# Conservative defaults for a CPU without measurements of this configuration. Source: issue 13's trial of
-# torch.compile on the pretraining step, ViT-S/16, bf16 on an AMX CPU: ~95 s of compilation, 1.14x faster steps
-# (12% of a step saved); rounded towards not compiling.
+# Defaults for a CPU without measurements of this configuration, by precision (rounded towards not compiling).
+# bf16: issue 13's trial of torch.compile on the pretraining step, ViT-S/16 on an AMX CPU: ~95 s of compilation,
+# 1.14x faster steps (12% of a step saved). fp32: `mffzoo bench train --recipe` on the AVX2 machine (2026-12-02,
+# docs/benchmarks.md): compiled steps at 0.99x of eager for ViT-S/16 and ViT-B/16 after 105-117 s of cold
+# compilation, i.e. no gain, so ``auto`` keeps fp32 CPU runs eager until a measurement here says otherwise.
 DEFAULT_CPU_COMPILE_S = 90.0
-DEFAULT_CPU_GAIN = 0.10
+DEFAULT_CPU_GAIN = {"bf16": 0.10, "fp16": 0.0, "fp32": 0.0}
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,9 @@ class CompileEstimate:
     measured: bool  # from this configuration's earlier runs, not the defaults
 
     @classmethod
-    def default(cls) -> CompileEstimate:
-        return cls(DEFAULT_CPU_COMPILE_S, DEFAULT_CPU_GAIN, measured=False)
+    def default(cls, precision: str) -> CompileEstimate:
+        """The unmeasured estimate for a CPU run at ``precision`` (``bf16``, ``fp16`` or ``fp32``)."""
+        return cls(DEFAULT_CPU_COMPILE_S, DEFAULT_CPU_GAIN.get(precision, 0.0), measured=False)
 
 
 def _secs(x: float) -> str:
@@ -162,7 +165,7 @@ class CompileCache:
             rec = json.loads(self.path.read_text())
             return CompileEstimate(float(rec["compile_s"]), float(rec["gain"]), measured=True)
         except (OSError, ValueError, KeyError, TypeError):
-            return CompileEstimate.default()
+            return CompileEstimate.default(str(self.key.get("precision", "fp32")))
 
     def record(self, compile_s: float, eager_step_s: float, compiled_step_s: float) -> None:
         gain = 1.0 - compiled_step_s / eager_step_s if eager_step_s > 0 else 0.0  # the fraction of a step saved
