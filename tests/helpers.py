@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny configs and an independent functional ViT forward.
+"""Shared test helpers: tiny configs (model, data, pretraining recipe) and an independent functional ViT forward.
 
 ``functional_vit`` recomputes a ViT forward from a raw state dict with plain torch ops, reading keys through a
 naming scheme (timm or mmpretrain). It shares no code with timm or mffzoo, so agreement with a converted timm
@@ -7,11 +7,53 @@ model is real evidence that the conversion is right.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+import yaml
+
+from mffzoo.data import write_demo_dataset
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+
+def write_train_data(root: Path, train_per_class: int = 8) -> Path:
+    """The engine tests' data: the demo generator at 32 px, 4 classes, 2 validation images each."""
+    return write_demo_dataset(root, num_classes=4, train_per_class=train_per_class, val_per_class=2, image_size=32)
+
+
+def merge_sections(base: Mapping[str, Any], *layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``base`` with each layer's sections merged key by key over it (later layers win)."""
+    out = dict(base)
+    for layer in layers:
+        for key, value in layer.items():
+            out[key] = {**out.get(key, {}), **value}
+    return out
+
+
+def tiny_recipe(root: Path, *layers: Mapping[str, Mapping[str, Any]], **sections: dict[str, Any]) -> dict[str, Any]:
+    """img 32 / patch 8 / 64 wide / 4 blocks, three fused levels; fp32 on the CPU (also on a GPU machine) so runs
+    are bit-exact. ``layers`` then ``sections`` override it section by section."""
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "model": dict(arch="mff_vit_small", **TINY, fusion_layers=[0, 1, 3], **TINY_DECODER),
+        "data": dict(root=str(root), num_workers=0),
+        "train": dict(epochs=3, batch_size=8, batch_per_device=4, precision="fp32", cpu_threads=1, device="cpu"),
+        "optim": dict(lr=2e-3, warmup_epochs=0),
+        "checkpoint": dict(every_steps=2, keep_last=20),
+        "log": dict(every_steps=2, vis_every_epochs=1, vis_images=4),
+        "publish": dict(tag="tinytest"),
+    }
+    return merge_sections(recipe, *layers, sections)
+
+
+def write_yaml(recipe: Mapping[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(dict(recipe)))
+    return path
 
 TIMM_NAMES = {
     "patch_w": "patch_embed.proj.weight", "patch_b": "patch_embed.proj.bias",

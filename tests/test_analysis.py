@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_error
+from helpers import TINY, cli_error
 from PIL import Image
 
 from mffzoo.analysis.filters import filter_accuracy, filter_images, filter_mask, plot_filters
@@ -20,27 +20,8 @@ from mffzoo.analysis.freq import (
 )
 from mffzoo.analysis.fusion import fusion_weights, plot_fusion
 from mffzoo.cli.main import main
-from mffzoo.data.demo import write_demo_dataset
 from mffzoo.errors import CheckpointError, DataError
 from mffzoo.zoo import atomic_torch_save, convert_checkpoint, write_model_folder
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("analysis") / "demo", num_classes=4, train_per_class=10,
-                              val_per_class=5, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import timm
-
-    torch.manual_seed(0)
-    m = timm.create_model("mff_vit_small", pretrained=False, num_classes=0, **TINY)
-    return write_model_folder(tmp_path_factory.mktemp("zoo") / "tiny", "mff_vit_small_patch16_224", m,
-                              model_args=TINY)
 
 
 def _assert_png(path: Path, size: tuple[int, int]) -> None:

@@ -23,10 +23,9 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import TINY, TINY_DECODER, cli_error
-from test_train import assert_same_state, final_model_state, tiny_recipe
+from helpers import TINY, TINY_DECODER, cli_error, tiny_recipe
+from test_train import assert_same_state, final_model_state
 
-from mffzoo.data import write_demo_dataset
 from mffzoo.errors import CheckpointError
 from mffzoo.io import json_text, write_json
 from mffzoo.models import create_pretrain_model
@@ -294,12 +293,6 @@ def test_convert_reports_what_it_dropped(training_ckpt: Path, tmp_path: Path,
 
 
 # --------------------------------------------------------------------------------------------- resume, end to end
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=8,
-                              val_per_class=2, image_size=32)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 epochs x 4 steps, a checkpoint every 2 steps, not published to the zoo."""

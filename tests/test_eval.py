@@ -12,35 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_error
+from helpers import TINY, cli_error
 
 from mffzoo.cli.main import main
-from mffzoo.data.demo import write_demo_dataset
 from mffzoo.errors import ConfigError, DataError, WeightsNotFoundError
 from mffzoo.eval.features import compute_features, load_eval_model, pool_tokens, resolve_device
 from mffzoo.eval.knn import knn_accuracy, knn_eval, knn_scores, topk_accuracy
 from mffzoo.eval.linear import LinearHead, LinearProbeConfig, build_head_optimizer, linear_probe
 from mffzoo.eval.results import update_zoo_metrics
 from mffzoo.zoo import write_model_folder
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("eval") / "demo", num_classes=4, train_per_class=10,
-                              val_per_class=5, image_size=32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real model folder (config.json + model.safetensors + mffzoo.json) of a tiny random ViT."""
-    import timm
-
-    torch.manual_seed(0)
-    m = timm.create_model("mff_vit_small", pretrained=False, num_classes=0, **TINY)
-    return write_model_folder(tmp_path_factory.mktemp("zoo") / "mff_vit_small_patch16_224.tiny",
-                              "mff_vit_small_patch16_224", m, model_args=TINY, meta={"note": "test"})
 
 
 # ------------------------------------------------------------------------------------------------ k-NN

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tiny_recipe, write_yaml
 from PIL import Image
 
 from mffzoo.cli.main import main
-from mffzoo.data import write_demo_dataset
 from mffzoo.errors import CheckpointError, DataError
 from mffzoo.train import PretrainTask, TrainingDiverged, train
 from mffzoo.train.checkpoint import CheckpointManager
@@ -30,38 +30,6 @@ from mffzoo.zoo import convert_checkpoint, load_checkpoint_file
 from mffzoo.zoo.home import read_folder_meta, recorded_fusion_layers
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_recipe(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """img 32 / patch 8 / 64 wide / 4 blocks, three fused levels; fp32 on the CPU (also on a GPU machine) so runs
-    are bit-exact."""
-    recipe: dict[str, Any] = {
-        "name": "tiny",
-        "model": dict(arch="mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
-                      fusion_layers=[0, 1, 3], decoder_dim=32, decoder_depth=1, decoder_heads=4),
-        "data": dict(root=str(root), num_workers=0),
-        "train": dict(epochs=3, batch_size=8, batch_per_device=4, precision="fp32", cpu_threads=1, device="cpu"),
-        "optim": dict(lr=2e-3, warmup_epochs=0),
-        "checkpoint": dict(every_steps=2, keep_last=20),
-        "log": dict(every_steps=2, vis_every_epochs=1, vis_images=4),
-        "publish": dict(tag="tinytest"),
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    return recipe
-
-
-def write_yaml(recipe: dict[str, Any], path: Path) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=8,
-                              val_per_class=2, image_size=32)
 
 
 @pytest.fixture(scope="module")

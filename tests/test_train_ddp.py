@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from test_train import _steps, assert_same_state, run_interrupted, tiny_recipe, write_yaml
+from helpers import tiny_recipe, write_yaml
+from test_train import _steps, assert_same_state, run_interrupted
 
-from mffzoo.data import write_demo_dataset
 from mffzoo.train import train
 from mffzoo.train.checkpoint import CheckpointManager
 from mffzoo.zoo import load_checkpoint_file
@@ -28,17 +28,13 @@ OPTIM = {"adamw": {"opt": "adamw"}, "sgd": {"opt": "sgd", "lr": 0.05}}  # timm s
 def _recipe(root: Path, opt: str, **sections: dict[str, Any]) -> dict[str, Any]:
     # batch 8 = 4 per device: one process accumulates 2 micro-batches, two processes take one each. Pinned to
     # the CPU (train.device=cpu in tiny_recipe): on a GPU machine rank 1 would otherwise ask for a second GPU.
-    base: dict[str, dict[str, Any]] = {"train": {"epochs": 2}, "optim": OPTIM[opt], "publish": {"tag": None},
-                                       "log": {"vis_images": 0}}
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return tiny_recipe(root, **base)
+    base = {"train": {"epochs": 2}, "optim": OPTIM[opt], "publish": {"tag": None}, "log": {"vis_images": 0}}
+    return tiny_recipe(root, base, **sections)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("ddp") / "data", num_classes=4, train_per_class=8,
-                              val_per_class=2, image_size=32)
+def root(data_root: Path) -> Path:
+    return data_root
 
 
 @pytest.fixture(scope="module")

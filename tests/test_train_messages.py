@@ -14,41 +14,32 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers import tiny_recipe, write_train_data, write_yaml
 
 from mffzoo.cli.main import main
-from mffzoo.data import write_demo_dataset
 from mffzoo.train import PretrainTask
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+# two blocks, 6 images per class, no checkpoints or figures: only what a run says matters here
+QUIET: dict[str, dict[str, Any]] = {
+    "model": dict(depth=2, fusion_layers=[0, 1]),
+    "train": dict(epochs=2, batch_per_device=8, device="auto"),
+    "optim": dict(lr=1e-3),
+    "checkpoint": dict(every_steps=100, keep_last=3),
+    "log": dict(every_steps=1, vis_every_epochs=0, vis_images=0, progress="epoch", tensorboard=False),
+    "publish": dict(tag=None),
+}
+
+
 def tiny(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    recipe: dict[str, Any] = {
-        "name": "tiny",
-        "model": dict(arch="mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                      fusion_layers=[0, 1], decoder_dim=32, decoder_depth=1, decoder_heads=4),
-        "data": dict(root=str(root), num_workers=0),
-        "train": dict(epochs=2, batch_size=8, batch_per_device=8, precision="fp32", cpu_threads=1),
-        "optim": dict(lr=1e-3, warmup_epochs=0),
-        "checkpoint": dict(every_steps=100),
-        "log": dict(every_steps=1, vis_every_epochs=0, vis_images=0, progress="epoch", tensorboard=False),
-        "publish": dict(tag=None),
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    return recipe
-
-
-def write(recipe: dict[str, Any], path: Path) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return tiny_recipe(root, QUIET, **sections)
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", num_classes=4, train_per_class=6,
-                              val_per_class=2, image_size=32)
+    return write_train_data(tmp_path_factory.mktemp("data") / "tiny", train_per_class=6)
 
 
 def test_sigint_is_named_as_sigint(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -66,7 +57,7 @@ def test_sigint_is_named_as_sigint(data_root: Path, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(PretrainTask, "step", step_then_interrupt)
     monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
     # compile off: under auto the engine's compile probe calls step twice before training (counted above)
-    recipe = write(tiny(data_root, train={"epochs": 20, "compile": False}), tmp_path / "tiny.yaml")
+    recipe = write_yaml(tiny(data_root, train={"epochs": 20, "compile": False}), tmp_path / "tiny.yaml")
     with pytest.raises(SystemExit) as exc:
         main(["train", str(recipe), "--output", str(tmp_path / "run")])
     assert exc.value.code == 128 + signal.SIGINT  # as a shell reports a process ended by SIGINT
@@ -107,7 +98,7 @@ def test_whole_run_warmup_is_named_and_timm_noise_stays_out(data_root: Path, tmp
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """epochs=1, warmup_epochs=1: one warning of ours; timm's "Cosine annealing ... no effect" only with -v."""
     monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
-    recipe = write(tiny(data_root, train={"epochs": 1}, optim={"warmup_epochs": 1}), tmp_path / "tiny.yaml")
+    recipe = write_yaml(tiny(data_root, train={"epochs": 1}, optim={"warmup_epochs": 1}), tmp_path / "tiny.yaml")
     main(["train", str(recipe), "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert "the warm-up (optim.warmup_epochs=1) covers the whole run (train.epochs=1)" in err, err
@@ -152,7 +143,7 @@ def test_unreadable_files_are_counted_once_over_two_ranks(data_root: Path, tmp_p
     files = sorted((root / "train").rglob("*.png"))
     for v in (files[2], files[3], files[17]):
         v.write_bytes(b"not an image at all")
-    recipe = write(tiny(root, train={"epochs": 3, "batch_per_device": 4}, data={"max_bad_fraction": 0.2}),
+    recipe = write_yaml(tiny(root, train={"epochs": 3, "batch_per_device": 4}, data={"max_bad_fraction": 0.2}),
                    tmp_path / "tiny.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MFFZOO_HOME": str(tmp_path / "zoo")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
