@@ -86,3 +86,29 @@ def test_save_figure_writes_whole_file_and_closes(tmp_path: Path) -> None:
 def test_print_table_aligns(capsys: pytest.CaptureFixture[str]) -> None:
     print_table([["a", 1], ["long", 22]], ["name", "n"])
     assert capsys.readouterr().out.splitlines() == ["name  n", "----  --", "a     1", "long  22"]
+
+
+def test_no_import_cycle_between_package_modules() -> None:
+    """The layers contract forbids upward imports between layers; this also catches a circle inside one layer
+    (the models <-> zoo circle that hid behind imports inside functions, or a module importing the package root)."""
+    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (the [test] extra)")
+    graph = grimp.build_graph("mffzoo")
+    imports = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        path.append(module)
+        for dep in sorted(imports[module]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(imports):
+        if module not in state:
+            visit(module, [])
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)

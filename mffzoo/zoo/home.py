@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from .. import __version__
 from ..io import atomic_write, cache_root, canonical_safetensors, read_json_object, umask_mode, write_json
+from ..version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
