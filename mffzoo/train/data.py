@@ -9,12 +9,11 @@ Unreadable images are skipped (replaced by the next readable image, so batch sha
 per file however often a run meets them (:class:`UnreadableFiles`), and reported with their paths and whole error;
 the engine stops when more than ``data.max_bad_fraction`` of the dataset fails.
 
-torchvision, timm's ``create_dataset`` and the demo data are imported where they are used, not at module level:
-moved up, ``tests/test_train_ddp.py``'s SIGTERM-to-torchrun test hung (2026-12-02; the cause is not found yet).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import random
@@ -28,8 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 
+from ..data.demo import default_demo_root, write_demo_dataset
 from ..errors import DataError
 from .recipe import DEMO_ROOT, DataConfig
 
@@ -68,7 +72,6 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 # --------------------------------------------------------------------------------------------- transforms
 def _interp(name: str):
-    from torchvision.transforms import InterpolationMode  # at first use: see the module docstring
 
     return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
 
@@ -85,7 +88,6 @@ def pretrain_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image]
 
 def plain_pretrain_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """The torchvision pipeline on a fully decoded PIL image (``data.fast_decode: false``; the reference)."""
-    from torchvision import transforms as T  # at first use: see the module docstring
 
     if cfg.augment == "mae":
         geometric = [T.RandomResizedCrop(img_size, scale=tuple(cfg.crop_scale),
@@ -105,7 +107,6 @@ def plain_pretrain_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.
 
 def preview_transform(cfg: DataConfig, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Deterministic resize + centre crop (for the fixed visualisation images)."""
-    from torchvision import transforms as T  # at first use: see the module docstring
 
     return T.Compose([
         T.Resize(img_size, interpolation=_interp(cfg.interpolation or "bicubic")),
@@ -154,7 +155,6 @@ class FastPretrainTransform:
     """
 
     def __init__(self, cfg: DataConfig, img_size: int) -> None:
-        from torchvision.io import ImageReadMode, decode_jpeg  # at first use: see the module docstring
 
         self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.size = int(img_size)
@@ -272,7 +272,6 @@ _PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampli
 def resolve_root(cfg: DataConfig) -> Path:
     """The dataset location; ``demo`` generates the built-in dataset on first use."""
     if cfg.root == DEMO_ROOT:
-        from ..data.demo import default_demo_root, write_demo_dataset  # at first use: see the module docstring
 
         d = cfg.demo
         try:
@@ -435,9 +434,7 @@ class SampleDataset(Dataset):
 def build_dataset(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor] | FastPretrainTransform | None,
                   ) -> SampleDataset:
     """Open the recipe's dataset through timm's ``create_dataset`` (folder, tar, Hugging Face datasets)."""
-    import importlib.util  # at first use: see the module docstring
 
-    from timm.data import create_dataset  # at first use: see the module docstring
 
     if cfg.dataset.lower().startswith("hfds/") and importlib.util.find_spec("datasets") is None:
         raise DataError(f"data.dataset '{cfg.dataset}' needs Hugging Face datasets; pip install datasets")
