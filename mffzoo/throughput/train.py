@@ -389,9 +389,7 @@ def measure_memory(spec: Mapping[str, Any]) -> tuple[float | None, str]:
 
 def _worker() -> None:
     """Subprocess entry: spec JSON on stdin, one marked result line on stdout."""
-    spec = json.loads(sys.stdin.read())
-    import mffzoo  # noqa: F401  (registers the timm models)
-
+    spec = json.loads(sys.stdin.read())  # this module's import already imported mffzoo: the models are registered
     result = measure_memory(spec) if spec.get("mode") == "memory" else measure(spec)
     print(_RESULT_MARK + json.dumps(result), flush=True)
 
