@@ -135,7 +135,7 @@ def impl_recipe(base: Any, impl: str) -> Any:
 def recipe_compiles(recipe: Any) -> bool:
     """Whether a run of ``recipe`` may compile: ``true``, or ``auto`` (whose choice depends on the run's length and
     this configuration's measurements, :mod:`mffzoo.train.compile`): the bench then shows both rows."""
-    return str(recipe.train.compile).lower() in ("true", "auto")
+    return recipe.train.compile is not False
 
 
 def hf_config(mc: Any) -> Any:

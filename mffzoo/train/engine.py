@@ -94,6 +94,7 @@ from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, resto
 from .compile import (
     CompileCache,
     CompileDecision,
+    CompileEstimate,
     CompileRecorder,
     compile_for_training,
     decide_compile,
@@ -716,6 +717,11 @@ def _decide_compile(s: _RunState) -> None:
     and gradients are left as they were: a run with the probe is bit-identical to one without."""
     mode, device = s.tc.compile, s.device
     remaining = s.total_steps - s.global_step
+    if mode is False:  # nothing to measure or record: no sample to read
+        s.compile = decide_compile(False, device.type, remaining_steps=remaining, eager_step_s=None,
+                                   estimate=CompileEstimate.default("fp32"))
+        s.recorder = CompileRecorder(None, None, device)
+        return
     with _rng_kept():
         sample = s.dataset[(0, 0)][0]  # one sample: the shape of a synthetic batch and of the cache key
         key = CompileCache.key_for(s.core, tuple(sample.shape), s.tc.batch_per_device, s.amp_dtype, device)
