@@ -2,10 +2,10 @@
 
 ``import mffzoo`` registers ``mff_vit_{small,base,large}[_patch16_224]`` with timm (timm has no plugin
 discovery, so the import is what makes ``timm.create_model("mff_vit_small")`` work). The import itself stays
-light (no torch): the architectures (:mod:`mffzoo.zoo.registry`, from the tables in :mod:`mffzoo.archs`) are
-registered the moment timm is imported (at once if it already is), and
-the torch-backed API below loads on first use. That keeps ``mffzoo --help`` instant, since the CLI lives in this
-package and Python imports this file before any of it.
+light (no torch): the architectures (:mod:`mffzoo.zoo.mff_vision_transformer`, from the tables in
+:mod:`mffzoo.archs`) are registered the moment timm is imported (at once if it already is), and the torch-backed
+API below loads on first use. That keeps ``mffzoo --help`` instant, since the CLI lives in this package and Python
+imports this file before any of it.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _register_models() -> None:
-    # mffzoo.zoo imports its registry module; an import of it already under way (it may be what imported timm)
-    # registers the models itself, and importing it again here would meet its half-initialised modules.
+    # mffzoo.zoo imports its entrypoints module (mff_vision_transformer); an import of it already under way (it may
+    # be what imported timm) registers the models itself, and importing it again here would meet its
+    # half-initialised modules.
     if "mffzoo.zoo" not in sys.modules:
         importlib.import_module("mffzoo.zoo")
 

@@ -1,8 +1,8 @@
 """The model catalog as data: architectures, pretrained tags, pretraining defaults, and their resolvers.
 
-Standard library only, so everything (the recipe validator, the CLI, the timm registry in
-:mod:`mffzoo.zoo.registry`, the pretraining model) reads one table without importing torch or timm. Local tags
-name no path here: their weights are found in the zoo home (``MFFZOO_HOME``) when a model is created, so
+Standard library only, so everything (the recipe validator, the CLI, the timm entrypoints in
+:mod:`mffzoo.zoo.mff_vision_transformer`, the pretraining model) reads one table without importing torch or timm.
+Local tags name no path here: their weights are found in the zoo home (``MFFZOO_HOME``) when a model is created, so
 changing ``MFFZOO_HOME`` after import works.
 
 Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu et al., ICCV 2023
@@ -12,13 +12,14 @@ Paper: "Improving Pixel-based MIM by Reducing Wasted Modeling Capability", Liu e
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["ARCHS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS", "LOCAL_FILE",
-           "canonical_arch", "is_local_cfg", "pretrain_heads", "published_tag", "registered_schedule"]
+__all__ = ["ARCHS", "ARCH_LABELS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS", "LOCAL_FILE",
+           "canonical_arch", "describe_arch", "is_local_cfg", "pretrain_heads", "published_tag",
+           "registered_schedule"]
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD (copied: this module imports neither torch nor timm)
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +32,12 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mff_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "mff_vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "mff_vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+}
+# What each registered architecture is called, as registered (224 px); :func:`describe_arch` names any other size.
+ARCH_LABELS = {
+    "mff_vit_small_patch16_224": "ViT-S/16",
+    "mff_vit_base_patch16_224": "ViT-B/16",
+    "mff_vit_large_patch16_224": "ViT-L/16",
 }
 ALIASES = {
     "mff_vit_small": "mff_vit_small_patch16_224",
@@ -183,6 +190,25 @@ def canonical_arch(name: str) -> str:
     """Long registered name for an alias or long name (tag stripped)."""
     base = name.split(".", 1)[0]
     return ALIASES.get(base, base)
+
+
+def describe_arch(arch: str, model_args: Mapping[str, Any] | None = None) -> str:
+    """What a backbone really is, from its model args: ``ViT-S/16`` for a registered size as registered, else its
+    own numbers, e.g. ``ViT (dim 192, depth 6, 3 heads, patch 8, 64 px; shrunk from ViT-S/16)``. The arch name
+    (``mff_vit_small_patch16_224``) only names the entrypoint that built it, whatever the args made of it."""
+    base = canonical_arch(arch)
+    if base not in ARCHS:
+        return arch
+    std, label = ARCHS[base], ARCH_LABELS[base]
+    args = {**std, "img_size": 224, **{k: v for k, v in (model_args or {}).items() if v is not None}}
+    size = args["img_size"]
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+    px = f"{h} px" if h == w else f"{h}x{w} px"
+    if all(args[k] == v for k, v in std.items()):
+        return label if (h, w) == (224, 224) else f"{label} at {px}"
+    smaller = all(args[k] <= std[k] for k in ("embed_dim", "depth")) and max(h, w) <= 224
+    return (f"ViT (dim {args['embed_dim']}, depth {args['depth']}, {args['num_heads']} heads, patch "
+            f"{args['patch_size']}, {px}; {'shrunk' if smaller else 'resized'} from {label})")
 
 
 def pretrain_heads(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mffzoo.cli.main import main
+from mffzoo.cpu import cpu_features
 from mffzoo.export import ExportProfile
 from mffzoo.throughput.infer import (
     BACKENDS,
@@ -55,7 +56,11 @@ def test_bench_infer_table_and_json(tiny: Path, tmp_path: Path, capsys) -> None:
 
 def test_bench_infer_list_and_errors(tiny: Path, capsys) -> None:
     main(["bench", "infer", "--list"])  # listing needs no MODEL
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    *table, blank, cpu_line = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in table[2:]}
+    # the CPU is named for what it has (issue: "AMX on this CPU" was printed on CPUs without AMX)
+    assert blank == "" and cpu_line == f"this CPU: {cpu_features().model} ({cpu_features().describe()})"
+    assert "AMX on this CPU" not in rows["eager-bf16"]
     assert set(rows) == set(BACKENDS)
     assert all("  yes  " in rows[n] for n in ("eager", "ort-fp32", "ort-int8"))
     if not torch.cuda.is_available():  # the GPU backends say no, and why

@@ -106,9 +106,11 @@ def test_reproduce_quick_through_the_cli(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mffzoo", "reproduce", "--quick", "--seeds", "1", "-o", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "MAE" in proc.stdout and "MFF" in proc.stdout and "k-NN top-1 (cls)" in proc.stdout
+    assert "MAE" in proc.stdout and "MFF" in proc.stdout and "k-NN top-1 (cls token)" in proc.stdout
+    assert proc.stdout.count("smoke run (--quick: tiny data, 1 epoch), not a result") == 2  # above + below the table
     res = json.loads((out / "reproduction.json").read_text())
-    assert res["quick"] is True and res["seeds"] == 1
+    assert res["quick"] is True and res["seeds"] == 1 and res["note"].startswith("smoke run")
+    assert (out / "table.md").read_text().startswith("**Smoke run (--quick")
     assert sorted(r["method"] for r in res["runs"]) == ["mae", "mff"] and set(res["aggregate"]) >= {"mae", "mff"}
     assert (out / "table.md").is_file() and (out / "freq.png").stat().st_size > 0
     for stage in ("writing the demo dataset", "[mae seed 0] pretraining", "[mff seed 0] kNN", "reproduce: done"):

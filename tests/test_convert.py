@@ -12,8 +12,10 @@ import torch
 from helpers import MM_NAMES, TIMM_NAMES, TINY, TINY_DECODER, functional_vit, random_state_dict, timm_to_mm
 
 import mffzoo  # noqa: F401
+from mffzoo.cli.main import main
 from mffzoo.errors import CheckpointError
 from mffzoo.models import create_pretrain_model
+from mffzoo.train.publish import build_hub_folder
 from mffzoo.zoo import convert_checkpoint, convert_state_dict, load_checkpoint_file
 
 
@@ -176,6 +178,33 @@ def test_convert_file_to_folder_and_load_via_timm(tmp_path, imgs):
     assert meta["source_format"] == "mmpretrain" and meta["fusion_levels"] == 3
 
 
+def test_converted_folders_are_labelled_by_what_the_source_is(tmp_path, capsys):
+    """A plain timm state dict carries no sign of how it was pretrained: its folder says "unknown" (not MFF, not
+    the MFF paper in config.json, not an MFF model card), while an mmpretrain file with fusion weights is MFF."""
+    timm_src = tmp_path / "plain_timm.pth"
+    torch.save(random_state_dict(tiny_backbone(), 3), timm_src)
+    mm_src = tmp_path / "official.pth"
+    torch.save(mm_pretrain_checkpoint()[0], mm_src)
+    label = "ViT (dim 64, depth 4, 4 heads, patch 8, 32 px; shrunk from ViT-S/16)"
+    main(["convert", str(timm_src), str(tmp_path / "timm"), "--num-heads", "4"])
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'timm'}: {label}, from a timm state dict, pretraining method unknown (load " in printed
+    for name, src, method, kind in (
+            ("timm", timm_src, "unknown", "timm state dict, pretraining method unknown"),
+            ("mm", mm_src, "mff", "mmpretrain MFF checkpoint (3 fused levels)")):
+        out = tmp_path / name
+        if not out.exists():
+            convert_checkpoint(src, out, num_heads=4)
+        meta = json.loads((out / "mffzoo.json").read_text())
+        assert (meta["method"], meta["source_kind"], meta["model"]) == (method, kind, label)
+        cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+        assert ("paper_ids" in cfg) is (method == "mff")
+        card = (build_hub_folder(out, tmp_path / f"hub-{name}", "me/x") / "README.md").read_text()
+        assert (f"| method | {kind} |" in card) is (method == "unknown")
+        assert ("MFF (multi-level feature fusion)" in card) is (method == "mff")
+        assert ("\n- mff\n" in card) is (method == "mff") and ("@inproceedings{liu2023mff" in card) is (method == "mff")
+
+
 @pytest.mark.parametrize("fmt", ["mmpretrain", "mae", "mffzoo", "safetensors"])
 def test_pretrained_cfg_overlay_file_every_format(tmp_path, fmt, imgs):
     """timm's own `pretrained_cfg_overlay=dict(file=...)` route, through our pretrained_filter_fn."""
@@ -231,10 +260,63 @@ def test_corrupt_and_truncated_checkpoints(tmp_path):
     torch.save(ckpt, path)
     data = path.read_bytes()
     (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="is truncated"):
         load_checkpoint_file(tmp_path / "trunc.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint_file(tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint_file(tmp_path / "missing.pth")
+
+
+def test_convert_never_replaces_a_model_folder_silently_nor_the_users_files(tmp_path, capsys):
+    """Defect: `mffzoo convert SRC DEST` replaced an existing folder whole: weights, recorded evaluations, the
+    user's own files. Now: refused without --overwrite (as `mffzoo export` refuses); with it only the model's
+    files change, evaluations stay while the weights are the same bytes; a file at DEST is never replaced."""
+    from helpers import cli_error
+
+    from mffzoo.cli.main import main
+    from mffzoo.eval.results import update_zoo_metrics
+
+    ckpts = {}
+    for seed in (1, 2):
+        src = tiny_backbone()
+        src.load_state_dict(random_state_dict(src, seed))
+        ckpts[seed] = tmp_path / f"ck{seed}.pth"
+        torch.save({"model": src.state_dict(), "model_args": TINY}, ckpts[seed])
+    dest = tmp_path / "zoo" / "mff_vit_small_patch16_224.mine"
+    main(["convert", str(ckpts[1]), str(dest)])
+    update_zoo_metrics(dest, {"task": "knn", "data": "/x/demo", "results": {"cls": {"top1": 50.0}}})
+    (dest / "NOTES.md").write_text("mine\n")
+    (dest / "exports").mkdir()
+    (dest / "exports" / "m.onnx").write_bytes(b"an export of mine")
+    capsys.readouterr()
+
+    def state() -> dict[str, bytes]:
+        return {str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+
+    before = state()
+    msg = cli_error(["convert", str(ckpts[2]), str(dest)], capsys)
+    assert f"'{dest / 'model.safetensors'}' already exists; pass --overwrite to replace the model in" in msg
+    assert state() == before
+
+    main(["convert", str(ckpts[1]), str(dest), "--overwrite"])  # the same weights: their evaluation stays
+    assert json.loads((dest / "mffzoo.json").read_text())["eval"]["knn:demo"]["results"]["cls"]["top1"] == 50.0
+    assert {k: v for k, v in state().items() if k != "mffzoo.json"} == {
+        k: v for k, v in before.items() if k != "mffzoo.json"}
+    capsys.readouterr()
+
+    main(["convert", str(ckpts[2]), str(dest), "--overwrite"])  # other weights: the evaluation goes, said so
+    assert "new weights, so the evaluations recorded for the previous ones are dropped (knn:demo)" in (
+        capsys.readouterr().err)
+    assert "eval" not in json.loads((dest / "mffzoo.json").read_text())
+    after = state()
+    assert after["NOTES.md"] == b"mine\n" and after["exports/m.onnx"] == b"an export of mine"
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no temp or old folder left
+
+    taken = tmp_path / "model.txt"  # DEST a file (or inside one): refused, also with --overwrite
+    taken.write_text("not a folder\n")
+    for argv in ([str(taken)], [str(taken), "--overwrite"], [str(taken / "sub")]):
+        assert "is a file, not a folder; choose another DEST" in cli_error(["convert", str(ckpts[1]), *argv], capsys)
+    assert taken.read_text() == "not a folder\n"

@@ -156,6 +156,37 @@ class _Evil:
         return (print, ("code ran",))
 
 
+@pytest.mark.parametrize("where", ["middle", "last bytes"])
+def test_truncated_pth_is_one_complete_sentence(training_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                where: str) -> None:
+    """A cut .pth names the file, says it is truncated and what to do, in our words: torch's miniz paragraph cut
+    at 160 characters ended the line mid-word ("... If you are seeing this error, t)")."""
+    data = training_ckpt.read_bytes()
+    path = tmp_path / "cut.pth"
+    path.write_bytes(data[: len(data) // 2] if where == "middle" else data[:-3])
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint_file(path)
+    msg = str(exc.value)
+    assert msg == (f"checkpoint '{path}' is truncated: its zip archive ({path.stat().st_size} bytes) ends without "
+                   "the central directory that closes every complete one; re-download it or use an earlier copy")
+    line = cli_error(["convert", str(path), str(tmp_path / "out")], capsys)
+    assert line == f"error: {msg}"
+    for cut in ("miniz", "PytorchStreamReader", "RuntimeError"):
+        assert cut not in line
+
+
+def test_truncated_safetensors_says_how_much_is_missing(tmp_path: Path) -> None:
+    m = timm.create_model("mff_vit_small", pretrained=False, num_classes=0, **TINY)
+    folder = write_model_folder(tmp_path / "m", "mff_vit_small_patch16_224", m, model_args=TINY)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint_file(folder)
+    assert str(exc.value) == (f"checkpoint '{folder / 'model.safetensors'}' is truncated: its header lists "
+                              f"{len(data)} bytes of tensors and header, the file has {len(data) - 100}; "
+                              "re-download or re-export it")
+
+
 def test_code_pickle_is_refused_with_our_line_only(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:  # a plain pickle (protocol 3): torch warned about the protocol, then refused

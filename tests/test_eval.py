@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,30 @@ def test_cli_knn_prints_a_table_and_writes_json(demo: Path, tiny: Path, tmp_path
     assert got["results"] != knn_eval(tiny, demo, cache=False)["results"]  # k / T reached the vote
 
 
+def test_knn_names_its_read_outs_in_the_json_the_table_the_log_and_the_zoo(
+        demo: Path, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """cls token or avg-pooled patch tokens: the numbers differ by several points and the papers report one of
+    them per protocol, so every place a k-NN number appears says which it is."""
+    monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
+    entry = tmp_path / "zoo" / "mff_vit_small_patch16_224.readouts"
+    shutil.copytree(tiny, entry)
+    out = tmp_path / "knn.json"
+    main(["eval", "knn", entry.name, "--data", str(demo), "--no-cache", "--device", "cpu", "-o", str(out),
+          "--update-zoo"])
+    text, err = capsys.readouterr()
+    res = json.loads(out.read_text())
+    readouts = {p: r["readout"] for p, r in res["results"].items()}
+    assert readouts == {"cls": "cls token", "avg": "avg-pooled patch tokens"}
+    rows = [ln for ln in text.splitlines() if ln.startswith(entry.name)]
+    assert [("cls token" in r, "avg-pooled patch tokens" in r) for r in rows] == [(True, False), (False, True)]
+    assert "read-outs: cls token, avg-pooled patch tokens" in err
+    main(["zoo"])
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(entry.name))
+    cls, avg = res["results"]["cls"]["top1"], res["results"]["avg"]["top1"]
+    assert f"knn:{demo.name} top-1 {cls:.1f} (cls token) / {avg:.1f} (avg-pooled patch tokens)" in row, row
+
+
 def test_eval_data_errors_are_data_errors(tmp_path: Path) -> None:
     from mffzoo.eval.data import check_image_folder
 
@@ -245,6 +270,44 @@ def test_finetune_runs_two_steps_through_the_engine_and_resumes_exactly(demo: Pa
     assert resumed.keys() == final.keys()
     for k in final:  # mixup, RandAugment and erasing are seeded per sample: the resumed run is identical
         torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=0, msg=k)
+
+
+def test_shortened_finetune_is_marked_in_the_zoo_entry_and_listing(demo: Path, tiny: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect: `--set train.epochs=1` below the recipe's 5 stored its top-1 in the zoo card like a full result."""
+    from mffzoo.zoo.catalog import schedule_mark
+
+    monkeypatch.setenv("MFFZOO_HOME", str(tmp_path / "zoo"))
+    entry = tmp_path / "zoo" / "mff_vit_small_patch16_224.ftsrc"
+    shutil.copytree(tiny, entry)
+    sets = [f"model.pretrained={entry.name}", f"data.root={demo}", "data.num_workers=0", "train.epochs=1",
+            "train.batch_size=20", "train.batch_per_device=10", "train.precision=fp32", "train.cpu_threads=null",
+            "train.device=cpu", "optim.warmup_epochs=0", "evaluation.batch_size=32", "log.progress=off",
+            "log.tensorboard=false"]
+    argv = ["eval", "finetune", str(RECIPES / "finetune_demo.yaml"), *[a for s in sets for a in ("--set", s)],
+            "-o", str(tmp_path / "ft"), "--update-zoo"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "finetune (shortened: 1 of 5 epochs)" in out  # the result table
+    schedule = {"recipe_epochs": 5, "epochs": 1, "shortened": True}  # finetune_demo.yaml trains 5 epochs
+    recorded = json.loads((entry / "mffzoo.json").read_text())["eval"][f"finetune:{demo.name}"]
+    assert recorded["schedule"] == schedule
+    assert json.loads((tmp_path / "ft" / "model" / "mffzoo.json").read_text())["eval"][f"finetune:{demo.name}"][
+        "schedule"] == schedule
+    main(["zoo"])
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(entry.name))
+    assert re.search(rf"finetune:{demo.name} top-1 \d+\.\d \(shortened: 1 of 5 epochs\)", row), row
+    assert schedule_mark({"recipe_epochs": 5, "epochs": 5, "shortened": False}) == ""  # a full schedule: no mark
+
+    # the same command again: already finished, nothing trained; the result and its mark are reported again
+    model_meta = (tmp_path / "ft" / "model" / "mffzoo.json").read_bytes()
+    main(argv)
+    out, err = capsys.readouterr()
+    assert "is already finished (1 epoch, 2 steps" in err and "nothing to do" in err, err
+    assert "finetune (shortened: 1 of 5 epochs)" in out
+    assert (tmp_path / "ft" / "model" / "mffzoo.json").read_bytes() == model_meta
+    assert json.loads((entry / "mffzoo.json").read_text())["eval"][f"finetune:{demo.name}"]["schedule"] == schedule
 
 
 # ------------------------------------------------------------------------------------ k-NN vote, pinned

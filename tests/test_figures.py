@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import TINY, TINY_DECODER, tiny_recipe
 from matplotlib.figure import Figure
 
 from mffzoo.analysis.filters import plot_filters
 from mffzoo.analysis.freq import plot_frequency
 from mffzoo.analysis.fusion import plot_fusion
+from mffzoo.models import create_pretrain_model
+from mffzoo.train import train
 from mffzoo.train.visualize import save_fusion_plot, save_reconstruction_grid
 
 
@@ -59,6 +62,30 @@ def test_reconstruction_rows_say_what_they_show(tmp_path: Path, saved: list[Figu
     assert "masked patches" in rows[2] and "visible ones" in rows[2] and "unsupervised" in rows[2]
     assert rows[3].replace("\n", " ") == "visible + prediction"
     assert "75% of the patches hidden" in _texts(saved[0]) and "unconstrained" in _texts(saved[0])
+
+
+def test_norm_pix_reconstructions_say_the_colours_are_the_true_patches(tmp_path: Path, saved: list[Figure],
+                                                                       data_root: Path) -> None:
+    """A norm-pix model predicts normalised pixels; the picture borrows each true patch's mean/std, and says so
+    (only then: a raw-pixel target's prediction is shown as predicted)."""
+    note = "prediction shown with each patch's true mean/std (norm_pix target"
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for norm_pix in (True, False):
+        torch.manual_seed(0)
+        model = create_pretrain_model("mff_vit_small", fusion_layers=[0, 3], norm_pix_loss=norm_pix, **TINY,
+                                      **TINY_DECODER).eval()
+        with torch.no_grad():
+            out = model.reconstruct(imgs)
+        save_reconstruction_grid(out, tmp_path / f"r{norm_pix}.png", (0.5,) * 3, (0.25,) * 3,
+                                 norm_pix=model.norm_pix_loss)
+        assert (note in _texts(saved[-1])) is norm_pix
+    # and the training run's own PNG, from its recipe's model.norm_pix_loss (true by default)
+    saved.clear()
+    train(tiny_recipe(data_root, train={"epochs": 1}, publish={"tag": None}, log={"vis_every_epochs": 0}),
+          output_dir=tmp_path / "run")
+    recon = [f for f in saved if "masked input" in _texts(f)]
+    assert len(recon) == 1 and note in _texts(recon[0])
+    assert "after epoch 1 of 1, step 4, loss " in _texts(recon[0]) and "(epoch mean)" in _texts(recon[0])
 
 
 def test_fusion_weights_are_plotted_as_deviation_with_values(tmp_path: Path, saved: list[Figure]) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from mffzoo.cli.main import main
 from mffzoo.errors import ConfigError
-from mffzoo.train.engine import accumulation_steps
+from mffzoo.train.engine import accumulation_steps, fit_batch_per_device
 from mffzoo.train.recipe import PretrainRecipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -109,6 +109,13 @@ def test_batch_must_divide_over_devices() -> None:
     with pytest.raises(ConfigError, match="x 16 processes") as info:
         accumulation_steps(4096, 512, 16)
     assert "--set train.batch_per_device=256" in str(info.value)
+
+
+def test_batch_per_device_is_fitted_to_each_process_share_of_the_batch() -> None:
+    """A recipe written for one process (the demo: 64 of 64) runs unchanged on 2 or 4 (torchrun)."""
+    assert [fit_batch_per_device(64, 64, n) for n in (1, 2, 4)] == [64, 32, 16]
+    assert fit_batch_per_device(4096, 512, 8) == 512 and fit_batch_per_device(4096, 512, 16) == 256
+    assert fit_batch_per_device(64, 64, 3) == 64  # no even share: accumulation_steps then says what to do
 
 
 def test_missing_imagenet_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

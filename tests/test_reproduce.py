@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mffzoo.analysis.reproduce import TINY_MODEL, aggregate, markdown_table, pretrain_recipe, summary_rows
+from mffzoo.analysis.reproduce import QUICK_NOTE, TINY_MODEL, aggregate, markdown_table, pretrain_recipe, summary_rows
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,10 +66,17 @@ def test_aggregation_mean_std_rows_and_markdown() -> None:
     rows, header = summary_rows(res)
     assert header == ["metric (mean ± std over seeds)", "MAE", "MFF"]
     by_name = {r[0]: r[1:] for r in rows}
-    assert by_name["k-NN top-1 (cls)"] == ["33.00 ± 3.00", "42.00 ± 2.00"]
-    assert by_name["final train loss"] == ["n/a", "0.7000 ± 0.1000"]
+    assert by_name["k-NN top-1 (cls token)"] == ["33.00 ± 3.00", "42.00 ± 2.00"]
+    assert by_name["k-NN top-1 (avg-pooled patch tokens)"] == ["34.00 ± 3.00", "43.00 ± 2.00"]
+    assert by_name["final train loss (last-epoch mean)"] == ["n/a", "0.7000 ± 0.1000"]
     assert by_name["Δ log-amp @ high freq, last block"][0] == "-3.000 ± 1.000"
     md = markdown_table(res).splitlines()
     assert md[0] == "| metric (mean ± std over seeds) | MAE | MFF |" and md[1] == "|---|---|---|"
-    assert "| k-NN top-1 (cls) | 33.00 ± 3.00 | 42.00 ± 2.00 |" in md
+    assert "| k-NN top-1 (cls token) | 33.00 ± 3.00 | 42.00 ± 2.00 |" in md
     assert md[-1] == "MFF softmax fusion weights (mean over seeds): block 0: 0.350, block 1: 0.650"
+    assert not any("smoke run" in line.lower() for line in md)
+
+    quick = markdown_table({**res, "quick": True}).splitlines()  # a --quick table says what it is, first
+    assert quick[0] == ("**Smoke run (--quick: tiny data, 1 epoch), not a result: it checks that the pipeline runs; "
+                        "its numbers say nothing about MAE vs MFF.**")
+    assert quick[2:] == md and QUICK_NOTE.startswith("smoke run")

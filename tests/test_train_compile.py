@@ -99,6 +99,17 @@ def test_decision_survives_a_checkpoint_and_the_cache_reads_back_measurements(tm
     assert CompileCache(other, root=tmp_path).estimate() == CompileEstimate.default("fp32")
 
 
+def test_a_bf16_run_is_keyed_bf16_and_gets_the_bf16_default(tmp_path: Path) -> None:
+    """Defect: the cache key spelled the precision ``bfloat16`` and the defaults ``bf16``, so an unmeasured bf16
+    CPU run expected a 0% gain and ``auto`` never compiled it. One spelling, as recipes write it."""
+    key = CompileCache.key_for(torch.nn.Linear(4, 2), (3, 32, 32), 4, torch.bfloat16, torch.device("cpu"))
+    assert key["precision"] == "bf16"
+    est = CompileCache(key, root=tmp_path).estimate()
+    assert est == CompileEstimate.default("bf16") and est.gain == DEFAULT_CPU_GAIN["bf16"] > 0
+    on = decide_compile("auto", "cpu", remaining_steps=100_000, eager_step_s=0.5, estimate=est)
+    assert on.enabled, on.reason
+
+
 # --------------------------------------------------------------------------------------------- the recipe field
 def test_recipe_field_takes_auto_true_false_and_nothing_else(data_root: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ from test_train import _steps, assert_same_state, run_interrupted
 
 from mffzoo.train import train
 from mffzoo.train.checkpoint import CheckpointManager
+from mffzoo.train.recipe import load_recipe
 from mffzoo.zoo import load_checkpoint_file
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,8 @@ def _env(out: Path, signal_at: str | None = None) -> dict[str, str]:
     return env
 
 
-def _torchrun(recipe: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def _torchrun(recipe: Path, out: Path, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "mffzoo", "train", str(recipe), "--output", str(out)]
 
 
@@ -115,3 +116,29 @@ def test_sigterm_to_torchrun_with_loader_workers_checkpoints_and_resumes_exactly
     assert "checkpoint-00000006.pth" in res.stderr
     assert_same_state(_final(out), ref)
 
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_a_one_process_recipe_runs_unchanged_under_torchrun(root: Path, tmp_path: Path, nproc: int) -> None:
+    """As the README documents for the demo (batch 64 = 64 per device): each process takes its share."""
+    out = tmp_path / "run"
+    recipe = write_yaml(_recipe(root, "adamw", train={"epochs": 1, "batch_per_device": 8}), tmp_path / "one.yaml")
+    res = run_interrupted(_torchrun(recipe, out, nproc), _env(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    share = 8 // nproc
+    assert f"batch 8 = {share} per device x {nproc} processes x 1 accumulation" in res.stderr, res.stderr[-3000:]
+    assert load_recipe(out / "recipe.yaml").train.batch_per_device == share  # the resolved recipe says so
+    assert load_checkpoint_file(CheckpointManager(out / "checkpoints").list()[0])["world_size"] == nproc
+
+
+def test_a_bad_recipe_under_torchrun_is_one_line_once_before_torchruns_report(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = write_yaml(_recipe(root, "adamw", train={"batch_per_device": 8}), tmp_path / "three.yaml")
+    res = run_interrupted(_torchrun(recipe, out, 3), _env(out))
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if "error: " in line]
+    assert errors == ["error: train.batch_size=8 is not divisible by train.batch_per_device=8 x 3 processes = 24; "
+                      "use a number of processes that divides 8 (the effective batch stays 8)"], res.stderr[-3000:]
+    report = res.stderr.find("Traceback")
+    assert report == -1 or res.stderr.index(errors[0]) < report  # ours first, then torchrun's own report
+    assert not (out / "checkpoints").exists()

@@ -110,6 +110,23 @@ def test_whole_run_warmup_is_named_and_timm_noise_stays_out(data_root: Path, tmp
     assert "Cosine annealing" in err and "covers the whole run" in err  # -v shows third-party lines
 
 
+@pytest.mark.parametrize("publish, why", [({"tag": "msg", "zoo": False}, "publish.zoo is false"),
+                                          ({"tag": None}, "publish.tag is null")])
+def test_not_published_says_which_setting_kept_it_out_of_the_zoo(data_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  publish: dict[str, Any], why: str) -> None:
+    """Defect: with publish.zoo=false (and a tag) the log blamed a null publish.tag."""
+    zoo = tmp_path / "zoo"
+    monkeypatch.setenv("MFFZOO_HOME", str(zoo))
+    recipe = write_yaml(tiny(data_root, train={"epochs": 1}, publish=publish), tmp_path / "tiny.yaml")
+    main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert f"not published to the zoo ({why}); weights in {tmp_path / 'run' / 'model'}" in err, err
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not zoo.exists() or not any(zoo.iterdir())
+
+
 def test_third_party_warnings_need_verbose(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 

@@ -47,6 +47,13 @@ def test_registry_lists_models_and_pretrained_tags():
     assert get_pretrained_cfg_value("mff_vit_base_patch16_224.mff_ft_in1k_300e", "license") == "apache-2.0"
 
 
+def test_timm_lists_the_family_under_its_module_name():
+    """The entrypoints' module is named for the family, as timm's own (vision_transformer, ...), not `registry`."""
+    listed = timm.list_models(module="mff_vision_transformer")
+    assert "mff_vit_small_patch16_224" in listed and "mff_vit_base" in listed
+    assert not timm.list_models(module="registry")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "ours, theirs, millions",

@@ -36,11 +36,12 @@ from ..progress import configure_console_logging
 from ..train import train
 from ..train.checkpoint import CheckpointManager
 from ..train.data import preview_transform
+from ..train.engine import FINAL_LOSS_KIND
 from ..train.recipe import DataConfig
 from ..zoo import load_checkpoint_file
 from .freq import frequency_analysis, plot_frequency
 
-__all__ = ["TINY_MODEL", "FUSION", "pretrain_recipe", "reproduce", "aggregate", "summary_rows",
+__all__ = ["TINY_MODEL", "FUSION", "QUICK_NOTE", "pretrain_recipe", "reproduce", "aggregate", "summary_rows",
            "markdown_table", "val_reconstruction_loss"]
 
 # The encoder both methods share. depth 6 keeps the frequency analysis meaningful (an 8x8 token grid at 64 px).
@@ -56,6 +57,10 @@ BATCH = 64
 LR = 1.0e-3  # absolute; the linear-scaling blr (1.5e-4 x 64/256) is far too small for a ~200-step budget
 # Linear probe: SGD, since LARS's trust ratio (tuned for ~7k ImageNet iterations) barely moves a head in ~800.
 PROBE: dict[str, Any] = dict(epochs=90, batch_size=256, blr=0.1, optimizer="sgd", warmup_epochs=10)
+# What every output of `--quick` says (printed, reproduction.json, table.md, freq.png): its numbers come from a
+# 1-epoch run of a 4-block model on 4 classes of 32-px images, so they test the plumbing and mean nothing else.
+QUICK_NOTE = ("smoke run (--quick: tiny data, 1 epoch), not a result: it checks that the pipeline runs; its "
+              "numbers say nothing about MAE vs MFF")
 
 
 def pretrain_recipe(method: str, seed: int, epochs: int, data_root: str | os.PathLike[str],
@@ -142,7 +147,9 @@ def _run_one(method: str, seed: int, epochs: int, data_root: Path, out: Path, mo
     rec = {
         "method": method, "seed": seed, "run_dir": str(run_dir),
         "train_wall_s": round(summary.get("wall_s", t_train), 1),
-        "steps": summary.get("global_step"), "train_loss_final": summary.get("final_loss"),
+        "steps": summary.get("global_step"),
+        # a reused run of an older mffzoo recorded a last log window's loss, not the last epoch's mean: left out
+        "train_loss_final": summary.get("final_loss") if summary.get("final_loss_kind") == FINAL_LOSS_KIND else None,
         "val_recon_loss": val_reconstruction_loss(run_dir, data_root),
         "knn_cls_top1": knn["results"]["cls"]["top1"], "knn_avg_top1": knn["results"]["avg"]["top1"],
         "linear_top1": probe["results"]["cls"]["top1"], "linear_top5": probe["results"]["cls"]["top5"],
@@ -155,9 +162,10 @@ def _run_one(method: str, seed: int, epochs: int, data_root: Path, out: Path, mo
     return rec
 
 
-METRICS = (("knn_cls_top1", "k-NN top-1 (cls)"), ("knn_avg_top1", "k-NN top-1 (avg)"),
-           ("linear_top1", "linear top-1"), ("val_recon_loss", "val recon. loss"),
-           ("train_loss_final", "final train loss"), ("high_freq_last", "Δ log-amp @ high freq, last block"),
+METRICS = (("knn_cls_top1", "k-NN top-1 (cls token)"), ("knn_avg_top1", "k-NN top-1 (avg-pooled patch tokens)"),
+           ("linear_top1", "linear top-1 (cls token)"), ("val_recon_loss", "val recon. loss"),
+           ("train_loss_final", "final train loss (last-epoch mean)"),
+           ("high_freq_last", "Δ log-amp @ high freq, last block"),
            ("high_freq_mean", "Δ log-amp @ high freq, mean of blocks"))
 
 
@@ -170,7 +178,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     agg: dict[str, dict[str, Any]] = {}
     for method in ("mae", "mff"):
         mine = [r for r in runs if r["method"] == method]
-        agg[method] = {k: _mean_std([float(r[k]) for r in mine]) for k, _ in METRICS if mine[0].get(k) is not None}
+        agg[method] = {k: _mean_std([float(r[k]) for r in mine if r.get(k) is not None]) for k, _ in METRICS
+                       if any(r.get(k) is not None for r in mine)}
         curves = torch.tensor([r["freq"]["blocks"] for r in mine]).mean(dim=0)
         agg[method]["freq"] = {"frequencies": mine[0]["freq"]["frequencies"], "grid": mine[0]["freq"]["grid"],
                                "blocks": curves.tolist(), "high_freq": curves[:, -1].tolist(),
@@ -221,6 +230,8 @@ def reproduce(output: str | os.PathLike[str] = "runs/reproduce", *, seeds: int =
     threads = max(1, cores // workers)
     jobs = [(method, seed) for seed in range(seeds) for method in ("mae", "mff")]
     log(f"reproduce: {len(jobs)} runs x {epochs} epochs on {data_root}, {workers} process(es) x {threads} thread(s)")
+    if quick:
+        log(f"reproduce: {QUICK_NOTE}")
     if workers == 1:
         _init_worker(threads)
         runs = [_run_one(m, s, epochs, data_root, out, model, batch, log) for m, s in jobs]
@@ -234,8 +245,10 @@ def reproduce(output: str | os.PathLike[str] = "runs/reproduce", *, seeds: int =
     n = len(runs) // 2
     plot_frequency({"models": {f"MAE (mean of {n} seeds)": agg["mae"]["freq"],
                                f"MFF (mean of {n} seeds)": agg["mff"]["freq"]}}, out / "freq.png",
-                   title="relative log amplitude of block feature maps (demo data)")
-    res = {"quick": quick, "epochs": epochs, "seeds": seeds, "batch": batch, "lr": LR, "model": model,
+                   title="relative log amplitude of block feature maps (demo data)"
+                   + ("\nsmoke run (--quick), not a result" if quick else ""))
+    res = {"quick": quick, **({"note": QUICK_NOTE} if quick else {}),
+           "epochs": epochs, "seeds": seeds, "batch": batch, "lr": LR, "model": model,
            "fusion_layers": {"mae": runs[0]["fusion_layers"], "mff": runs[1]["fusion_layers"]}, "probe": PROBE,
            "data": str(data_root), "workers": workers, "threads_per_worker": threads, "cpu_count": cores,
            "runs": runs, "aggregate": agg, "wall_s": round(time.time() - t0, 1)}
@@ -262,9 +275,11 @@ def summary_rows(res: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
 
 
 def markdown_table(res: dict[str, Any]) -> str:
-    """:func:`summary_rows` as a Markdown table (docs/reproduction.md), plus MFF's mean fusion weights."""
+    """:func:`summary_rows` as a Markdown table (docs/reproduction.md), plus MFF's mean fusion weights; a
+    ``--quick`` result opens with :data:`QUICK_NOTE`."""
     rows, header = summary_rows(res)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"**{QUICK_NOTE[0].upper()}{QUICK_NOTE[1:]}.**", ""] if res.get("quick") else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     fw = res["aggregate"]["mff"].get("fusion_weights_mean")
     if fw:

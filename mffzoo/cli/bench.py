@@ -31,6 +31,7 @@ def bench() -> None:
 def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
+    from ..cpu import cpu_features
     from ..throughput.infer import BACKENDS, available_backends, run_infer_bench
     from .zoo import print_table
 
@@ -38,6 +39,8 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
         avail = available_backends()
         print_table([[b.name, b.device, b.precision, "yes" if avail[b.name] is None else f"no: {avail[b.name]}",
                       b.description] for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
+        cpu = cpu_features()
+        click.echo(f"\nthis CPU: {cpu.model} ({cpu.describe()})")
         return
     if not model:
         from ..errors import ConfigError

@@ -178,7 +178,7 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
 
     _quiet_timm()
     rec = load_finetune_recipe(recipe, list(overrides))
-    result = run_finetune(rec, output_dir=output)
+    result = run_finetune(recipe, list(overrides), output_dir=output)  # the file + overrides: marks a cut schedule
     if int(os.environ.get("RANK", "0")) != 0:
         raise SystemExit(result.exit_code)
     if not result.completed:  # exit 128 + signal number, as `mffzoo train`
@@ -186,7 +186,7 @@ def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, updat
         raise SystemExit(result.exit_code)
     x = result.extra
     res = {"task": "finetune", "model": rec.model.pretrained, "random_init": rec.model.random_init,
-           "data": str(resolve_root(rec.data)), "epochs": result.epoch,
+           "data": str(resolve_root(rec.data)), "epochs": result.epoch, "schedule": x.get("schedule"),
            "results": {"finetuned": {"top1": x["top1"], "top5": x["top5"], "best_top1": x["best_top1"]}},
            "run_dir": str(result.run_dir), "model_dir": str(x.get("model_dir"))}
     from ..eval.results import result_rows, update_zoo_metrics
@@ -322,6 +322,10 @@ def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers
     res = run_reproduce(output, seeds=seeds, epochs=epochs, quick=quick, workers=workers,
                         log=lambda s: click.echo(s, err=True))
     rows, header = summary_rows(res)
+    if res.get("note"):  # --quick: said above and below the table, as in table.md and reproduction.json
+        click.echo(f"{res['note']}\n")
     print_table(rows, header)
+    if res.get("note"):
+        click.echo(f"\n{res['note']}")
     click.echo(f"\nwall time {res['wall_s'] / 60:.1f} min; results {output / 'reproduction.json'}; "
                f"table {output / 'table.md'}; frequency plot {output / 'freq.png'}")

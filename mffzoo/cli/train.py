@@ -23,6 +23,7 @@ def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
     Resume:              rerun the same command (newest valid checkpoint in the run directory)
     """
     from ..train import train as run_train
+    from ..train.engine import FINAL_LOSS_LABEL
 
     result = run_train(recipe, list(overrides), output_dir=output)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -31,8 +32,9 @@ def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
     if not result.completed:  # exit 128 + signal number: not finished, and not an error either
         click.echo(result.stop_message)
         raise SystemExit(result.exit_code)
-    click.echo(f"done: {result.epoch} epochs, {result.global_step} steps, final loss {loss}, "
-               f"{result.wall_s:.0f} s -> {result.run_dir}")
+    if not result.already_finished:  # else the engine's log line says it was finished before and nothing changed
+        click.echo(f"done: {result.epoch} epochs, {result.global_step} steps, {FINAL_LOSS_LABEL} {loss}, "
+                   f"{result.wall_s:.0f} s -> {result.run_dir}")
     extra = result.extra
     if extra.get("model_dir"):
         md = extra["model_dir"]

@@ -31,17 +31,22 @@ def zoo(show_all: bool) -> None:
 @click.option("--num-heads", type=int, default=None,
               help="Attention heads, for non-standard widths from foreign formats (default: 6/12/16 for S/B/L).")
 @click.option("--keep-extras", is_flag=True, help="Also save fusion + decoder weights (pretrain_extras.safetensors).")
-def convert(src: Path, dst: Path, arch: str | None, num_heads: int | None, keep_extras: bool) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace the model in a DST that already holds one (refused otherwise; its other files stay).")
+def convert(src: Path, dst: Path, arch: str | None, num_heads: int | None, keep_extras: bool, overwrite: bool) -> None:
     """Convert an mmpretrain / MAE / mffzoo checkpoint into a timm model folder.
 
     DST gets model.safetensors + config.json (+ mffzoo.json); load it with
     timm.create_model("local-dir:DST", pretrained=True) after `import mffzoo`, or copy it into the zoo home
-    as <arch>.<tag>/.
+    as <arch>.<tag>/. A DST that already holds a model is replaced only with --overwrite.
     """
     from ..zoo.convert import convert_checkpoint
+    from ..zoo.home import read_folder_meta
 
-    out = convert_checkpoint(src, dst, arch=arch, num_heads=num_heads, keep_extras=keep_extras)
-    click.echo(f"wrote {out} (load with timm.create_model('local-dir:{out}', pretrained=True) after `import mffzoo`)")
+    out = convert_checkpoint(src, dst, arch=arch, num_heads=num_heads, keep_extras=keep_extras, overwrite=overwrite)
+    meta = read_folder_meta(out)
+    click.echo(f"wrote {out}: {meta.get('model')}, from a {meta.get('source_kind')} (load with "
+               f"timm.create_model('local-dir:{out}', pretrained=True) after `import mffzoo`)")
 
 
 @click.group("data")

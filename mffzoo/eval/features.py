@@ -29,11 +29,14 @@ from .data import eval_transform, make_loader, model_input_size, open_splits
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["FeatureSet", "POOLS", "resolve_device", "load_eval_model", "pool_tokens",
+__all__ = ["FeatureSet", "POOLS", "READOUTS", "resolve_device", "load_eval_model", "pool_tokens",
            "extract_features", "compute_features", "model_fingerprint", "dataset_fingerprint", "feature_cache_dir",
            "features_info", "frozen_features"]
 
 POOLS = ("cls", "avg")
+# What each pooling reads out, for every label a result carries (JSON, tables, the zoo's metric column): a number
+# that does not say which feature it scored is not comparable with the papers' (linear probe: cls; fine-tune: avg).
+READOUTS = {"cls": "cls token", "avg": "avg-pooled patch tokens"}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

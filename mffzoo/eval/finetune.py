@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +36,20 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_model_args
 from torch import nn
 
-from ..config import load_config, require, to_dict
+from ..config import load_config, read_yaml, require, to_dict
 from ..errors import ConfigError, DataError
 from ..train.data import Batch, derive_seed, resolve_root
 from ..train.distributed import all_reduce
 from ..train.engine import RunContext, Task, TrainResult, run
-from ..train.recipe import DEMO_ROOT, EngineRecipe, OptimConfig, TrainConfig, load_recipe
-from ..zoo.home import git_commit, write_model_folder
+from ..train.recipe import DEMO_ROOT, EngineRecipe, OptimConfig, TrainConfig, find_recipe, load_recipe
+from ..zoo.home import WEIGHTS_NAME, git_commit, write_model_folder
 from .data import check_image_folder, class_to_idx, make_loader, model_input_size
 from .features import load_eval_model
 
 _logger = logging.getLogger("mffzoo.eval")
 
 __all__ = ["FinetuneModelConfig", "AugConfig", "MixupConfig", "EvalConfig", "FinetuneRecipe", "FinetuneTask",
-           "build_finetune_model", "load_finetune_recipe", "finetune", "EVAL_LOG"]
+           "build_finetune_model", "load_finetune_recipe", "finetune", "recipe_epochs", "EVAL_LOG"]
 
 EVAL_LOG = "eval.jsonl"
 
@@ -245,8 +245,11 @@ def _pillow_safe(tf: Any) -> Any:
 class FinetuneTask(Task):
     recipe: FinetuneRecipe
 
-    def __init__(self, recipe: FinetuneRecipe) -> None:
+    def __init__(self, recipe: FinetuneRecipe, schedule_epochs: int | None = None) -> None:
+        """``schedule_epochs``: the epochs of the recipe as written (before ``--set``), which a result of fewer
+        epochs is marked as shortened against; None: the recipe's own ``train.epochs``."""
         super().__init__(recipe)
+        self.schedule_epochs = schedule_epochs or recipe.train.epochs
         self.root = resolve_root(recipe.data)
         self.classes = self._classes()
         self.num_classes = recipe.model.num_classes or len(self.classes)
@@ -418,7 +421,7 @@ class FinetuneTask(Task):
         every = self.recipe.evaluation.every_epochs
         if ctx.epoch % every and ctx.epoch < self.recipe.train.epochs:
             return
-        rec = {"epoch": ctx.epoch, "step": ctx.global_step, "train_loss": ctx.last_loss, **self.evaluate(ctx)}
+        rec = {"epoch": ctx.epoch, "step": ctx.global_step, "train_loss": ctx.epoch_loss, **self.evaluate(ctx)}
         self.history.append(rec)
         if ctx.env.is_main:
             with open(ctx.run_dir / EVAL_LOG, "a") as f:
@@ -445,13 +448,29 @@ class FinetuneTask(Task):
             model = build_finetune_model(r.model.pretrained, self.num_classes, img_size=r.model.img_size,
                                          random_init=True)
             model.load_state_dict(ctx.state_dict)
+        schedule = self.schedule(ctx.epoch)
         meta = {"task": "finetune", "recipe_name": r.name, "recipe": to_dict(r), "pretrained": r.model.pretrained,
                 "classes": self._class_names(ctx), "epochs": ctx.epoch, "global_step": ctx.global_step,
                 "eval": {f"finetune:{Path(str(self.root)).name}": {"top1": final["top1"], "top5": final["top5"],
-                                                                    "best_top1": best}},
+                                                                    "best_top1": best, "schedule": schedule}},
                 "git_commit": git_commit(Path(__file__).parent)}
         model_dir = write_model_folder(ctx.run_dir / "model", self.arch, model, model_args=self.model_args, meta=meta)
-        return {"model_dir": model_dir, "top1": final["top1"], "top5": final["top5"], "best_top1": best}
+        return {"model_dir": model_dir, "top1": final["top1"], "top5": final["top5"], "best_top1": best,
+                "schedule": schedule}
+
+    def schedule(self, epochs: int) -> dict[str, Any]:
+        """The schedule behind a result: a fine-tune cut short with ``--set train.epochs=...`` is no evidence
+        next to full-schedule numbers, so it says so (as a short pretraining run is published ``-partial``)."""
+        return {"recipe_epochs": self.schedule_epochs, "epochs": epochs, "shortened": epochs < self.schedule_epochs}
+
+    def finished_outputs(self, ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """``RUN/model`` and the accuracy the finished run measured (from its summary), while the model is there."""
+        keys = ("top1", "top5", "best_top1")
+        model_dir = ctx.run_dir / "model"
+        if not (model_dir / WEIGHTS_NAME).is_file() or any(k not in summary for k in keys):
+            return None
+        return {"model_dir": model_dir, **{k: summary[k] for k in keys},
+                "schedule": summary.get("schedule") or self.schedule(ctx.epoch)}
 
 
 class _PaddedShard(torch.utils.data.Dataset):
@@ -491,11 +510,23 @@ def read_eval_log(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def finetune(recipe: FinetuneRecipe | str | os.PathLike[str] | dict[str, Any], overrides: Sequence[str] = (), *,
              output_dir: str | os.PathLike[str] | None = None) -> TrainResult:
-    """Fine-tune per ``recipe`` (object, YAML path/name or mapping) + ``key=value`` overrides via the engine."""
+    """Fine-tune per ``recipe`` (object, YAML path/name or mapping) + ``key=value`` overrides via the engine.
+
+    A result of fewer epochs than the recipe (as given, before ``overrides``) is marked shortened."""
+    written = recipe_epochs(recipe)
     if not isinstance(recipe, FinetuneRecipe):
         recipe = load_finetune_recipe(recipe, overrides)
     elif overrides:
         recipe = load_config(FinetuneRecipe, to_dict(recipe), list(overrides))
     if recipe.data.root == DEMO_ROOT:
         _logger.info("data.root: demo -> the built-in demo dataset")
-    return run(recipe, FinetuneTask(recipe), output_dir)
+    return run(recipe, FinetuneTask(recipe, schedule_epochs=written), output_dir)
+
+
+def recipe_epochs(source: FinetuneRecipe | str | os.PathLike[str] | Mapping[str, Any]) -> int:
+    """``train.epochs`` of a fine-tuning recipe as given, before ``--set`` overrides: its full schedule."""
+    if isinstance(source, FinetuneRecipe):
+        return source.train.epochs
+    data = dict(source) if isinstance(source, Mapping) else read_yaml(find_recipe(source))
+    epochs = (data.get("train") or {}).get("epochs") if isinstance(data.get("train"), Mapping) else None
+    return int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else _finetune_train().epochs

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import check_image_folder
-from .features import POOLS, frozen_features, load_eval_model, resolve_device
+from .features import POOLS, READOUTS, frozen_features, load_eval_model, resolve_device
 
 _logger = logging.getLogger("mffzoo")
 
@@ -70,7 +70,8 @@ def knn_eval(model: str | os.PathLike[str], data: str | os.PathLike[str], *, k: 
              pools: Sequence[str] = POOLS, img_size: int | None = None, random_init: bool = False,
              batch_size: int = 128, workers: int = 0, bf16: bool = False, cache: bool | str = True,
              seed: int = 0, device: str | torch.device = "auto") -> dict[str, Any]:
-    """k-NN top-1/top-5 of a MODEL spec on an ImageNet-style folder, per pooling (``cls``, ``avg``).
+    """k-NN top-1/top-5 of a MODEL spec on an ImageNet-style folder, per pooling (``cls``, ``avg``); each result
+    names its read-out (``readout``: cls token or avg-pooled patch tokens).
 
     The encoder and the neighbour search run on ``device`` (``auto``: a CUDA GPU when one is visible)."""
     dev = resolve_device(device)
@@ -78,9 +79,9 @@ def knn_eval(model: str | os.PathLike[str], data: str | os.PathLike[str], *, k: 
     net = load_eval_model(model, img_size=img_size, random_init=random_init, seed=seed, device=dev)
     train, val, classes, info = frozen_features(net, data, img_size=img_size, batch_size=batch_size,
                                                 workers=workers, bf16=bf16, cache=cache)
-    _logger.info("k-NN (k=%d, T=%g): %d validation images against %d training features", k, temperature,
-                 len(val), len(train))
-    results = {p: knn_accuracy(train[p], train.labels, val[p], val.labels, len(classes), k=k,
-                               temperature=temperature, device=dev) for p in pools}
+    _logger.info("k-NN (k=%d, T=%g): %d validation images against %d training features; read-outs: %s", k,
+                 temperature, len(val), len(train), ", ".join(READOUTS[p] for p in pools))
+    results = {p: {**knn_accuracy(train[p], train.labels, val[p], val.labels, len(classes), k=k,
+                                  temperature=temperature, device=dev), "readout": READOUTS[p]} for p in pools}
     return {"task": "knn", "model": str(model), "random_init": random_init, "data": str(data), "k": k,
             "temperature": temperature, "device": dev.type, **info, "classes": classes, "results": results}

@@ -27,7 +27,15 @@ from torch import nn
 from ..config import require
 from ..errors import ConfigError
 from .data import check_image_folder, eval_transform, make_loader, open_splits, train_transform
-from .features import compute_features, features_info, frozen_features, load_eval_model, pool_tokens, resolve_device
+from .features import (
+    READOUTS,
+    compute_features,
+    features_info,
+    frozen_features,
+    load_eval_model,
+    pool_tokens,
+    resolve_device,
+)
 from .knn import topk_accuracy
 
 __all__ = ["LinearProbeConfig", "LinearHead", "build_head_optimizer", "train_linear_head", "linear_probe",
@@ -226,4 +234,4 @@ def linear_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cf
     best = max((h["top1"] for h in history if "top1" in h), default=final["top1"])
     return {"task": "linear", "model": str(model), "random_init": random_init, "data": str(data),
             "device": dev.type, **info, "classes": classes, "config": asdict(cfg),
-            "results": {cfg.pool: {**final, "best_top1": best}}, "history": history}
+            "results": {cfg.pool: {**final, "best_top1": best, "readout": READOUTS[cfg.pool]}}, "history": history}

@@ -16,17 +16,20 @@ from typing import Any
 from .. import io
 from ..archs import canonical_arch
 from ..errors import WeightsNotFoundError
+from ..zoo.catalog import schedule_mark
 from ..zoo.home import CONFIG_NAME, META_NAME, entry_dir
 
 __all__ = ["result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
 
 
 def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
-    """Table rows (model, task, pooling, top-1, top-5) for :func:`mffzoo.table.print_table`."""
+    """Table rows (model, task, read-out, top-1, top-5) for :func:`mffzoo.table.print_table`; the read-out is the
+    result's own label (``cls token``, ``avg-pooled patch tokens``), else its key."""
     rows = []
     for pool, m in result["results"].items():
-        rows.append([result["model"] + (" (random init)" if result.get("random_init") else ""), result["task"], pool,
-                     f"{m['top1']:.2f}", f"{m['top5']:.2f}" if "top5" in m else "-"])
+        rows.append([result["model"] + (" (random init)" if result.get("random_init") else ""), result["task"]
+                     + schedule_mark(result.get("schedule")), m.get("readout", pool), f"{m['top1']:.2f}",
+                     f"{m['top5']:.2f}" if "top5" in m else "-"])
     return rows, ["model", "task", "features", "top-1 %", "top-5 %"]
 
 
@@ -64,6 +67,8 @@ def update_zoo_metrics(spec: str | os.PathLike[str], result: Mapping[str, Any]) 
     key = f"{result['task']}:{Path(str(result.get('data', 'data'))).name}"
     summary = {k: result[k] for k in ("data", "num_classes", "num_train", "num_val", "img_size", "k", "temperature",
                                       "config") if k in result}
+    if result.get("schedule"):  # a fine-tune's: recipe vs run epochs, and whether it was cut short
+        summary["schedule"] = result["schedule"]
     meta.setdefault("eval", {})[key] = {**summary, "results": result["results"],
                                         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return io.write_json(meta_path, meta).parent

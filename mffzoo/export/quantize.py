@@ -19,21 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpu import cpu_features
 from ..errors import ExportError
 
 __all__ = ["quantize_onnx", "ArrayCalibrationReader", "resolve_reduce_range", "cpu_has_vnni"]
 
-_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
 def cpu_has_vnni() -> bool | None:
     """Whether this CPU has int8 dot-product instructions (VNNI / AMX-INT8); None when it cannot be told."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return None if flags is None else any(f in flags for f in _VNNI_FLAGS)
+    cpu = cpu_features()
+    return cpu.vnni if cpu.flags_known else None
 
 
 def resolve_reduce_range(value: bool | None) -> tuple[bool, str]:

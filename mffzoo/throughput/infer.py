@@ -59,7 +59,8 @@ class BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
     BackendSpec("eager", "cpu", "fp32", "torch", "PyTorch eager fp32 (the peer)"),
-    BackendSpec("eager-bf16", "cpu", "bf16", "torch", "PyTorch eager, torch.autocast bf16 (AMX on this CPU)"),
+    BackendSpec("eager-bf16", "cpu", "bf16", "torch",
+                "PyTorch eager, torch.autocast bf16 (native on AMX/AVX512-BF16 CPUs, else emulated)"),
     BackendSpec("compile", "cpu", "fp32", "torch", "torch.compile (inductor) fp32"),
     BackendSpec("ort-fp32", "cpu", "fp32", "onnxruntime", "ONNX Runtime CPU, fp32 ONNX", True),
     BackendSpec("ort-fp16", "cpu", "fp16", "onnxruntime", "ONNX Runtime CPU, fp16-compute ONNX", True),

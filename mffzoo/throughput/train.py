@@ -3,7 +3,7 @@
 The peer is what a user would pick instead of mffzoo: ``transformers.ViTMAEForPreTraining`` built with the same
 dimensions (encoder, decoder, mask ratio, norm_pix) and stepped with ``torch.optim.AdamW``. By default each mffzoo
 row is compared with the peer **under the same precision** (``--peers auto``): ``hf-bf16`` where the row's recipe
-resolves to bf16 autocast (:func:`~mffzoo.train.engine.resolve_precision`), ``hf`` (its fp32 default) where it
+resolves to bf16 autocast (:func:`~mffzoo.train.numerics.resolve_precision`), ``hf`` (its fp32 default) where it
 falls back to fp32; ``--peers auto,hf`` adds the peer's fp32 default as a reference row. mffzoo rows are built,
 configured and stepped by the training engine's own functions and task, with the recipe defaults of a size
 (``--models``) or exactly what one recipe's run does (``--recipe``: model, ``batch_per_device``, precision,
@@ -37,14 +37,16 @@ import timm.optim  # noqa: F401  (imported up front: library code must not count
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..archs import ARCHS
+from ..archs import describe_arch
 from ..config import load_config
 from ..errors import ConfigError, MffzooError
 from ..table import print_table
+from ..train.attention import choose_attention
 from ..train.compile import compile_for_training
 from ..train.data import Batch
-from ..train.engine import Tf32, build_optimizer, configure_attention, resolve_precision
+from ..train.engine import build_optimizer
 from ..train.metrics import proc_status_kib, reset_peak_memory
+from ..train.numerics import Tf32, precision_name, resolve_precision
 from ..train.pretrain import PretrainTask
 from ..train.recipe import PretrainRecipe, find_recipe, load_recipe
 
@@ -93,7 +95,6 @@ GPU_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 _RESULT_MARK = "MFFZOO_BENCH_RESULT "
-_PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class BenchError(MffzooError):
@@ -200,7 +201,7 @@ def _quiet_precision(name: str, device: torch.device) -> str:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return _PRECISIONS[resolve_precision(name, device)[0]]
+        return precision_name(resolve_precision(name, device)[0])
     finally:
         log.setLevel(level)
 
@@ -232,10 +233,18 @@ def _setup(impl: str, spec: Mapping[str, Any], base: Any = None) -> dict[str, An
     model, loss_fn, recipe = build_model(impl, recipe=base if base is not None else _base_recipe(spec))
     model.to(device).train()
     dev = torch.device(device)
+    size = recipe.model.img_size
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     if impl.startswith("mffzoo"):  # exactly what the engine does with the recipe
         amp_dtype, use_scaler = resolve_precision(recipe.train.precision, dev)
         flags = Tf32.for_run(dev, amp_dtype)  # as a run holds it; only around this implementation's steps
-        attention = "timm " + configure_attention(model, recipe.train.attention, dev, amp_dtype)
+
+        def forward() -> None:
+            with flags, torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss_fn(model, images)
+
+        with torch.random.fork_rng(devices=[]):
+            attention = "timm " + choose_attention(model, recipe.train.attention, dev, amp_dtype, forward).kernel
         opt = build_optimizer(model, recipe.optim, batch)
         opt_name = f"timm {recipe.optim.opt}" + (" fused" if opt.defaults.get("fused") else "")
         clip = recipe.optim.clip_grad
@@ -250,8 +259,6 @@ def _setup(impl: str, spec: Mapping[str, Any], base: Any = None) -> dict[str, An
     compiled = compile_for_training(model, impl in EAGER_TWIN)  # the engine's own compile
     autocast = torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device, enabled=use_scaler)
-    size = recipe.model.img_size
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
     def make_step(module: Any) -> Callable[[], None]:
         def step() -> None:  # the engine's optimizer step (engine._run), one micro-batch
@@ -271,7 +278,7 @@ def _setup(impl: str, spec: Mapping[str, Any], base: Any = None) -> dict[str, An
     with flags:  # what the matmuls of a step run in: the MFU peak to divide by
         tf32 = dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     total, trainable = count_params(model)
-    precision = _PRECISIONS[amp_dtype]
+    precision = precision_name(amp_dtype)
     return dict(step=make_step(compiled), eager_step=make_step(model), impl=impl, params=total,
                 trainable_params=trainable, optimizer=opt_name, compiled=impl in EAGER_TWIN,
                 precision="tf32" if tf32 and precision == "fp32" else precision, attention=attention)
@@ -282,14 +289,15 @@ def _load() -> float | None:
 
 
 def _model_label(spec: Mapping[str, Any], recipe: Any) -> str:
-    """``ViT-S/16``, ``ViT-S/16 (custom)``, or for ``--recipe``: ``ViT-S/16 (vits recipe)``."""
+    """What was timed, from the model's own args: ``ViT-S/16``, ``ViT-S/16 (custom settings)``, a resized model
+    by its numbers (``ViT (dim 192, depth 6, ...; shrunk from ViT-S/16)``, never "ViT-S/16"), and for
+    ``--recipe`` the recipe's name: ``ViT-S/16 (vits recipe)``."""
     mc = recipe.model
-    size = next((k for k, v in SIZES.items() if v == mc.arch), None)
-    stock = size is not None and mc.img_size == 224 and all(getattr(mc, k) == v for k, v in ARCHS[mc.arch].items())
-    name = SIZE_NAMES[size] if size else mc.arch
+    name = describe_arch(mc.arch, mc.encoder_kwargs())
     if spec.get("recipe"):
-        return f"{name} ({recipe.name} recipe{'' if stock else ', custom size'})"
-    return name + ("" if stock and not spec.get("overrides") else " (custom)")
+        return f"{name} ({recipe.name} recipe)"
+    stock = name in SIZE_NAMES.values()
+    return name + (" (custom settings)" if stock and spec.get("overrides") else "")
 
 
 def measure(spec: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..io import cache_root, write_json
+from .numerics import precision_name
 
 _logger = logging.getLogger("mffzoo.train")
 
@@ -156,7 +157,7 @@ class CompileCache:
         """Architecture (class and every parameter's shape, hashed), batch, precision, device type, torch."""
         shapes = hashlib.sha256(repr([(n, tuple(p.shape)) for n, p in model.named_parameters()]).encode())
         return {"model": type(model).__name__, "params": shapes.hexdigest()[:20], "sample": list(sample_shape),
-                "batch_per_device": batch_per_device, "precision": str(amp_dtype or "fp32").replace("torch.", ""),
+                "batch_per_device": batch_per_device, "precision": precision_name(amp_dtype),
                 "device": device.type, "torch": torch.__version__}
 
     def estimate(self) -> CompileEstimate:

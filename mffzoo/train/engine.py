@@ -8,6 +8,7 @@ is a sequence of phases over one :class:`_RunState`, each a function of its own:
     _run
       _setup            data (fails fast), run directory, model + DDP/FSDP2, optimizer, schedule, scaler
       _resume           newest valid checkpoint -> weights, optimizer, schedule, position, RNG, data stats
+      _already_finished a finished run with its outputs in place (task.finished_outputs): return, change nothing
       _start            loader, metrics writer, progress, stop vote; the header line
         _decide_compile   train.compile (auto on a CPU: _probe_eager_step first) -> the compile wrapper
       _train_epoch      per epoch:
@@ -37,6 +38,7 @@ An objective plugs in as a :class:`Task` (see :class:`mffzoo.train.pretrain.Pret
         def checkpoint_meta(self) -> dict: ...               # plain data stored in every checkpoint
         def on_epoch_end(self, ctx: RunContext) -> None: ... # evaluation, figures (called on every rank)
         def on_train_end(self, ctx: RunContext) -> dict: ... # export/publish; returned into TrainResult.extra
+        def finished_outputs(self, ctx, summary) -> dict | None: ...  # a finished run's outputs, if all there
 
     result = run(recipe, MyTask(recipe))     # recipe: any EngineRecipe subclass
 
@@ -89,7 +91,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from ..config import dump_yaml, to_dict
+from ..cpu import cpu_features
 from ..errors import CheckpointError, ConfigError, DataError, MffzooError
+from ..io import read_json_object
+from .attention import AttentionChoice, choose_attention, set_attention
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
 from .compile import (
     CompileCache,
@@ -102,14 +107,27 @@ from .compile import (
 )
 from .data import Batch, GlobalBatchSampler, SampleDataset, UnreadableFiles, build_dataset, build_loader, derive_seed
 from .distributed import DistEnv, StopVote, all_gather_object, all_reduce, barrier, destroy, init_distributed
-from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, reset_peak_memory
+from .metrics import (
+    MetricsWriter,
+    Progress,
+    epoch_losses_from_metrics,
+    format_duration,
+    peak_memory_mb,
+    reset_peak_memory,
+)
+from .numerics import numerics, precision_name, resolve_precision
 from .recipe import EngineRecipe
 
 _logger = logging.getLogger("mffzoo.train")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # what checkpoints hold: whole tensors, on the CPU
+SUMMARY_NAME = "summary.json"  # RUN/summary.json: how the run ended, and what on_train_end returned
+# What a run's "final loss" is (TrainResult.final_loss, summary.json, the published provenance): the mean over all
+# optimizer steps of the last completed epoch, not the last log window's few steps; and how it is labelled.
+FINAL_LOSS_KIND = "last-epoch mean"
+FINAL_LOSS_LABEL = f"final loss ({FINAL_LOSS_KIND})"
 
-__all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "Tf32", "accumulation_steps", "build_optimizer",
-           "configure_attention", "cpu_has_amx", "numerics", "resolve_precision", "run"]
+__all__ = ["Task", "RunContext", "TrainResult", "TrainingDiverged", "accumulation_steps", "build_optimizer",
+           "fit_batch_per_device", "run", "FINAL_LOSS_KIND", "FINAL_LOSS_LABEL"]
 
 
 class TrainingDiverged(MffzooError):
@@ -148,6 +166,12 @@ class Task:
     def on_train_end(self, ctx: RunContext) -> dict[str, Any]:
         return {}
 
+    def finished_outputs(self, ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """What ``on_train_end`` returned for this already finished run (``summary``: its summary.json), if all
+        of it is still in place: rerunning the run then changes nothing and returns it. None (the default, and
+        when an output is missing) runs ``on_train_end`` again, which writes the outputs anew."""
+        return None
+
 
 @dataclass
 class RunContext:
@@ -167,6 +191,10 @@ class RunContext:
     state_dict: dict[str, torch.Tensor] | None = None  # full model state (rank 0) in on_train_end
     images_seen: int = 0
     bad_images: int = 0
+    checkpoint: Path | None = None  # the run's newest checkpoint (at the end: the final one)
+    # mean loss over all optimizer steps of the last completed epoch (the run's "final loss" at the end);
+    # ``last_loss`` is the last log window's only
+    epoch_loss: float | None = None
 
 
 @dataclass
@@ -177,11 +205,12 @@ class TrainResult:
     epoch: int
     global_step: int
     total_steps: int
-    final_loss: float | None
+    final_loss: float | None  # FINAL_LOSS_KIND: the last completed epoch's mean (None before one completed)
     checkpoint: Path | None
     wall_s: float
     images_per_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    already_finished: bool = False  # the run had finished before this call, which trained and wrote nothing
 
     @property
     def exit_code(self) -> int:
@@ -200,97 +229,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler); bf16 falls back where the hardware lacks it. No global state
-    changes here: TF32 for the ops autocast leaves in fp32 is :class:`Tf32`'s, for the duration of a run."""
-    if name == "fp32":
-        return None, False
-    if name == "fp16":
-        return torch.float16, True
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, False
-        _logger.warning("bf16 is not supported on %s; using fp16 + GradScaler", torch.cuda.get_device_name())
-        return torch.float16, True
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(p is not None and p() for p in probes):
-        return torch.bfloat16, False
-    _logger.warning("this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
-    return None, False
-
-
-class Tf32:
-    """While active, allow TF32 in CUDA matmuls and convolutions (with mixed precision on a GPU: the ops autocast
-    leaves in fp32 may use TF32 too); restores the previous flags on exit, so a process that also runs true fp32
-    code (the benchmark's peer, a parity check) is not switched to TF32 behind its back. Reusable."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._saved: list[tuple[bool, bool]] = []
-
-    @classmethod
-    def for_run(cls, device: torch.device, amp_dtype: torch.dtype | None) -> Tf32:
-        return cls(device.type == "cuda" and amp_dtype is not None)
-
-    def __enter__(self) -> Tf32:
-        self._saved.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        if self.enabled:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved.pop()
-
-
-@contextlib.contextmanager
-def numerics(tc: Any, device: torch.device) -> Iterator[None]:
-    """The run's global numeric settings, restored afterwards: TF32 under mixed precision on CUDA, and with
-    ``train.deterministic`` torch's deterministic algorithms (deterministic SDPA backward, scatter/index_add),
-    cuDNN without autotuning, and the cuBLAS workspace setting deterministic cuBLAS needs."""
-    det = bool(getattr(tc, "deterministic", False))
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if det:
-        # read when torch creates its cuBLAS handles (lazily, at the first matmul): set before any CUDA work
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        with Tf32(device.type == "cuda" and tc.precision != "fp32"):  # on CUDA every non-fp32 precision autocasts
-            yield
-    except RuntimeError as exc:
-        if det and "deterministic" in str(exc):
-            raise ConfigError(f"train.deterministic: {str(exc).splitlines()[0][:200]}; set "
-                              "--set train.deterministic=false to train with this operation") from None
-        raise
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
-def configure_attention(model: nn.Module, mode: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    """Pick fused SDPA or math attention on every timm ``Attention`` of ``model``; returns what was chosen.
-
-    ``auto`` chooses math where bf16 matmuls run on AMX (CPU under bf16 autocast): there torch's CPU
-    flash-attention kernel, forward and backward, was several times slower than AMX matmuls + softmax for ViT
-    shapes (docs/benchmarks.md). Everywhere else (CUDA, fp32, CPUs without AMX) fused SDPA is the faster one.
-    The switch is timm's runtime ``fused_attn`` attribute: weights and state dict do not change."""
-    amx = device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_has_amx()
-    fused = mode == "sdpa" or (mode == "auto" and not amx)
-    found = False
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-            found = True
-    return ("sdpa" if fused else "math") if found else "n/a"
-
-
-def cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
-
-
 def build_optimizer(model: nn.Module, oc: Any, batch_size: int, **extra: Any) -> torch.optim.Optimizer:
     """timm's optimizer factory with the recipe's hyper-parameters: no weight decay for 1-D params (norms,
     biases) and ``model.no_weight_decay()``; AdamW/Adam use torch's fused kernel, which exists for CUDA and CPU
@@ -302,6 +240,13 @@ def build_optimizer(model: nn.Module, oc: Any, batch_size: int, **extra: Any) ->
         kwargs["fused"] = True
     return create_optimizer_v2(model, opt=oc.opt, lr=oc.resolved_lr(batch_size), weight_decay=oc.weight_decay,
                                **{**kwargs, **extra})
+
+
+def fit_batch_per_device(batch_size: int, batch_per_device: int, world_size: int) -> int:
+    """The micro-batch a process runs: ``batch_per_device``, or its share of the batch where that is smaller
+    (a recipe written for one process, e.g. the demo's 64 of 64, then runs unchanged on 2 or 4)."""
+    share, rest = divmod(batch_size, world_size)
+    return share if rest == 0 and 0 < share < batch_per_device else batch_per_device
 
 
 def accumulation_steps(batch_size: int, batch_per_device: int, world_size: int) -> int:
@@ -457,6 +402,8 @@ def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start:
     """The whole run, phase by phase; each phase is a function below over one :class:`_RunState`."""
     s = _setup(recipe, task, env, run_dir, t_start)
     _resume(s)
+    if (done := _already_finished(s)) is not None:
+        return done
     _start(s)
     try:
         with s.stopper:
@@ -497,7 +444,6 @@ class _RunState:
     core: nn.Module  # the module whose state dict is saved (FSDP2 shards it in place); hooks see it
     ddp: nn.parallel.DistributedDataParallel | None
     amp_dtype: torch.dtype | None
-    attention: str
     lr: float
     optimizer: torch.optim.Optimizer
     scheduler: CosineLRScheduler  # per iteration (step_update)
@@ -510,7 +456,12 @@ class _RunState:
     ckpt_path: Path | None = None  # the newest checkpoint of this run
     unreadable: UnreadableFiles = field(default_factory=UnreadableFiles)
     bad_total: int = 0  # unreadable files of the whole run, the same on every rank after a flush
-    last_loss: float | None = None
+    last_loss: float | None = None  # the last log window's mean loss
+    # the current epoch's flushed step losses (rank means), and the mean of the last completed epoch; in every
+    # checkpoint, so a run resumed mid-epoch still averages the whole epoch
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    epoch_loss: float | None = None
     # the current log window (this rank, on the device)
     window: list[torch.Tensor] = field(default_factory=list)  # per-step mean loss
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -535,6 +486,7 @@ class _RunState:
     vote: StopVote = field(init=False)
     test_signal: _TestSignal | None = None
     compile: CompileDecision | None = None  # train.compile's outcome; a resumed run keeps its checkpoint's
+    attention: AttentionChoice | None = None  # train.attention's outcome; likewise kept on resume
     recorder: CompileRecorder = field(init=False)  # times a compiled run's first steps into the compile cache
 
     @property
@@ -556,7 +508,8 @@ class _RunState:
     def context(self, state_dict: dict[str, torch.Tensor] | None = None) -> RunContext:
         return RunContext(self.recipe, self.env, self.run_dir, self.core, self.dataset, self.epoch, self.global_step,
                           self.total_steps, self.steps_per_epoch, self.last_loss, time.time() - self.t_start,
-                          state_dict, self.global_step * self.tc.batch_size, self.bad_total)
+                          state_dict, self.global_step * self.tc.batch_size, self.bad_total, self.ckpt_path,
+                          epoch_loss=self.epoch_loss)
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -564,6 +517,11 @@ def _setup(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_star
     """Data first (a wrong path fails in a second, before any model is built), then the run directory, then
     model, optimizer and schedule."""
     tc, oc = recipe.train, recipe.optim
+    fitted = fit_batch_per_device(tc.batch_size, tc.batch_per_device, env.world_size)
+    if fitted != tc.batch_per_device and env.is_main:
+        _logger.info("train.batch_per_device=%d is more than each process's share of train.batch_size=%d on %d "
+                     "processes: %d per device", tc.batch_per_device, tc.batch_size, env.world_size, fitted)
+    tc.batch_per_device = fitted  # the resolved recipe (recipe.yaml) says what the run did
     accumulation_steps(tc.batch_size, tc.batch_per_device, env.world_size)
     dataset = build_dataset(recipe.data, task.build_transform())
     task.on_dataset(dataset)
@@ -580,7 +538,6 @@ def _setup(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_star
         torch.set_num_threads(tc.cpu_threads)
     amp_dtype, use_scaler = resolve_precision(tc.precision, env.device)
     model, core, ddp = _build_model(recipe, task, env)
-    attention = configure_attention(core, tc.attention, env.device, amp_dtype)
     lr = oc.resolved_lr(tc.batch_size)
     optimizer = build_optimizer(core, oc, tc.batch_size, **task.optimizer_kwargs(core))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=oc.min_lr,
@@ -588,7 +545,7 @@ def _setup(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_star
                                   warmup_prefix=True, t_in_epochs=False, cycle_limit=1)
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
     return _RunState(recipe, task, env, run_dir, t_start, dataset, sampler, ckpts, total_steps, warmup_steps,
-                     model, core, ddp, amp_dtype, attention, lr, optimizer, scheduler, scaler)
+                     model, core, ddp, amp_dtype, lr, optimizer, scheduler, scaler)
 
 
 def _prepare_run_dir(recipe: EngineRecipe, env: DistEnv, run_dir: Path) -> CheckpointManager:
@@ -658,13 +615,46 @@ def _resume(s: _RunState) -> None:
         restore_rng(rngs[s.env.rank])
     s.unreadable = UnreadableFiles.from_state(state.get("data_stats"))
     s.bad_total = s.unreadable.count
-    s.last_loss = (state.get("metrics") or {}).get("loss")
+    metrics = state.get("metrics") or {}
+    s.last_loss = metrics.get("loss")
+    if "epoch_loss_steps" in metrics:
+        s.epoch_loss = metrics.get("epoch_loss")
+        s.epoch_loss_sum, s.epoch_loss_steps = float(metrics["epoch_loss_sum"]), int(metrics["epoch_loss_steps"])
+    else:  # a checkpoint of an older mffzoo, without them: metrics.jsonl's window means, weighted by their steps
+        s.epoch_loss, s.epoch_loss_sum, s.epoch_loss_steps = epoch_losses_from_metrics(
+            s.run_dir, s.epoch, s.step_in_epoch, s.steps_per_epoch)
     s.compile = CompileDecision.from_state(state.get("compile"))
+    s.attention = AttentionChoice.from_state(state.get("attention")) or _legacy_attention(s)
     s.resumed_from = s.ckpt_path = path
-    _logger.info("resuming from %s (epoch %d, step %d/%d of the epoch, global step %d)", path, s.epoch,
-                 s.step_in_epoch, s.steps_per_epoch, s.global_step)
-    if s.global_step >= s.total_steps:
-        _logger.info("the run in %s is already complete; re-exporting its outputs", s.run_dir)
+    if s.global_step < s.total_steps:  # epochs 1-based, as every line the run prints
+        where = (f"in epoch {s.epoch + 1}/{s.tc.epochs} after step {s.step_in_epoch}/{s.steps_per_epoch} of it"
+                 if s.step_in_epoch else f"at the start of epoch {s.epoch + 1}/{s.tc.epochs}")
+        _logger.info("resuming from %s %s (global step %d/%d)", path, where, s.global_step, s.total_steps)
+
+
+def _already_finished(s: _RunState) -> TrainResult | None:
+    """A rerun of a finished run whose outputs are all in place: the result, having changed nothing. A finished
+    run with an output missing (or no summary of its end) goes on to ``_finish``, which writes them again."""
+    if s.global_step < s.total_steps:
+        return None
+    outputs = None
+    if s.env.is_main:
+        summary = read_json_object(s.run_dir / SUMMARY_NAME)
+        if summary.get("completed") and summary.get("global_step") == s.global_step:
+            outputs = s.task.finished_outputs(s.context(), summary)
+    outputs = all_gather_object(outputs)[0]  # rank 0 decides for every rank
+    done = (f"{s.epoch} epoch{'s' * (s.epoch != 1)}, {s.global_step} step{'s' * (s.global_step != 1)}, "
+            f"{FINAL_LOSS_LABEL} " + (f"{s.epoch_loss:.4f}" if s.epoch_loss is not None else "n/a"))
+    if outputs is None:
+        if s.env.is_main:
+            _logger.info("%s is already finished (%s) but its outputs are not all in place; writing them again from "
+                         "its final checkpoint %s", s.run_dir, done, s.ckpt_path)
+        return None
+    if s.env.is_main:
+        _logger.info("%s is already finished (%s); nothing to do: to train again, pass another --output, or --set "
+                     "checkpoint.restart=true (its checkpoints are moved aside)", s.run_dir, done)
+    return TrainResult(s.run_dir, True, "finished", s.epoch, s.global_step, s.total_steps, s.epoch_loss, s.ckpt_path,
+                       time.time() - s.t_start, 0.0, outputs if s.env.is_main else {}, already_finished=True)
 
 
 # --------------------------------------------------------------------------------------------- start
@@ -673,6 +663,7 @@ def _start(s: _RunState) -> None:
     machinery; and the header line that says what this run does."""
     tc, env, device = s.tc, s.env, s.device
     s.amp = torch.autocast(device.type, dtype=s.amp_dtype) if s.amp_dtype is not None else contextlib.nullcontext()
+    _decide_attention(s)
     _decide_compile(s)
     s.train_model = compile_for_training(s.model, s.compile.enabled)
     s.loader = build_loader(s.dataset, s.sampler, s.recipe.data, pin_memory=device.type == "cuda", seed=tc.seed,
@@ -683,9 +674,9 @@ def _start(s: _RunState) -> None:
     if env.is_main:
         _logger.info(
             "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d processes x %d accumulation,"
-            " lr %.3g, %s on %s (%s attention), compile: %s -> %s", s.recipe.name, len(s.dataset), tc.epochs,
+            " lr %.3g, %s on %s, %s, compile: %s -> %s", s.recipe.name, len(s.dataset), tc.epochs,
             s.steps_per_epoch, tc.batch_size, tc.batch_per_device, env.world_size, s.accum, s.lr,
-            str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "fp32", device, s.attention, s.compile,
+            precision_name(s.amp_dtype), device, s.attention, s.compile,
             s.run_dir)
         if s.warmup_steps >= s.total_steps:
             _logger.warning("the warm-up (optim.warmup_epochs=%g) covers the whole run (train.epochs=%d): the lr only "
@@ -708,6 +699,44 @@ def _rng_kept() -> Iterator[None]:
         yield
     finally:
         restore_rng(state)
+
+
+def _decide_attention(s: _RunState) -> None:
+    """``train.attention`` -> ``s.attention``, applied to the model. Under ``auto`` a resumed run keeps its
+    checkpoint's kernel; a CPU run under bf16 measures both kernels on the run's attention calls first
+    (:mod:`mffzoo.train.attention`). Every rank takes rank 0's choice; the run's RNG streams are left as they were."""
+    kept = s.attention
+    if s.tc.attention == "auto" and kept is not None:
+        s.attention = AttentionChoice(kept.kernel, _KEPT + kept.reason.removeprefix(_KEPT))
+        set_attention(s.core, kept.kernel)
+        return
+    forward = None
+    if not (s.tc.fsdp and s.env.distributed):  # FSDP2-sharded attention modules cannot be called on their own
+        task = copy.copy(s.task)  # a task that counts its steps (attributes it rebinds) does not count the probe
+
+        def forward() -> None:  # called only where a measurement is needed: no sample read otherwise
+            batch = _synthetic_batch(s, s.dataset[(0, 0)][0])
+            with s.amp:
+                task.step(s.core, batch)
+    with _rng_kept():
+        choice = choose_attention(s.core, s.tc.attention, s.device, s.amp_dtype, forward)
+    s.attention = all_gather_object(choice)[0]
+    set_attention(s.core, s.attention.kernel)
+
+
+def _legacy_attention(s: _RunState) -> AttentionChoice | None:
+    """A checkpoint written before choices were stored: what ``auto`` chose then (math only on AMX under bf16)."""
+    if s.tc.attention != "auto":
+        return None
+    amx = s.device.type == "cpu" and s.amp_dtype == torch.bfloat16 and cpu_features().amx
+    return AttentionChoice("math" if amx else "sdpa", "auto: the rule of the mffzoo version that wrote the checkpoint")
+
+
+def _synthetic_batch(s: _RunState, sample: torch.Tensor) -> Batch:
+    """A micro-batch of ``sample``'s shape (seeded noise, label 0): what the probes time."""
+    n, device = s.tc.batch_per_device, s.device
+    images = torch.randn((n, *sample.shape), generator=torch.Generator().manual_seed(0)).to(device)
+    return Batch(images, torch.zeros(n, dtype=torch.long, device=device), torch.arange(n))
 
 
 def _decide_compile(s: _RunState) -> None:
@@ -747,10 +776,8 @@ def _decide_compile(s: _RunState) -> None:
 def _probe_eager_step(s: _RunState, sample: torch.Tensor) -> float:
     """Seconds of one eager micro-step (forward + backward) on a synthetic batch of ``sample``'s shape, the
     slowest rank's; the run's RNG and gradients are left as they were."""
-    n, device = s.tc.batch_per_device, s.device
-    images = torch.randn((n, *sample.shape), generator=torch.Generator().manual_seed(0)).to(device)
-    batch = Batch(images, torch.zeros(n, dtype=torch.long, device=device), torch.arange(n))
-
+    device = s.device
+    batch = _synthetic_batch(s, sample)
     task = copy.copy(s.task)  # a task that counts its steps (attributes it rebinds) does not count the probe
 
     def step() -> torch.Tensor:
@@ -831,7 +858,7 @@ def _optimizer_step(s: _RunState) -> bool:
         _flush(s)
         mid_epoch = s.step_in_epoch < s.steps_per_epoch
         if mid_epoch and s.stop_sig:
-            _stop_now(s, s.stop_sig, f"at step {s.global_step}")
+            _stop_now(s, s.stop_sig, f"at step {s.global_step} (in epoch {s.epoch + 1}/{s.tc.epochs})")
             return True
         if ckpt_due and mid_epoch:
             _save_checkpoint(s)
@@ -844,23 +871,29 @@ def _end_epoch(s: _RunState) -> None:
     tc = s.tc
     _flush(s)
     s.stop_sig = max(s.stop_sig, s.vote.poll(s.stopper.signum, sync=True))  # ranks sync here anyway
+    s.epoch_loss = s.epoch_loss_sum / s.epoch_loss_steps if s.epoch_loss_steps else None
+    s.epoch_loss_sum, s.epoch_loss_steps = 0.0, 0
     s.epoch += 1
     s.step_in_epoch = 0
-    s.writer.write({"type": "epoch", "step": s.global_step, "epoch": s.epoch, "loss": s.last_loss,
+    s.writer.write({"type": "epoch", "step": s.global_step, "epoch": s.epoch, "loss": s.epoch_loss,
                     "bad_images": s.bad_total, "time": round(time.time() - s.t_start, 2)})
-    elapsed = time.time() - s.t_loop
-    eta = elapsed / max(s.images_this_run, 1) * (s.total_steps - s.global_step) * tc.batch_size
-    s.progress.epoch_line(
-        f"epoch {s.epoch}/{tc.epochs}  step {s.global_step}/{s.total_steps}  loss {s.last_loss:.4f}  "
-        f"lr {max(g['lr'] for g in s.optimizer.param_groups):.2e}  "
-        f"{s.images_this_run / max(elapsed, 1e-9):.0f} img/s  "
-        f"elapsed {format_duration(time.time() - s.t_start)}  eta {format_duration(eta)}"
-    )
+    mean = f"{s.epoch_loss:.4f}" if s.epoch_loss is not None else "n/a"
+    s.progress.epoch_line(_status_line(s, s.epoch, f"loss {mean} (epoch mean)",
+                                       s.images_this_run / max(time.time() - s.t_loop, 1e-9)))
     if s.stop_sig and s.epoch < tc.epochs:
         _stop_now(s, s.stop_sig, f"at the end of epoch {s.epoch}")
     elif s.epoch % s.recipe.checkpoint.every_epochs == 0 or s.epoch == tc.epochs:
         _save_checkpoint(s)
     s.task.on_epoch_end(s.context())
+
+
+def _status_line(s: _RunState, epoch: int, loss: str, img_s: float) -> str:
+    """A progress line: ``epoch`` (1-based: the epoch running, or just done), step, ``loss``, lr, speed, time."""
+    elapsed = time.time() - s.t_loop
+    eta = elapsed / max(s.images_this_run, 1) * (s.total_steps - s.global_step) * s.tc.batch_size
+    return (f"epoch {epoch}/{s.tc.epochs}  step {s.global_step}/{s.total_steps}  {loss}  "
+            f"lr {max(g['lr'] for g in s.optimizer.param_groups):.2e}  {img_s:.0f} img/s  "
+            f"elapsed {format_duration(time.time() - s.t_start)}  eta {format_duration(eta)}")
 
 
 # --------------------------------------------------------------------------------------------- log window
@@ -882,6 +915,8 @@ def _flush(s: _RunState) -> dict[str, Any] | None:
     if n:
         now = time.time()
         s.last_loss = float(vals[:n].mean())
+        s.epoch_loss_sum += float(vals[:n].double().sum())
+        s.epoch_loss_steps += n
         rec = {"type": "train", "step": s.global_step,
                "epoch": round(s.epoch + s.step_in_epoch / s.steps_per_epoch, 4), "loss": s.last_loss,
                "lr": max(g["lr"] for g in s.optimizer.param_groups),
@@ -895,6 +930,9 @@ def _flush(s: _RunState) -> dict[str, Any] | None:
             off += size
         s.writer.write(rec)
         s.progress.show(rec)
+        if s.progress.windows and s.step_in_epoch < s.steps_per_epoch:  # (at an epoch's end: the epoch line)
+            # off a terminal: a plain line per log window, where a bar would have moved
+            s.progress.window_line(_status_line(s, s.epoch + 1, f"loss {s.last_loss:.4f}", rec["img_s"]))
         s.t_window, s.imgs_window = now, 0
     s.window, s.metric_sums, s.metric_count = [], {}, 0
     return rec
@@ -940,7 +978,9 @@ def _save_checkpoint(s: _RunState) -> Path | None:
             "epoch": e, "step_in_epoch": step, "global_step": s.global_step, "steps_per_epoch": s.steps_per_epoch,
             "total_steps": s.total_steps, "world_size": s.env.world_size, "sampler": sampler_state, "rng": rngs,
             "data_stats": s.unreadable.state(), "compile": s.compile.state() if s.compile else None,
-            "metrics": {"loss": s.last_loss}, "recipe": to_dict(s.recipe),
+            "attention": s.attention.state() if s.attention else None,
+            "metrics": {"loss": s.last_loss, "epoch_loss": s.epoch_loss, "epoch_loss_sum": s.epoch_loss_sum,
+                        "epoch_loss_steps": s.epoch_loss_steps}, "recipe": to_dict(s.recipe),
         }
         s.ckpt_path = s.ckpts.save(state, s.global_step)
     barrier()
@@ -967,7 +1007,7 @@ def _finish(s: _RunState) -> TrainResult:
         extra = s.task.on_train_end(s.context(model_sd if s.env.is_main else None)) or {}
         barrier()
     wall = time.time() - s.t_start
-    result = TrainResult(s.run_dir, completed, s.stop_reason, s.epoch, s.global_step, s.total_steps, s.last_loss,
+    result = TrainResult(s.run_dir, completed, s.stop_reason, s.epoch, s.global_step, s.total_steps, s.epoch_loss,
                          s.ckpt_path, wall, s.images_this_run / max(time.time() - s.t_loop, 1e-9), extra)
     if s.env.is_main:
         _write_summary(result, s.recipe, s.env, s.bad_total)
@@ -986,10 +1026,11 @@ def _write_summary(result: TrainResult, recipe: EngineRecipe, env: DistEnv, bad_
         "name": recipe.name, "completed": result.completed, "stop_reason": result.stop_reason,
         "epochs": result.epoch, "global_step": result.global_step, "total_steps": result.total_steps,
         "final_loss": result.final_loss if result.final_loss is None or math.isfinite(result.final_loss) else None,
+        "final_loss_kind": FINAL_LOSS_KIND,
         "images_seen": result.global_step * recipe.train.batch_size, "wall_s": round(result.wall_s, 1),
         "images_per_s_this_run": round(result.images_per_s, 1), "world_size": env.world_size,
         "device": str(env.device), "bad_images": bad_total,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.extra.items()},
     }
-    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (result.run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")

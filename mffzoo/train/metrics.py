@@ -1,8 +1,11 @@
-"""What a run reports: a progress bar (rank 0, TTY only), ``metrics.jsonl``, TensorBoard events if installed.
+"""What a run reports: progress (rank 0: a bar on a TTY, else plain lines), ``metrics.jsonl``, TensorBoard events
+if installed.
 
 Every record is one JSON object per line: ``{"type": "train", "step", "epoch", "loss", "lr", "img_s", "mem_mb",
-"time", ...task metrics (e.g. "fusion_weights": [...])}`` or ``{"type": "epoch", ...}`` at each epoch end.
-On resume, records newer than the checkpoint are dropped so the history has no repeated steps.
+"time", ...task metrics (e.g. "fusion_weights": [...])}`` per log window, ``loss`` its mean, or ``{"type": "epoch",
+...}`` at each epoch end, ``loss`` the mean over all of that epoch's optimizer steps. ``epoch`` counts epochs done:
+fractional in a window record (1.5 = halfway through the 2nd epoch), the 1-based number of the epoch that ended
+in an epoch record. On resume, records newer than the checkpoint are dropped so the history has no repeated steps.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from ..progress import format_duration
 
 _logger = logging.getLogger("mffzoo.train")
 
-__all__ = ["MetricsWriter", "Progress", "read_metrics", "format_duration", "peak_memory_mb", "reset_peak_memory",
-           "proc_status_kib"]
+__all__ = ["MetricsWriter", "Progress", "read_metrics", "epoch_losses_from_metrics", "format_duration",
+           "peak_memory_mb", "reset_peak_memory", "proc_status_kib"]
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -78,6 +81,29 @@ def read_metrics(run_dir: str | Path, kind: str | None = "train") -> list[dict[s
     return out
 
 
+def epoch_losses_from_metrics(run_dir: str | Path, epoch: int, step_in_epoch: int, steps_per_epoch: int,
+                              ) -> tuple[float | None, float, int]:
+    """(mean loss of the last completed epoch or None, loss sum and steps of the current epoch so far), rebuilt
+    from ``metrics.jsonl``'s window means, each weighted by its steps (windows never span an epoch end), for a
+    checkpoint of an older mffzoo that did not store them. ``epoch``: epochs completed (the checkpoint's)."""
+    records = read_metrics(run_dir)
+
+    def window_sum(lo: int, hi: int) -> tuple[float, int]:
+        total, steps, prev = 0.0, 0, lo
+        for r in records:
+            step = int(r.get("step", 0))
+            if lo < step <= hi and isinstance(r.get("loss"), (int, float)):
+                total += float(r["loss"]) * (step - prev)
+                steps += step - prev
+                prev = step
+        return total, steps
+
+    start = epoch * steps_per_epoch
+    last_sum, last_steps = window_sum(start - steps_per_epoch, start) if epoch else (0.0, 0)
+    cur_sum, cur_steps = window_sum(start, start + step_in_epoch)
+    return (last_sum / last_steps if last_steps else None), cur_sum, cur_steps
+
+
 class MetricsWriter:
     """JSON-lines log plus TensorBoard; a no-op on ranks other than 0."""
 
@@ -125,13 +151,20 @@ class MetricsWriter:
 
 
 class Progress(BaseProgress):
-    """tqdm bar over optimizer steps (rank 0, on a TTY); otherwise one log line per epoch."""
+    """tqdm bar over optimizer steps (rank 0, on a TTY); otherwise plain log lines, no carriage returns: one per
+    log window (``windows``: mode ``auto``, so a piped or batch-job log shows the run moving) and one per epoch
+    (mode ``epoch``: those only)."""
 
     def __init__(self, mode: str, enabled: bool, total: int, initial: int) -> None:
         super().__init__(mode, enabled, total, initial, unit="step", logger=_logger)
+        self.windows = self.lines and mode == "auto"
 
     def show(self, rec: dict[str, Any]) -> None:
         self.postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}")
+
+    def window_line(self, text: str) -> None:
+        if self.windows and self.lines:
+            self.logger.info(text)
 
     def epoch_line(self, text: str) -> None:
         self.line(text)

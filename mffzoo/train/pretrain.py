@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archs import published_tag, registered_schedule
+from ..archs import describe_arch, published_tag, registered_schedule
 from ..config import load_config, to_dict
+from ..io import file_sha256
 from ..models.mff import MFFPretrainModel, create_pretrain_model
-from ..zoo.home import FUSION_LAYERS_KEY, entry_dir, git_commit
+from ..zoo.home import FUSION_LAYERS_KEY, WEIGHTS_NAME, entry_dir, git_commit
 from .data import Batch, derive_seed, pretrain_transform, preview_transform
-from .engine import RunContext, Task, TrainResult, run
+from .engine import FINAL_LOSS_KIND, RunContext, Task, TrainResult, run
 from .metrics import read_metrics
 from .publish import save_timm_folder
 from .recipe import PretrainRecipe, load_recipe
@@ -101,9 +103,11 @@ class PretrainTask(Task):
         if not ctx.env.is_main:
             return None
         d = self.recipe.data
+        loss = f"{ctx.epoch_loss:.4f}" if ctx.epoch_loss is not None else "n/a"
         return save_reconstruction_grid(
-            out, ctx.run_dir / "vis" / name, d.mean, d.std,
-            title=f"{self.recipe.name}: epoch {ctx.epoch}, step {ctx.global_step}, loss {ctx.last_loss or 0:.4f}",
+            out, ctx.run_dir / "vis" / name, d.mean, d.std, norm_pix=self.recipe.model.norm_pix_loss,
+            title=f"{self.recipe.name}: after epoch {ctx.epoch} of {self.recipe.train.epochs}, step "
+                  f"{ctx.global_step}, loss {loss} (epoch mean)",
         )
 
     def on_epoch_end(self, ctx: RunContext) -> None:
@@ -129,15 +133,51 @@ class PretrainTask(Task):
         if r.publish.zoo and tag:
             out["zoo_entry"] = save_timm_folder(entry_dir(m.arch, tag), m.arch, m.encoder_kwargs(),
                                                    ctx.state_dict, meta)
-            _logger.info("published %s.%s -> %s", m.arch, tag, out["zoo_entry"])
+            _logger.info("published %s.%s (%s) -> %s", m.arch, tag, meta["model"], out["zoo_entry"])
             if tag != r.publish.tag:
-                _logger.warning(
-                    "published as %s.%s, not %s: this run trained %d of the %d epochs that tag stands for; to "
-                    "publish it as %s anyway: mffzoo convert %s/checkpoints/<file>.pth %s", m.arch, tag,
-                    r.publish.tag, ctx.epoch, registered_schedule(m.arch, r.publish.tag), r.publish.tag,
-                    ctx.run_dir, entry_dir(m.arch, r.publish.tag))
+                _logger.warning("published as %s.%s, not %s: this run trained %d of the %d epochs that tag stands "
+                                "for; %s", m.arch, tag, r.publish.tag, ctx.epoch,
+                                registered_schedule(m.arch, r.publish.tag), self._publish_anyway_hint(ctx))
         else:
-            _logger.info("not published to the zoo (publish.tag is null); weights in %s", model_dir)
+            why = "publish.zoo is false" if not r.publish.zoo else "publish.tag is null"
+            _logger.info("not published to the zoo (%s); weights in %s", why, model_dir)
+        return out
+
+    def _publish_anyway_hint(self, ctx: RunContext) -> str:
+        """The command that publishes a partial run under its real tag, runnable as printed. It never carries
+        --overwrite: weights already under that tag (a full run's, say) are the user's to replace, so the hint
+        only says that they are there."""
+        m, tag = self.recipe.model, self.recipe.publish.tag
+        dest = entry_dir(m.arch, str(tag))
+        ckpt = ctx.checkpoint or ctx.run_dir / "checkpoints" / f"checkpoint-{ctx.global_step:08d}.pth"
+        hint = f"to publish it as {tag} anyway: {shlex.join(['mffzoo', 'convert', str(ckpt), str(dest)])}"
+        if (dest / WEIGHTS_NAME).is_file():
+            hint += f" ({dest} already holds weights: convert refuses to replace them unless you add --overwrite)"
+        return hint
+
+    def finished_outputs(self, ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any] | None:
+        """``RUN/model`` and the zoo entry this run published, when both are still there: a rerun then leaves
+        them (and the evaluations recorded in the entry) alone. An entry that holds other weights now (published
+        since by another run) is left too, and not claimed as this run's."""
+        out: dict[str, Any] = {"model_dir": ctx.run_dir / "model"}
+        mine = out["model_dir"] / WEIGHTS_NAME
+        r, m = self.recipe, self.recipe.model
+        tag = published_tag(m.arch, r.publish.tag, ctx.epoch) if r.publish.tag else None
+        entry = entry_dir(m.arch, tag) if r.publish.zoo and tag else None
+        if not mine.is_file() or (entry is not None and not (entry / WEIGHTS_NAME).is_file()):
+            return None
+        if entry is not None:
+            if file_sha256(entry / WEIGHTS_NAME) == file_sha256(mine):
+                out["zoo_entry"] = entry
+            else:
+                _logger.warning("%s holds other weights than this run's (published since); left as they are (to "
+                                "replace them with this run's: %s --overwrite)", entry,
+                                shlex.join(["mffzoo", "convert", str(ctx.checkpoint), str(entry)]))
+        for key in ("reconstruction_png", "fusion_plot"):
+            if summary.get(key) and Path(summary[key]).is_file():
+                out[key] = Path(summary[key])
+        if summary.get("fusion_weights") is not None:
+            out["fusion_weights"] = summary["fusion_weights"]
         return out
 
     def provenance(self, ctx: RunContext, fusion_weights: Sequence[float] | None) -> dict[str, Any]:
@@ -147,7 +187,9 @@ class PretrainTask(Task):
             "global_step": ctx.global_step, "images_seen": ctx.images_seen,
             "data": {"root": r.data.root, "dataset": r.data.dataset or "folder", "split": r.data.split,
                      "num_images": len(ctx.dataset), "augment": r.data.augment, "unreadable_skipped": ctx.bad_images},
-            "final_loss": ctx.last_loss, "method": "mae" if r.model.is_mae else "mff",
+            "model": describe_arch(r.model.arch, r.model.encoder_kwargs()),
+            "final_loss": ctx.epoch_loss, "final_loss_kind": FINAL_LOSS_KIND,
+            "method": "mae" if r.model.is_mae else "mff",
             FUSION_LAYERS_KEY: r.model.fusion_layers, "fusion_weights": list(fusion_weights or []),
             "world_size": ctx.env.world_size, "device": str(ctx.env.device), "wall_time_s": round(ctx.wall_s, 1),
             "git_commit": git_commit(Path(__file__).parent),

@@ -22,6 +22,7 @@ import torch
 import yaml
 from huggingface_hub import HfApi
 
+from ..archs import describe_arch
 from ..errors import ConfigError, WeightsNotFoundError
 from ..io import write_json
 from ..zoo.home import CONFIG_NAME, META_NAME, WEIGHTS_NAME, write_model_folder
@@ -68,16 +69,56 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+_PAPER = ('"Improving Pixel-based MIM by Reducing Wasted Modeling Capability" (Liu et al., ICCV 2023, '
+          "arXiv:2308.00261; official code: "
+          "[open-mmlab/mmpretrain](https://github.com/open-mmlab/mmpretrain/tree/main/configs/mff))")
+
+
+_CITATION = """
+## Citation
+
+```bibtex
+@inproceedings{liu2023mff,
+  title={Improving Pixel-based MIM by Reducing Wasted Modeling Capability},
+  author={Liu, Yuan and Zhang, Songyang and Chen, Jiacheng and Yu, Zhaohui and Chen, Kai and Lin, Dahua},
+  booktitle={ICCV},
+  year={2023}
+}
+```
+"""
+
+
+def _provenance_paragraph(kind: str, method: str, recipe: dict[str, Any], meta: dict[str, Any]) -> str:
+    """How the weights came to be, as far as the folder records it: trained by mffzoo, or converted from a file."""
+    if recipe:
+        return (f"A plain ViT encoder (timm `VisionTransformer`, no classifier head) pretrained with {method} by "
+                f"mffzoo, the method of {_PAPER}.\nThe fusion projections and the MAE decoder are pretraining-only; "
+                "they are kept in `pretrain_extras.safetensors` for resuming or visualising.")
+    text = (f"A plain ViT encoder (timm `VisionTransformer`) converted by `mffzoo convert` from a "
+            f"{meta.get('source_kind') or 'checkpoint of unrecorded kind'}.")
+    if kind == "mff":
+        text += f" MFF is the method of {_PAPER}."
+    return text
+
+
 def _model_card(repo_id: str, arch: str, native: str, config: dict[str, Any], meta: dict[str, Any],
                 recipe_yaml: str, images: list[str]) -> str:
     args = config.get("model_args") or {}
     data = meta.get("data") or {}
-    method = "MAE (single-level baseline)" if meta.get("method") == "mae" else "MFF (multi-level feature fusion)"
+    recipe = meta.get("recipe") or {}
+    # what the folder says, never a default of MFF: a converted plain timm state dict records "unknown"
+    kind = meta.get("method") or ("mff" if recipe else "unknown")
+    method = {"mae": "MAE (single-level baseline)", "mff": "MFF (multi-level feature fusion)"}.get(
+        kind, meta.get("source_kind") or "unknown (not recorded)")
+    target = "raw pixels" if (recipe.get("model") or {}).get("norm_pix_loss") is False else "norm-pix"
+    loss_kind = meta.get("final_loss_kind") or "last log window"  # mffzoo.json of older runs: a window's mean
     rows = [
-        ("method", method), ("architecture", f"{arch} (timm: {native}, {json.dumps(args)})"),
+        ("method", method),
+        ("architecture", f"{meta.get('model') or describe_arch(arch, args)}: {arch} (timm: {native}, "
+                         f"{json.dumps(args)})"),
         ("recipe", meta.get("recipe_name")), ("epochs", meta.get("epochs")),
         ("optimizer steps", meta.get("global_step")), ("images seen", meta.get("images_seen")),
-        ("final loss (masked-patch MSE, norm-pix)", meta.get("final_loss")),
+        (f"final loss ({loss_kind}; masked-patch MSE, {target})", meta.get("final_loss")),
         ("fusion layers", meta.get("fusion_layers")), ("final fusion weights (softmax)", meta.get("fusion_weights")),
         ("data", data.get("root")), ("images in dataset", data.get("num_images")),
         ("augmentation", data.get("augment")), ("processes", meta.get("world_size")),
@@ -94,19 +135,14 @@ tags:
 - image-feature-extraction
 - timm
 - mffzoo
-- masked-image-modeling
-- {"mae" if meta.get("method") == "mae" else "mff"}
+- masked-image-modeling{f"{chr(10)}- {kind}" if kind in ("mff", "mae") else ""}
 ---
 
 # {repo_id.split("/")[-1]}
 
-{(meta.get("recipe") or {}).get("description", "")}
+{recipe.get("description", "")}
 
-A plain ViT encoder (timm `VisionTransformer`, no classifier head) pretrained with {method} by mffzoo, the
-method of "Improving Pixel-based MIM by Reducing Wasted Modeling Capability" (Liu et al., ICCV 2023,
-arXiv:2308.00261; official code: [open-mmlab/mmpretrain](https://github.com/open-mmlab/mmpretrain/tree/main/configs/mff)).
-The fusion projections and the MAE decoder are pretraining-only; they are kept in `pretrain_extras.safetensors`
-for resuming or visualising.
+{_provenance_paragraph(kind, method, recipe, meta)}
 
 ## Usage
 
@@ -133,18 +169,7 @@ features = model.forward_features(transform(image).unsqueeze(0))  # (1, 1 + patc
 ```yaml
 {recipe_yaml.rstrip()}
 ```
-
-## Citation
-
-```bibtex
-@inproceedings{{liu2023mff,
-  title={{Improving Pixel-based MIM by Reducing Wasted Modeling Capability}},
-  author={{Liu, Yuan and Zhang, Songyang and Chen, Jiacheng and Yu, Zhaohui and Chen, Kai and Lin, Dahua}},
-  booktitle={{ICCV}},
-  year={{2023}}
-}}
-```
-"""
+{_CITATION if kind in ("mff", "mae") else ""}"""
 
 
 def build_hub_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], repo_id: str) -> Path:

@@ -99,13 +99,15 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 300
     batch_size: int = 4096  # effective (global) batch, kept on any number of devices by gradient accumulation
-    batch_per_device: int = 512  # micro-batch per process (official: 8 GPUs x 512); lower it to fit memory
+    # micro-batch per process (official: 8 GPUs x 512); lower it to fit memory. Where it is more than each
+    # process's share of batch_size (the demo's 64 on 2 or 4 processes), each process takes its share instead.
+    batch_per_device: int = 512
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # bf16 autocast where supported, else fp32 (CPU)/fp16
     # torch.compile the model: auto = on CUDA, and on a CPU when the run is long enough to pay the compilation
     # back (measured eager step vs cached or default compile cost; mffzoo.train.compile); true/false force it.
     compile: Literal["auto", True, False] = "auto"
-    # auto: plain matmul + softmax attention on AMX CPUs under bf16 autocast (torch's CPU flash-attention kernel
-    # was several times slower there, docs/benchmarks.md), fused SDPA everywhere else. Speed only: same weights.
+    # auto: fused SDPA on CUDA and in fp32; on a CPU under bf16, the faster of SDPA and matmul + softmax,
+    # measured at the run's shapes (mffzoo.train.attention; no rule held across CPUs). Speed only: same weights.
     attention: Literal["auto", "sdpa", "math"] = "auto"
     fsdp: bool = False  # shard parameters/gradients/optimizer with torch FSDP2 (fully_shard), for ViT-L
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -2,7 +2,9 @@
 
 - :func:`save_reconstruction_grid`: original / masked input / prediction / visible + prediction, de-normalised,
   for a fixed set of images and a fixed mask, so grids of different epochs compare. Each row says what it shows:
-  the loss covers the masked patches only, so the raw prediction is noise at the visible ones, by design.
+  the loss covers the masked patches only, so the raw prediction is noise at the visible ones, by design. With a
+  norm-pix target (``norm_pix=True``) the model predicts each patch's normalised pixels, so the picture borrows the
+  true patch's mean/std to be viewable; the caption says so, since the colours are then partly the target's.
 - :func:`save_fusion_plot`: the softmax fusion weight of each fused level over training (the paper analyses
   how MFF distributes weight across depths), plus the final weights as bars. Weights start uniform (1/K) and
   move a few percent, so both panels plot the deviation from 1/K, with the weights written on them.
@@ -39,9 +41,11 @@ def _pyplot():
 
 def save_reconstruction_grid(
     images: dict[str, torch.Tensor], path: str | Path, mean: Sequence[float], std: Sequence[float],
-    title: str = "",
+    title: str = "", norm_pix: bool = False,
 ) -> Path:
-    """``images`` is the dict of :meth:`MFFPretrainModel.reconstruct` (normalised tensors)."""
+    """``images`` is the dict of :meth:`MFFPretrainModel.reconstruct` (normalised tensors); ``norm_pix``: the
+    model's loss target was normalised pixels, so the prediction was de-normalised with each true patch's mean/std
+    (as ``reconstruct`` does), which the figure then says."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +68,13 @@ def save_reconstruction_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     ratio = float(images["mask"].float().mean())
-    fig.text(0.5, 0.01, f"{ratio:.0%} of the patches hidden; the loss covers those only, so the prediction at "
-             "visible patches is unconstrained (noise there is expected)", ha="center", va="bottom", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    caption = (f"{ratio:.0%} of the patches hidden; the loss covers those only, so the prediction at visible "
+               "patches is unconstrained (noise there is expected)")
+    if norm_pix:
+        caption += ("\nprediction shown with each patch's true mean/std (norm_pix target: the model predicts "
+                    "normalised pixels, not the patch's brightness or contrast)")
+    fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.07 if norm_pix else 0.04, 1, 1))
     return save_figure(fig, path, dpi=100)
 
 

@@ -1,7 +1,8 @@
-"""The zoo: the timm registry (registry), where weights live (home), where they come from (weights), and how
-foreign formats map (convert). Importing the package registers the ``mff_vit_*`` models with timm."""
+"""The zoo: the timm entrypoints (mff_vision_transformer, named as timm names its model families' modules, so
+``timm.list_models(module="mff_vision_transformer")`` lists them), where weights live (home), where they come from
+(weights), and how foreign formats map (convert). Importing the package registers the ``mff_vit_*`` models with timm."""
 
-from . import registry  # noqa: F401  (registers mff_vit_* with timm; mffzoo._register_models relies on it)
+from . import mff_vision_transformer  # noqa: F401  (registers mff_vit_* with timm; mffzoo._register_models needs it)
 from .checkpoint_io import atomic_torch_save, load_checkpoint_file
 from .convert import Converted, convert_checkpoint, convert_state_dict
 from .home import ZooEntry, entry_dir, list_local, write_model_folder, zoo_home

@@ -17,7 +17,7 @@ from huggingface_hub.errors import CacheNotFound
 from ..archs import ZOO_TAGS, is_local_cfg
 from .home import CONFIG_NAME, META_NAME, entry_dir, list_local
 
-__all__ = ["ZooRow", "zoo_rows", "hub_rows", "download_cache_path"]
+__all__ = ["ZooRow", "zoo_rows", "hub_rows", "download_cache_path", "schedule_mark"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,42 @@ def _first_top1(obj: object) -> float | None:
     return next((v for v in map(_first_top1, children) if v is not None), None)
 
 
+def schedule_mark(schedule: object) -> str:
+    """`` (shortened: 1 of 5 epochs)`` for a result whose schedule was cut below its recipe's (a fine-tune run
+    with ``--set train.epochs=1``), else '': such a number is no evidence next to full-schedule ones."""
+    if not isinstance(schedule, dict) or not schedule.get("shortened"):
+        return ""
+    return f" (shortened: {schedule.get('epochs')} of {schedule.get('recipe_epochs')} epochs)"
+
+
+def _top1s(rec: object) -> str | None:
+    """``39.6 (cls token) / 45.2 (avg-pooled patch tokens)``: each read-out's top-1 with what it read out (the
+    result's ``readout``; records of older evaluations have only the key, ``cls`` / ``avg``); None for a record
+    of another shape."""
+    results = rec.get("results") if isinstance(rec, dict) else None
+    if not isinstance(results, dict) or not results or not all(
+            isinstance(v, dict) and isinstance(v.get("top1"), (int, float)) for v in results.values()):
+        return None
+    out = []
+    order = {"cls": 0, "avg": 1}  # as eval reports them (mffzoo.json keeps its keys sorted)
+    for key, v in sorted(results.items(), key=lambda kv: order.get(kv[0], 2)):
+        label = v.get("readout") or (key if key in order else None)
+        out.append(f"{float(v['top1']):.1f}" + (f" ({label})" if label else ""))
+    return " / ".join(out)
+
+
 def _measured(meta: dict) -> str:
-    """Metrics measured by `mffzoo eval --update-zoo` (evidence next to the weights), else the final loss."""
+    """Metrics measured by `mffzoo eval --update-zoo` (evidence next to the weights), each with its read-out, else
+    the final loss with what it averages (``final_loss_kind``; older runs recorded a last log window's mean)."""
     parts = []
     for key, rec in (meta.get("eval") or {}).items():
-        top1 = _first_top1(rec)
+        top1 = _top1s(rec)
+        if top1 is None and (first := _first_top1(rec)) is not None:
+            top1 = f"{first:.1f}"
         if top1 is not None:
-            parts.append(f"{key} top-1 {top1:.1f}")
+            parts.append(f"{key} top-1 {top1}" + schedule_mark(rec.get("schedule")))
     if not parts and isinstance(meta.get("final_loss"), float):
-        parts.append(f"final loss {meta['final_loss']:.4f}")
+        parts.append(f"final loss ({meta.get('final_loss_kind') or 'last log window'}) {meta['final_loss']:.4f}")
     return ", ".join(parts)
 
 

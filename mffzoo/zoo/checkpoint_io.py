@@ -7,9 +7,12 @@ to construct arbitrary classes; ``.safetensors`` hold nothing but tensors. mmeng
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
 
-__all__ = ["load_checkpoint_file", "atomic_torch_save", "SAFE_EXTRA_GLOBALS"]
+__all__ = ["load_checkpoint_file", "atomic_torch_save", "why_unreadable", "SAFE_EXTRA_GLOBALS"]
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -59,11 +62,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         try:
             return dict(load_file(str(path), device="cpu"))
-        except Exception as exc:  # SafetensorError, OSError, ValueError, ...: any failure means a bad file
-            raise CheckpointError(
-                f"checkpoint '{path}' is not a readable safetensors file ({_first_line(exc)}); "
-                "re-download or re-export it"
-            ) from None
+        except Exception:  # SafetensorError, OSError, ValueError, ...: any failure means a bad file
+            raise CheckpointError(f"checkpoint '{path}' {why_unreadable(path)}; re-download or re-export it") from None
     try:
         # weights_only never runs code, so any exception is the file's fault: the unpickler raises KeyError,
         # IndexError, struct.error ... on junk bytes, not only UnpicklingError. Its UserWarnings (unknown
@@ -72,24 +72,17 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "global" in ln.lower()), None)
-        if detail is None:  # not a pickled object at all: junk bytes or a foreign file
-            why = next((ln for ln in lines if ln.startswith("Unsupported")), "unreadable pickle")
-            raise CheckpointError(
-                f"checkpoint '{path}' is corrupt or not a PyTorch checkpoint ({why[:80]}); "
-                "re-download it or pass a .pth/.safetensors file"
-            ) from None
+        # a refused class names a Python module.attribute; junk text after a GLOBAL opcode names none
+        blocked = re.search(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not|whose module)", str(exc))
+        if blocked is None:  # not a pickled object at all: junk bytes, a cut file or a foreign one
+            raise CheckpointError(_unreadable(path)) from None
         raise CheckpointError(
-            f"refusing to load '{path}': it contains pickled objects that are not tensors ({detail[:160]}); "
+            f"refusing to load '{path}': it contains pickled objects that are not tensors (e.g. {blocked.group(1)}); "
             "only weights are loaded here, never code. Re-save its state_dict on a trusted machine "
             "(torch.save(ckpt['state_dict'], ...)) or convert it to safetensors"
         ) from None
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt or truncated, or not a PyTorch checkpoint ({_first_line(exc)}); "
-            "re-download it or use an earlier copy"
-        ) from None
+    except Exception:
+        raise CheckpointError(_unreadable(path)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"checkpoint '{path}' holds a {type(obj).__name__}, not a dict of tensors; save model.state_dict() instead"
@@ -97,10 +90,69 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {line}"[:160] if line else type(exc).__name__
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unreadable(path: Path) -> str:
+    why = why_unreadable(path)
+    fix = ("pass a .pth/.safetensors checkpoint (or re-download it)" if why.startswith("is not")
+           else "re-download it or use an earlier copy")
+    return f"checkpoint '{path}' {why}; {fix}"
+
+
+def why_unreadable(path: str | os.PathLike[str]) -> str:
+    """What is wrong with a file that torch.load or safetensors refused, as the rest of a sentence
+    (``is truncated: ...``), read from the file itself: their own messages run to paragraphs (miniz internals,
+    weights_only advice) and cut to a line they stopped mid-sentence."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "is empty (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if path.suffix == ".safetensors":
+            return _safetensors_damage(path, head, size)
+        if head.startswith(_ZIP_MAGIC):  # torch's format since 1.6: a zip archive
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+            except (zipfile.BadZipFile, EOFError, ValueError):
+                return (f"is truncated: its zip archive ({size} bytes) ends without the central directory that "
+                        "closes every complete one")
+            if bad is not None:
+                return f"is corrupt: '{bad}' inside its zip archive fails its CRC check"
+            return "is corrupt: its zip archive is complete, but the checkpoint inside does not unpickle"
+        if head[:1] == b"\x80":  # a pickle's protocol opcode: torch's legacy (pre-1.6) format
+            return f"is truncated or corrupt: a legacy (non-zip) torch file of {size} bytes that breaks off mid-record"
+        return ("is not a PyTorch checkpoint, or is corrupt from its first bytes: it starts with neither a zip nor a "
+                "pickle header")
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _safetensors_damage(path: Path, head: bytes, size: int) -> str:
+    """Why a safetensors file does not load: its 8-byte header length, JSON header and data offsets vs its size."""
+    if len(head) < 8:
+        return f"is truncated: {size} bytes, fewer than the 8 that give the header length"
+    if size == 8:
+        return "is truncated: it ends right after the 8 bytes that give the header length"
+    n = int.from_bytes(head, "little")
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(min(n, size - 8))
+    if not header.lstrip().startswith(b"{"):
+        return "is not a safetensors file: no JSON header follows its first 8 bytes"
+    if 8 + n > size:
+        return f"is truncated: its header alone should be {n} bytes, but the file ends after {size - 8}"
+    try:
+        entries = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "is corrupt: its JSON header does not parse as a safetensors header"
+    if 8 + n + end > size:
+        return f"is truncated: its header lists {8 + n + end} bytes of tensors and header, the file has {size}"
+    return "is corrupt: its header and tensor data do not agree"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str], *, checksum: bool = False) -> Path:

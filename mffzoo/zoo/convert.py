@@ -29,11 +29,12 @@ from timm.layers import resample_abs_pos_embed
 from ..archs import ARCHS, canonical_arch
 from ..errors import CheckpointError, ConfigError
 from .checkpoint_io import load_checkpoint_file
-from .home import FUSION_LAYERS_KEY, write_model_folder
+from .home import FUSION_LAYERS_KEY, MODEL_FILES, write_model_folder
 
 _logger = logging.getLogger("mffzoo.zoo")
 
-__all__ = ["Converted", "convert_state_dict", "convert_checkpoint", "unwrap_checkpoint", "detect_format"]
+__all__ = ["Converted", "convert_state_dict", "convert_checkpoint", "check_destination", "unwrap_checkpoint",
+           "detect_format", "pretraining_of"]
 
 _WB = r"(weight|bias)"
 # Block internals shared by mmpretrain encoder layers and decoder blocks (mmcv TransformerEncoderLayer -> timm Block).
@@ -226,6 +227,26 @@ def convert_state_dict(
     return out
 
 
+def pretraining_of(conv: Converted) -> tuple[str, str]:
+    """(method, what the source is) for the provenance: ``mff``, ``mae`` or ``unknown``, by what the file shows.
+    Only fusion weights (or our own recipe's levels) show MFF; a plain timm state dict says nothing about how its
+    weights were pretrained, so it is not labelled MFF for having been loaded into an mff_* architecture."""
+    layers = conv.meta.get(FUSION_LAYERS_KEY)
+    levels = len(layers) if isinstance(layers, (list, tuple)) and layers else (
+        int(conv.extras["fusion.weights"].numel()) if "fusion.weights" in conv.extras else None)
+    fmt = conv.source_format
+    if fmt == "mffzoo" and levels is not None:
+        method = "mae" if levels == 1 else "mff"
+        return method, f"mffzoo training checkpoint ({method.upper()}, {levels} fused level{'s' * (levels != 1)})"
+    if fmt == "mmpretrain":
+        if levels is not None:
+            return "mff", f"mmpretrain MFF checkpoint ({levels} fused levels)"
+        return "unknown", "mmpretrain checkpoint without MFF fusion weights, pretraining method unknown"
+    if fmt == "mae":
+        return "mae", "MAE-format pretraining checkpoint (encoder + single-level MAE decoder)"
+    return "unknown", f"{fmt} state dict, pretraining method unknown"
+
+
 def key_groups(keys: list[str]) -> dict[str, int]:
     """``{"decoder_blocks.*": 12, "mask_token": 1}``: keys counted by their top-level module, in first-seen order."""
     out: dict[str, int] = {}
@@ -263,6 +284,22 @@ def _check_against(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> No
         )
 
 
+def check_destination(dst: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace a model folder silently (``mffzoo export``'s rule and wording for
+    artefacts) or to put a folder where a file is."""
+    dst = Path(dst)
+    for p in (dst, *dst.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"DEST '{dst}': '{p}' is a file, not a folder; choose another DEST (convert "
+                                  "writes a model folder)")
+            break
+    taken = [dst / name for name in MODEL_FILES if (dst / name).exists()]
+    if taken and not overwrite:
+        raise ConfigError(f"'{taken[0]}' already exists; pass --overwrite to replace the model in '{dst}' (its "
+                          "other files stay), or choose another DEST")
+
+
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -271,11 +308,14 @@ def convert_checkpoint(
     num_heads: int | None = None,
     keep_extras: bool = False,
     meta: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a checkpoint file into a zoo/timm model folder (``model.safetensors`` + ``config.json``).
 
     ``num_heads`` is only needed for non-standard widths from foreign formats: weights do not record it (ours do).
+    A folder that already holds a model is refused unless ``overwrite``; then only the model's files are replaced.
     """
+    check_destination(dst, overwrite)
     if arch is not None and canonical_arch(arch) not in ARCHS:
         raise ConfigError(f"unknown --arch '{arch}'; allowed: {', '.join(ARCHS)} (or omit it: it is inferred)")
     conv = convert_state_dict(load_checkpoint_file(src))
@@ -298,15 +338,22 @@ def convert_checkpoint(
     _check_against(conv.backbone, model)
     try:
         model.load_state_dict(conv.backbone, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"converted weights do not load into {arch}: {str(exc).splitlines()[0]}") from None
+    except RuntimeError:  # torch's first line is only "Error(s) in loading state_dict for ...:"; say which keys
+        want, have = set(model.state_dict()), set(conv.backbone)
+        missing, extra = sorted(want - have), sorted(have - want)
+        keys = "; ".join(f"{what}: {', '.join(ks[:4])}{f' (+{len(ks) - 4} more)' if len(ks) > 4 else ''}"
+                         for what, ks in (("missing", missing), ("unexpected", extra)) if ks)
+        raise CheckpointError(f"converted weights do not load into {arch} ({keys or 'tensors do not fit'}); pass "
+                              "the --arch that produced them, or convert the complete checkpoint") from None
     model_args = {k: v for k, v in kwargs.items() if k != "num_classes"}
     dropped = conv.dropped + ([] if keep_extras else list(conv.extras))
     if dropped:
         _logger.info("dropped %d keys that the timm model does not use: %s%s", len(dropped),
                      ", ".join(f"{p} ({n})" for p, n in key_groups(dropped).items()),
                      "" if keep_extras or not conv.extras else " (--keep-extras saves the fusion and decoder ones)")
-    info = {"source": str(src), "source_format": conv.source_format, "dropped_keys": len(dropped),
+    method, source_kind = pretraining_of(conv)
+    info = {"source": str(src), "source_format": conv.source_format, "source_kind": source_kind, "method": method,
+            "dropped_keys": len(dropped),
             "dropped": key_groups(dropped),
             "fusion_levels": int(conv.extras["fusion.weights"].numel()) if "fusion.weights" in conv.extras else None,
             **({FUSION_LAYERS_KEY: conv.meta[FUSION_LAYERS_KEY]} if FUSION_LAYERS_KEY in conv.meta else {}),

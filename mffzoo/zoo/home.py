@@ -6,12 +6,14 @@ Hub repo uses, so ``local-dir:``/``hf-hub:`` loading and publishing need no conv
     $MFFZOO_HOME/mff_vit_small_patch16_224.mff_in1k_300e/
         config.json          # timm: architecture, num_classes, model_args, pretrained_cfg
         model.safetensors    # backbone weights (timm VisionTransformer keys)
-        mffzoo.json          # provenance: recipe, epochs, data, final loss, fusion_layers, mffzoo version, git commit
+        mffzoo.json          # provenance: what the model is ("model"), how it was pretrained ("method": mff, mae
+                             # or unknown), recipe, epochs, data, final loss, fusion_layers, mffzoo version, git commit
         pretrain_extras.safetensors   # optional: fusion + decoder weights, to resume or visualise
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from ..io import atomic_write, cache_root, canonical_safetensors, read_json_object, umask_mode, write_json
+from ..archs import describe_arch
+from ..errors import ConfigError
+from ..io import atomic_write, cache_root, canonical_safetensors, file_sha256, read_json_object, umask_mode, write_json
 from ..version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
@@ -35,9 +39,13 @@ EXTRAS_NAME = "pretrain_extras.safetensors"
 # in a training checkpoint (``PretrainTask.checkpoint_meta``) and in a model folder's mffzoo.json (the run's
 # provenance, or ``convert_checkpoint`` copying it from the checkpoint); read back by :func:`recorded_fusion_layers`.
 FUSION_LAYERS_KEY = "fusion_layers"
+# What :func:`write_model_folder` writes; anything else in a model folder is the user's and survives a rewrite.
+MODEL_FILES = (WEIGHTS_NAME, CONFIG_NAME, META_NAME, EXTRAS_NAME)
+
+_logger = logging.getLogger("mffzoo.zoo")
 
 __all__ = ["zoo_home", "entry_dir", "ZooEntry", "list_local", "read_folder_meta", "recorded_fusion_layers",
-           "write_model_folder", "write_safetensors", "git_commit"]
+           "write_model_folder", "write_safetensors", "git_commit", "MODEL_FILES"]
 
 
 def zoo_home() -> Path:
@@ -108,7 +116,7 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
 
 def timm_config(
     arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None = None, *, tag: str | None = None,
-    data: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None, mff_paper: bool = True,
 ) -> dict[str, Any]:
     """timm's ``config.json`` for a backbone (what ``hf-hub:``/``local-dir:`` loading reads): its pretrained_cfg
     describes these weights (input size, the ``data`` mean/std they were trained with, tag), so timm's
@@ -118,6 +126,9 @@ def timm_config(
     for k in ("file", "url", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
               "description", "notes", "origin_url"):
         cfg.pop(k, None)
+    if not mff_paper:  # weights not pretrained with MFF (MAE, or unknown: a plain timm file) do not cite its paper
+        cfg.pop("paper_name", None)
+        cfg.pop("paper_ids", None)
     cfg["num_classes"] = getattr(model, "num_classes", 0)
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:
@@ -158,6 +169,46 @@ def write_safetensors(
     return atomic_write(path, canonical_safetensors(save(dict(tensors), metadata=dict(metadata or {}) or None)))
 
 
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """A hard link (no copy of a large file; the original stays until the old folder goes), else a copy."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    return a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Into the freshly written ``new``, what the folder ``old`` it replaces must keep: every file it did not
+    write (the user's: notes, exports), and when the weights are the same bytes, their recorded evaluations and
+    a pretrain_extras file the new write has none of. Evaluations of other weights are dropped, and said so."""
+    for item in old.iterdir():
+        if item.name in MODEL_FILES or (new / item.name).exists():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, new / item.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, new / item.name)
+    old_eval = read_folder_meta(old).get("eval")
+    old_eval = old_eval if isinstance(old_eval, dict) else {}
+    if not _same_weights(old / WEIGHTS_NAME, new / WEIGHTS_NAME):
+        if old_eval:
+            _logger.warning("%s: new weights, so the evaluations recorded for the previous ones are dropped (%s); "
+                            "measure them again with `mffzoo eval ... --update-zoo`", old, ", ".join(sorted(old_eval)))
+        return
+    if (old / EXTRAS_NAME).is_file() and not (new / EXTRAS_NAME).exists():
+        _link_or_copy(old / EXTRAS_NAME, new / EXTRAS_NAME)
+    if old_eval:
+        meta = read_folder_meta(new)
+        meta["eval"] = {**old_eval, **(meta.get("eval") or {})}  # a result the new write carries is newer
+        write_json(new / META_NAME, meta)
+        _logger.info("%s: same weights as before; kept their recorded evaluations (%s)", old,
+                     ", ".join(sorted(old_eval)))
+
+
 def write_model_folder(
     folder: str | os.PathLike[str],
     arch: str,
@@ -167,8 +218,13 @@ def write_model_folder(
     meta: Mapping[str, Any] | None = None,
     extras: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a timm-compatible model folder atomically (a reader never sees a half-written entry)."""
+    """Write a timm-compatible model folder atomically (a reader never sees a half-written entry).
+
+    Rewriting an existing folder replaces only :data:`MODEL_FILES`: the user's other files stay, and so do the
+    evaluations recorded for the weights (``eval`` in mffzoo.json) when the new weights are the same bytes."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"'{folder}' is a file, not a model folder; move it away or write the model elsewhere")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700; a zoo folder should be as readable as any other
@@ -176,11 +232,15 @@ def write_model_folder(
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_safetensors(tmp / WEIGHTS_NAME, sd, {"format": "pt", "architecture": arch})
         write_json(tmp / CONFIG_NAME, timm_config(arch, model, model_args, tag=_folder_tag(folder, arch, meta),
-                                                  data=((meta or {}).get("recipe") or {}).get("data")))
-        write_json(tmp / META_NAME, {"arch": arch, "mffzoo_version": __version__, **dict(meta or {})})
+                                                  data=((meta or {}).get("recipe") or {}).get("data"),
+                                                  mff_paper=(meta or {}).get("method", "mff") == "mff"))
+        # "model": what the backbone is (e.g. a ViT-S entrypoint shrunk to 64 px), which the arch name does not say
+        write_json(tmp / META_NAME, {"arch": arch, "model": describe_arch(arch, model_args),
+                                     "mffzoo_version": __version__, **dict(meta or {})})
         if extras:
             write_safetensors(tmp / EXTRAS_NAME, {k: v.detach().cpu().contiguous() for k, v in extras.items()})
         if folder.exists():
+            _carry_over(folder, tmp)
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
             tmp.rename(folder)

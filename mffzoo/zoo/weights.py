@@ -1,7 +1,7 @@
 """The one place that decides where a model's weights come from.
 
 ``timm.create_model(name, pretrained=True)`` reaches :func:`resolve_pretrained` through the entrypoints in
-:mod:`mffzoo.zoo.registry`;
+:mod:`mffzoo.zoo.mff_vision_transformer`;
 :func:`load_model` is the front door for the CLI and every other tool (export, eval, bench): it accepts a
 registered name with or without tag, ``hf-hub:org/name``, ``local-dir:PATH``, a model folder, or a checkpoint
 file of any supported format.
@@ -26,7 +26,7 @@ from timm.models import PretrainedCfg
 from ..archs import ZOO_TAGS, is_local_cfg
 from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
 from ..io import read_json_object
-from .checkpoint_io import load_checkpoint_file
+from .checkpoint_io import load_checkpoint_file, why_unreadable
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
 
@@ -211,7 +211,8 @@ def load_model(
 
     ``random_init`` builds the architecture a name, folder or checkpoint describes without its weights (after
     ``torch.manual_seed(seed)`` when ``seed`` is given, so a smoke run is reproducible); ``img_size`` overrides the
-    input size. (The mff_* names are registered: importing this package imports :mod:`mffzoo.zoo.registry`.)
+    input size. (The mff_* names are registered: importing this package imports
+    :mod:`mffzoo.zoo.mff_vision_transformer`.)
     """
     if random_init:
         pretrained = False
@@ -243,9 +244,13 @@ def load_model(
         raise
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"model '{spec}': {exc}; check the path") from None
-    except SafetensorError as exc:  # timm's own loader reading a folder's model.safetensors
-        raise CheckpointError(f"the weights of '{spec}' are not a readable safetensors file "
-                              f"({str(exc).splitlines()[0][:120]}); re-download or re-export them") from None
+    except SafetensorError:  # timm's own loader reading a folder's model.safetensors
+        file = (extra.get("pretrained_cfg_overlay") or {}).get("file")
+        if file is None and name.startswith("local-dir:"):
+            file = Path(name[len("local-dir:"):]) / WEIGHTS_NAME
+        what = f"'{file}' {why_unreadable(file)}" if file else "their safetensors file is truncated or corrupt"
+        raise CheckpointError(f"the weights of '{spec}' cannot be read: {what}; re-download or re-export them"
+                              ) from None
     except json.JSONDecodeError as exc:  # timm reading a folder's config.json
         raise CheckpointError(f"the {CONFIG_NAME} of '{spec}' is not valid JSON ({exc}); re-download or re-export "
                               "the model folder") from None
