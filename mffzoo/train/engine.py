@@ -673,9 +673,10 @@ def _start(s: _RunState) -> None:
     s.progress = Progress(s.recipe.log.progress, env.is_main, s.total_steps, s.global_step)
     if env.is_main:
         _logger.info(
-            "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d processes x %d accumulation,"
-            " lr %.3g, %s on %s, %s, compile: %s -> %s", s.recipe.name, len(s.dataset), tc.epochs,
-            s.steps_per_epoch, tc.batch_size, tc.batch_per_device, env.world_size, s.accum, s.lr,
+            "training %s: %d images, %d epochs x %d steps, batch %d = %d per device x %d process%s x %d "
+            "accumulation, lr %.3g, %s on %s, %s, compile: %s -> %s", s.recipe.name, len(s.dataset), tc.epochs,
+            s.steps_per_epoch, tc.batch_size, tc.batch_per_device, env.world_size,
+            "es" if env.world_size != 1 else "", s.accum, s.lr,
             precision_name(s.amp_dtype), device, s.attention, s.compile,
             s.run_dir)
         if s.warmup_steps >= s.total_steps:

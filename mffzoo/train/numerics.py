@@ -41,8 +41,8 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
     cpu = cpu_features()
     if cpu.native_bf16:
         return torch.bfloat16, False
-    _logger.warning("this CPU (%s: %s) has no native bf16 (AVX512-BF16/AMX); training in fp32", cpu.model,
-                    cpu.describe())
+    _logger.warning("this CPU (%s, %s) has no native bf16 (that needs AVX512-BF16 or AMX); training in fp32",
+                    cpu.model, cpu.kind.upper())
     return None, False
 
 
