@@ -9,6 +9,7 @@ fixes that; ``test_signals_survive_compiled_models_destroyed_out_of_order`` guar
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.name in _OPENVINO_FILES or "openvino" in item.name:
             item.add_marker(pytest.mark.openvino)
+
+
+@pytest.fixture
+def drop_stale_cli_handler() -> None:
+    """An in-process `main()` leaves a root handler on the stderr that capsys has since closed; drop it (modules
+    that call `main()` use it with ``pytestmark = pytest.mark.usefixtures("drop_stale_cli_handler")``)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) is logging.StreamHandler and getattr(h.stream, "closed", False):
+            root.removeHandler(h)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pickle
 import random
@@ -37,13 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEXT = b"this is a plain text file, not a checkpoint\n" * 8
 
 
-@pytest.fixture(autouse=True)
-def _drop_stale_cli_handler() -> None:
-    """An in-process `main()` leaves a root handler on the stderr that capsys has since closed; drop it."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if type(h) is logging.StreamHandler and getattr(h.stream, "closed", False):
-            root.removeHandler(h)
+pytestmark = pytest.mark.usefixtures("drop_stale_cli_handler")
 
 
 def sha256(path: Path) -> str:
@@ -218,8 +211,9 @@ def test_checksum_catches_flipped_bytes(training_ckpt: Path, tmp_path: Path) -> 
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt or truncated: its bytes do not match c\.pth\.sha256"):
         load_checkpoint_file(path)
-    side.unlink()
-    load_checkpoint_file(path)  # without the checksum the damage is silent: why every checkpoint gets one
+    side.unlink()  # without the checksum the zip's own CRC-32 of the member still catches it
+    with pytest.raises(CheckpointError, match=r"is corrupt: '.*' inside its zip archive fails its CRC-32 check"):
+        load_checkpoint_file(path)
 
 
 def _state(step: int) -> dict:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..errors import CheckpointError
+from ..config import read_yaml
+from ..errors import CheckpointError, ConfigError
 from ..io import save_figure
 from ..train.metrics import read_metrics
 from ..train.visualize import block_names, draw_fusion_bars, draw_fusion_history
@@ -61,8 +61,8 @@ def _run_fusion_layers(run_dir: Path) -> list[int] | None:
     """The fused blocks of a run that has no checkpoint yet: its ``recipe.yaml`` (written by the engine at start)."""
     path = run_dir / "recipe.yaml"
     try:
-        recipe = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
+        recipe = read_yaml(path) if path.is_file() else None  # the one YAML reader: UTF-8, limited aliases/depth
+    except (OSError, ConfigError):
         return None
     return recorded_fusion_layers(recipe.get("model")) if isinstance(recipe, dict) else None
 

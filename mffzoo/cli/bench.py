@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .options import BATCH, IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count
+
 
 @click.group("bench")
 def bench() -> None:
@@ -17,17 +19,19 @@ def bench() -> None:
 
 
 @bench.command("infer")
-@click.argument("model", required=False)
+@click.argument("model", type=MODEL, required=False)
 @click.option("--random-init", is_flag=True, help="Random weights (fine for speed; parity is still measured).")
-@click.option("--batch", default=8, show_default=True, help="Batch size of the throughput measurement.")
+@click.option("--batch", type=BATCH, default=8, show_default=True, help="Batch size of the throughput measurement.")
 @click.option("--backends", default=None,
               help="Comma-separated backends (default: all available here). See `--list`.")
 @click.option("--list", "list_backends", is_flag=True, help="List the backends and whether they run here.")
-@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds (spread = min..max over rounds).")
-@click.option("--iters", default=10, show_default=True, help="Timed calls per backend per round and measurement.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime (default: all).")
-@click.option("--img-size", type=int, default=None)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--rounds", type=count(1), default=3, show_default=True,
+              help="Interleaved rounds (spread = min..max over rounds).")
+@click.option("--iters", type=count(1), default=10, show_default=True,
+              help="Timed calls per backend per round and measurement.")
+@click.option("--threads", type=count(1), default=None, help="CPU threads for torch and ONNX Runtime (default: all).")
+@click.option("--img-size", type=IMG_SIZE, default=None)
+@click.option("--json", "json_path", type=OUT_PATH, default=None, help="Write the results here.")
 def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
@@ -74,13 +78,14 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
               help="Comma-separated HF ViTMAEForPreTraining rows: auto (the peer under each mffzoo row's "
                    "precision: hf-bf16 where bf16 runs, hf where it falls back to fp32), hf (its fp32 default), "
                    "hf-bf16, hf-fp16; e.g. auto,hf adds the fp32 default for reference.")
-@click.option("--batch-size", type=int, default=None, help="Per step, same for every implementation "
+@click.option("--batch-size", type=BATCH, default=None, help="Per step, same for every implementation "
               "(default: the recipe's train.batch_per_device; per size: s 16, b 8, l 4 on a CPU; s 256, b 128, "
               "l 64 on a GPU).")
-@click.option("--steps", default=5, show_default=True, help="Timed steps (img/s uses their median).")
-@click.option("--warmup", default=2, show_default=True, help="Untimed steps first (a compiled row compiles in "
-              "them).")
-@click.option("--repeats", default=1, show_default=True, help="Runs, each in a fresh process (the spread).")
+@click.option("--steps", type=count(1), default=5, show_default=True, help="Timed steps (img/s uses their median).")
+@click.option("--warmup", type=count(0), default=2, show_default=True,
+              help="Untimed steps first (a compiled row compiles in them).")
+@click.option("--repeats", type=count(1), default=1, show_default=True,
+              help="Runs, each in a fresh process (the spread).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="[default: auto, or the recipe's train.device]")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -88,7 +93,7 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
                    "else a model override (recipe model.* key), e.g. --set depth=4.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory runs (one fresh process per row).")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for docs/benchmarks.md).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the rows here.")
+@click.option("--json", "json_path", type=OUT_PATH, default=None, help="Write the rows here.")
 def train(recipe: str | None, models: str | None, impls: str | None, peers: str, batch_size: int | None, steps: int,
           warmup: int, repeats: int, device: str | None, overrides: tuple[str, ...], no_memory: bool, markdown: bool,
           json_path: Path | None) -> None:
@@ -114,18 +119,21 @@ def train(recipe: str | None, models: str | None, impls: str | None, peers: str,
 @click.argument("recipe")
 @click.option("--data", "data", default=None, help="Measure this ImageNet-style folder instead of generated "
               "500x375 JPEGs.")
-@click.option("--images", default=256, show_default=True, help="Images per round (generated ones are cached).")
-@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds (spread = min..max over rounds).")
-@click.option("--workers", default=2, show_default=True, help="Also measure a DataLoader with this many workers "
-              "(0: only the 1-worker, in-process measurement).")
-@click.option("--batch", type=int, default=None, help="Collate batch (default: train.batch_per_device, at most 32).")
-@click.option("--target-img-s", type=float, default=None, help="Training img/s per process to feed: prints the "
-              "workers it needs.")
-@click.option("--steps-per-s", type=float, default=None, help="Or a measured/quoted step rate (steps/s per "
+@click.option("--images", type=count(2), default=256, show_default=True,
+              help="Images per round (generated ones are cached).")
+@click.option("--rounds", type=count(1), default=3, show_default=True,
+              help="Interleaved rounds (spread = min..max over rounds).")
+@click.option("--workers", type=count(0), default=2, show_default=True,
+              help="Also measure a DataLoader with this many workers (0: only the 1-worker, in-process measurement).")
+@click.option("--batch", type=BATCH, default=None, help="Collate batch (default: train.batch_per_device, at most 32).")
+@click.option("--target-img-s", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Training img/s per process to feed: prints the workers it needs.")
+@click.option("--steps-per-s", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Or a measured/quoted step rate (steps/s per "
               "process); the target is this x train.batch_per_device.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override, e.g. "
               "--set data.augment=mae.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results here.")
+@click.option("--json", "json_path", type=OUT_PATH, default=None, help="Write the results here.")
 def data(recipe: str, data: str | None, images: int, rounds: int, workers: int, batch: int | None,
          target_img_s: float | None, steps_per_s: float | None, overrides: tuple[str, ...],
          json_path: Path | None) -> None:

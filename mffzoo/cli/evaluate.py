@@ -14,9 +14,13 @@ from typing import Any
 
 import click
 
+from ..config import check_path
 from ..errors import DataError
-from ..io import write_json  # standard library only: keeps `mffzoo --help` free of torch
+from ..io import check_output_file, check_output_folder, write_json  # stdlib only: `mffzoo --help` stays torch-free
 from ..table import print_table
+from .options import IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
 
 DEFAULT_OUT = Path("runs") / "eval"
 
@@ -40,12 +44,20 @@ def _data_root(data: str) -> Path:
             return write_demo_dataset(default_demo_root())
         except ValueError as exc:
             raise DataError(f"demo dataset: {exc}") from None
-    return Path(data).expanduser()
+    return check_path(data, "--data", existing=True)  # an over-long name: exists() itself would raise
 
 
 def _marked(label: str, random_init: bool) -> str:
     """A table label that says when the numbers are an architecture's, not its weights' (as ``eval`` does)."""
     return label + (" (random init)" if random_init else "")
+
+
+def _check_result_path(out: Path | None) -> None:
+    """-o names the JSON file: a folder there (or a file above it) is refused before the evaluation runs."""
+    if out is not None:
+        check_output_file(out, "-o/--output")
+    else:
+        check_output_folder(DEFAULT_OUT, "the default results folder", fix="pass -o FILE.json")
 
 
 def _emit(result: dict[str, Any], out: Path | None, default_name: str, update_zoo: bool, spec: str) -> None:
@@ -68,17 +80,17 @@ DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
 def _frozen_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by the frozen-feature evaluations."""
     opts = [
-        click.argument("model"),
+        click.argument("model", type=MODEL),
         click.option("--data", "data", default="demo", show_default=True,
                      help="ImageNet-style folder with train/<class>/ and val/<class>/ ('demo': built-in data)."),
-        click.option("--img-size", type=int, default=None, help="Input size (default: the model's own)."),
+        click.option("--img-size", type=IMG_SIZE, default=None, help="Input size (default: the model's own)."),
         click.option("--random-init", is_flag=True, help="Use the architecture without weights (smoke tests)."),
-        click.option("--batch-size", type=int, default=128, show_default=True, help="Images per encoder forward."),
-        click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."),
+        click.option("--batch-size", type=count(1), default=128, show_default=True, help="Images per encoder forward."),
+        click.option("--workers", type=count(0), default=0, show_default=True, help="DataLoader worker processes."),
         click.option("--bf16", is_flag=True, help="bf16 autocast for the encoder (fast on AMX CPUs / GPUs)."),
         DEVICE_OPTION,
         click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
-        click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+        click.option("--output", "-o", type=OUT_PATH, default=None,
                      help=f"JSON result file (default: {DEFAULT_OUT}/<task>-<model>.json)."),
         click.option("--update-zoo", is_flag=True,
                      help="Record the metrics in the model's local zoo entry (mffzoo.json)."),
@@ -101,16 +113,15 @@ def eval_group() -> None:
 
 @eval_group.command("knn")
 @_frozen_options
-@click.option("--k", type=int, default=20, show_default=True, help="Neighbours (DINO: 20).")
-@click.option("--temperature", type=float, default=0.07, show_default=True, help="Vote temperature (DINO: 0.07).")
+@click.option("--k", type=count(1), default=20, show_default=True, help="Neighbours (DINO: 20).")
+@click.option("--temperature", type=POSITIVE, default=0.07, show_default=True, help="Vote temperature (DINO: 0.07).")
 def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
         device: str, no_cache: bool, output: Path | None, update_zoo: bool, k: int, temperature: float) -> None:
     """Weighted k-NN top-1/top-5 on frozen cls-token and avg-pooled features."""
     from ..eval.knn import knn_eval
 
+    _check_result_path(output)
     _quiet_timm()
-    if k < 1 or temperature <= 0:
-        raise click.BadParameter("--k must be >= 1 and --temperature > 0")
     result = knn_eval(model, _data_root(data), k=k, temperature=temperature, img_size=img_size,
                       random_init=random_init, batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache,
                       device=device)
@@ -119,17 +130,18 @@ def knn(model: str, data: str, img_size: int | None, random_init: bool, batch_si
 
 @eval_group.command("linear")
 @_frozen_options
-@click.option("--epochs", type=int, default=90, show_default=True)
-@click.option("--probe-batch", type=int, default=256, show_default=True, help="Batch size of the probe.")
-@click.option("--blr", type=float, default=0.1, show_default=True, help="Base lr; lr = blr x probe batch / 256.")
-@click.option("--lr", type=float, default=None, help="Absolute lr (overrides --blr).")
+@click.option("--epochs", type=count(1), default=90, show_default=True)
+@click.option("--probe-batch", type=count(2), default=256, show_default=True, help="Batch size of the probe.")
+@click.option("--blr", type=POSITIVE, default=0.1, show_default=True,
+              help="Base lr; lr = blr x probe batch / 256.")
+@click.option("--lr", type=POSITIVE, default=None, help="Absolute lr (overrides --blr).")
 @click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars", show_default=True,
               help="LARS as MAE/MFF; SGD suits small datasets (few iterations).")
-@click.option("--warmup-epochs", type=int, default=10, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-epochs", type=count(0), default=10, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True)
 @click.option("--pool", type=click.Choice(["cls", "avg"]), default="cls", show_default=True)
 @click.option("--augment", is_flag=True, help="RandomResizedCrop + flip every step (runs the encoder; no cache).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=count(0), default=0, show_default=True)
 def linear(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
            device: str, no_cache: bool, output: Path | None, update_zoo: bool, epochs: int, probe_batch: int,
            blr: float, lr: float | None, optimizer: str, warmup_epochs: int, weight_decay: float, pool: str,
@@ -148,6 +160,7 @@ def linear(model: str, data: str, img_size: int | None, random_init: bool, batch
             acc = f"  top-1 {rec['top1']:.2f}" if "top1" in rec else ""
             click.echo(f"epoch {rec['epoch']}/{cfg.epochs}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{acc}", err=True)
 
+    _check_result_path(output)
     result = linear_probe(model, _data_root(data), cfg, img_size=img_size, random_init=random_init,
                           batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache, device=device,
                           log=log)
@@ -158,7 +171,7 @@ def linear(model: str, data: str, img_size: int | None, random_init: bool, batch
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key (repeatable), e.g. --set model.pretrained=mff_vit_small.demo")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+@click.option("--output", "-o", type=OUT_PATH, default=None,
               help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
 @click.option("--update-zoo", is_flag=True, help="Record the fine-tune accuracy in the pretrained model's zoo entry.")
 def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, update_zoo: bool) -> None:
@@ -209,15 +222,15 @@ def analyze() -> None:
 
 def _analysis_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.argument("models", nargs=-1, required=True),
+        click.argument("models", type=MODEL, nargs=-1, required=True),
         click.option("--data", "data", default="demo", show_default=True,
                      help="ImageNet-style folder ('demo': built-in data)."),
         click.option("--label", "labels", multiple=True, help="Display name per MODEL (repeat, in order)."),
-        click.option("--img-size", type=int, default=None, help="Input size (default: each model's own)."),
+        click.option("--img-size", type=IMG_SIZE, default=None, help="Input size (default: each model's own)."),
         click.option("--random-init", is_flag=True, help="Use the architectures without weights (smoke tests)."),
-        click.option("--num-images", type=int, default=None, help="Validation images to use (default: see each)."),
+        click.option("--num-images", type=count(1), default=None, help="Validation images to use (default: see each)."),
         DEVICE_OPTION,
-        click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+        click.option("--out-dir", type=OUT_PATH, default=None,
                      help="Where the PNG and JSON go (default: runs/analysis)."),
     ]
     for o in reversed(opts):
@@ -232,6 +245,7 @@ def freq(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_size: 
     """Relative log amplitude of each block's feature-map spectrum (one panel per MODEL)."""
     from ..analysis.freq import frequency_analysis, plot_frequency
 
+    check_output_folder(out_dir or Path("runs") / "analysis", "--out-dir")
     _quiet_timm()
     res = frequency_analysis(list(models), _data_root(data), num_images=num_images or 256, img_size=img_size,
                              random_init=random_init, labels=list(labels) or None, device=device)
@@ -259,6 +273,7 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
     """Top-1 on low-/high-pass filtered validation images across cut-off radii."""
     from ..analysis.filters import DEFAULT_RADII, filter_accuracy, plot_filters
 
+    check_output_folder(out_dir or Path("runs") / "analysis", "--out-dir")
     _quiet_timm()
     try:
         rs = [float(r) for r in radii.split(",")] if radii else list(DEFAULT_RADII)
@@ -281,12 +296,13 @@ def filter_cmd(models: tuple[str, ...], data: str, labels: tuple[str, ...], img_
 
 @analyze.command("fusion")
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--out-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out-dir", type=OUT_PATH, default=None,
               help="Where the PNG and JSON go (default: runs/analysis).")
 def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
     """Softmax fusion weights of MFF checkpoints, zoo folders or run directories (+ evolution for runs)."""
     from ..analysis.fusion import fusion_report, plot_fusion
 
+    check_output_folder(out_dir or Path("runs") / "analysis", "--out-dir")
     res = fusion_report(list(sources))
     out_dir = out_dir or Path("runs") / "analysis"
     rows = []
@@ -303,12 +319,12 @@ def fusion(sources: tuple[str, ...], out_dir: Path | None) -> None:
 
 # ------------------------------------------------------------------------------------------------ reproduce
 @click.command("reproduce")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs") / "reproduce", show_default=True,
+@click.option("--output", "-o", type=OUT_PATH, default=Path("runs") / "reproduce", show_default=True,
               help="Where runs, JSON, table and plots go (reruns reuse finished runs).")
-@click.option("--seeds", type=int, default=3, show_default=True)
-@click.option("--epochs", type=int, default=None, help="Pretraining epochs per run (default: the budgeted value).")
+@click.option("--seeds", type=count(1), default=3, show_default=True)
+@click.option("--epochs", type=count(1), default=None, help="Pretraining epochs per run (default: the budgeted value).")
 @click.option("--quick", is_flag=True, help="A ~1-minute smoke run on 2 CPU cores (tiny data, 1 epoch); not a result.")
-@click.option("--workers", type=int, default=None, help="Parallel runs (default: one per core, at most 2).")
+@click.option("--workers", type=count(1), default=None, help="Parallel runs (default: one per core, at most 2).")
 def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers: int | None) -> None:
     """MAE vs MFF at small scale on the demo data: same recipe except fusion_layers, several seeds.
 
@@ -318,6 +334,7 @@ def reproduce(output: Path, seeds: int, epochs: int | None, quick: bool, workers
     from ..analysis.reproduce import reproduce as run_reproduce
     from ..analysis.reproduce import summary_rows
 
+    check_output_folder(output, "-o/--output")
     _quiet_timm()
     res = run_reproduce(output, seeds=seeds, epochs=epochs, quick=quick, workers=workers,
                         log=lambda s: click.echo(s, err=True))

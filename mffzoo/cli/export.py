@@ -9,6 +9,7 @@ import click
 
 from ..errors import ConfigError
 from ..table import print_table
+from .options import IMG_SIZE, IN_PATH, MODEL, OUT_PATH
 
 
 def _print_report(report: Any) -> None:
@@ -17,7 +18,7 @@ def _print_report(report: Any) -> None:
 
 
 @click.command("export")
-@click.argument("model", required=False)
+@click.argument("model", type=MODEL, required=False)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "openvino"]), default=None,
               help="Artefact format (profile default: onnx); openvino writes an IR (.xml + .bin).")
 @click.option("--profile", default=None,
@@ -26,8 +27,8 @@ def _print_report(report: Any) -> None:
 @click.option("--random-init", is_flag=True, default=None, help="Random weights (seeded), for smoke tests and speed.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None)
 @click.option("--batch", default=None, help="Dynamic batch range MIN:OPT:MAX (e.g. 1:8:32).")
-@click.option("--img-size", type=int, default=None, help="Input resolution (a multiple of the patch size).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+@click.option("--img-size", type=IMG_SIZE, default=None, help="Input resolution (a multiple of the patch size).")
+@click.option("--output", "-o", type=OUT_PATH, default=None,
               help="Artefact path (default: exports/<model>-<features>-<precision>.onnx|.engine|.xml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artefact (refused otherwise).")
 @click.option("--features", type=click.Choice(["auto", "pooled", "tokens", "logits"]), default=None,
@@ -35,14 +36,14 @@ def _print_report(report: Any) -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
 @click.option("--quantize", type=click.Choice(["dynamic", "static"]), default=None,
               help="int8 mode of ONNX Runtime (OpenVINO's NNCF int8 is always calibrated).")
-@click.option("--calib-images", type=click.Path(path_type=Path), default=None,
+@click.option("--calib-images", type=IN_PATH, default=None,
               help="Image folder for int8 calibration (openvino, or --quantize static; default: the demo data).")
-@click.option("--check-images", type=click.Path(path_type=Path), default=None,
+@click.option("--check-images", type=IN_PATH, default=None,
               help="Image folder for the parity check (default: the built-in demo dataset).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check (the sidecar then says so).")
-@click.option("--check-only", "check_only", type=click.Path(path_type=Path), default=None,
+@click.option("--check-only", "check_only", type=IN_PATH, default=None,
               help="Re-check an existing ARTEFACT against the weights its sidecar names; export nothing.")
-@click.option("--triton-repo", type=click.Path(path_type=Path), default=None,
+@click.option("--triton-repo", type=OUT_PATH, default=None,
               help="Also add the artefact to this Triton model repository (config.pbtxt + next version).")
 @click.option("--triton-preprocess", is_flag=True, default=None,
               help="With --triton-repo: add a preprocessing model + ensemble, so clients send encoded images.")

@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module under ``mffzoo.cli`` and is registered in :data:`COMMANDS`. Errors a
 user can fix (:class:`mffzoo.errors.MffzooError`) print one line and exit with their code (2 for bad input,
-1 for a failed check); nothing else is caught, so real bugs keep their traceback.
+1 for a failed check); so do click's usage errors (a bad option value, a missing argument: exit 2, with a pointer
+to ``--help`` instead of the usage block). Nothing else is caught, so real bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option or argument is bad input too: one line, not click's usage block
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        usage = f"error: {' '.join(exc.format_message().split())}{where}"
+        _say_once(lambda: click.echo(usage, err=True))
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         _say_once(exc.show)
         sys.exit(exc.exit_code)

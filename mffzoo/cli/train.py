@@ -7,12 +7,14 @@ from pathlib import Path
 
 import click
 
+from .options import IN_PATH, OUT_PATH
+
 
 @click.command("train")
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key (repeatable), e.g. --set data.root=/data/imagenet --set optim.blr=1e-4")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+@click.option("--output", "-o", type=OUT_PATH, default=None,
               help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
 def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
     """Pretrain with MFF (or MAE) from RECIPE: a YAML file, or a name in recipes/ (demo, vits, vitb_mae, ...).
@@ -49,9 +51,9 @@ def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
 
 
 @click.command("push")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=IN_PATH)
 @click.option("--repo", required=True, metavar="ORG/NAME", help="Hugging Face Hub model repo to create/update.")
-@click.option("--local-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--local-dir", type=OUT_PATH, default=None,
               help="Only lay the repo out in this folder (no upload, no network).")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 def push(run_dir: Path, repo: str, local_dir: Path | None, private: bool) -> None:

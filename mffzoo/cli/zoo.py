@@ -8,6 +8,7 @@ import click
 
 from ..errors import DataError
 from ..table import print_table  # `mffzoo bench` imports it from here too
+from .options import IN_PATH, OUT_PATH, count
 
 
 @click.command("zoo")
@@ -25,10 +26,10 @@ def zoo(show_all: bool) -> None:
 
 
 @click.command("convert")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src", type=IN_PATH)
+@click.argument("dst", type=OUT_PATH)
 @click.option("--arch", default=None, help="Target architecture (default: inferred from the weights).")
-@click.option("--num-heads", type=int, default=None,
+@click.option("--num-heads", type=count(1), default=None,
               help="Attention heads, for non-standard widths from foreign formats (default: 6/12/16 for S/B/L).")
 @click.option("--keep-extras", is_flag=True, help="Also save fusion + decoder weights (pretrain_extras.safetensors).")
 @click.option("--overwrite", is_flag=True,
@@ -55,11 +56,11 @@ def data() -> None:
 
 
 @data.command("demo")
-@click.argument("root", type=click.Path(path_type=Path), required=False)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--image-size", default=64, show_default=True)
-@click.option("--train-per-class", default=200, show_default=True)
-@click.option("--val-per-class", default=40, show_default=True)
+@click.argument("root", type=OUT_PATH, required=False)
+@click.option("--seed", type=count(0), default=0, show_default=True)
+@click.option("--image-size", type=count(8, 1024), default=64, show_default=True)
+@click.option("--train-per-class", type=count(1), default=200, show_default=True)
+@click.option("--val-per-class", type=count(1), default=40, show_default=True)
 @click.option("--overwrite", is_flag=True)
 def demo(root: Path | None, seed: int, image_size: int, train_per_class: int, val_per_class: int,
          overwrite: bool) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..data.scan import walk_images
 from ..errors import DataError
 
 __all__ = ["SPLITS", "class_order", "class_to_idx", "check_image_folder", "model_input_size", "eval_transform",
@@ -51,10 +52,8 @@ def _class_dirs(split_dir: Path) -> list[str]:
 def _has_image(folder: Path) -> bool:
     """Whether ``folder`` (recursively) holds a file ImageFolder reads; stops at the first one, so it is cheap."""
     exts = tuple(IMG_EXTENSIONS)
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(exts) for f in files):
-            return True
-    return False
+    _, walk = walk_images(folder, lambda path: path.lower().endswith(exts))  # a link loop is not followed
+    return any(names for _, names in walk)
 
 
 def check_image_folder(root: str | os.PathLike[str], splits: tuple[str, ...] = SPLITS) -> list[str]:
@@ -132,6 +131,34 @@ class EvalImageFolder(ImageFolder):
         if not classes:
             raise FileNotFoundError(f"no class folders in {directory}")
         return classes, class_to_idx(classes)
+
+    def make_dataset(  # type: ignore[override]  # torchvision declares it a staticmethod-like instance method
+        self, directory: str | os.PathLike[str], class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None, is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """torchvision's listing (classes, then folders and files, each sorted) over
+        :func:`~mffzoo.data.scan.walk_images`: its ``os.walk(followlinks=True)`` followed a link back to an
+        ancestor folder until ELOOP, counting images many times over; here such links are skipped, each real
+        image counts once, and one warning line says what was skipped."""
+        directory = os.fspath(directory)
+        if is_valid_file is None:
+            exts = tuple(e.lower() for e in (extensions or IMG_EXTENSIONS))
+            is_valid_file = lambda path: path.lower().endswith(exts)  # noqa: E731
+        scan, walk = walk_images(directory, is_valid_file)
+        found: dict[str, dict[str, list[str]]] = {}  # class -> folder -> file names
+        for folder, names in walk:
+            cls = os.path.relpath(folder, directory).split(os.sep)[0]
+            if folder != directory and cls in class_to_idx and names:
+                found.setdefault(cls, {}).setdefault(folder, []).extend(names)
+        scan.report()
+        samples = [(os.path.join(folder, n), class_to_idx[cls]) for cls in sorted(class_to_idx)
+                   for folder in sorted(found.get(cls, {})) for n in sorted(found[cls][folder])]
+        empty = [c for c in sorted(class_to_idx) if c not in found]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                    f"Supported extensions are: {', '.join(extensions or IMG_EXTENSIONS)}")
+        return samples
 
 
 def open_split(root: str | os.PathLike[str], split: str, transform: Callable[[Any], Any] | None) -> ImageFolder:

@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup, create_dataset, create_transform
+from timm.data import Mixup, create_transform
 from timm.data.auto_augment import posterize
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import get_model_args
 from torch import nn
 
-from ..config import load_config, read_yaml, require, to_dict
+from ..config import MAX_IMG_SIZE, load_config, read_yaml, require, to_dict
 from ..errors import ConfigError, DataError
-from ..train.data import Batch, derive_seed, resolve_root
+from ..train.data import Batch, derive_seed, open_image_dataset, resolve_root
 from ..train.distributed import all_reduce
 from ..train.engine import RunContext, Task, TrainResult, run
 from ..train.recipe import DEMO_ROOT, EngineRecipe, OptimConfig, TrainConfig, find_recipe, load_recipe
@@ -66,7 +66,8 @@ class FinetuneModelConfig:
 
     def validate(self) -> None:
         require(bool(self.pretrained), "model.pretrained", "is empty; name a MODEL (e.g. mff_vit_small.demo)")
-        require(self.img_size is None or self.img_size >= 8, "model.img_size", "must be >= 8 (or null)")
+        require(self.img_size is None or 8 <= self.img_size <= MAX_IMG_SIZE, "model.img_size",
+                f"must be in 8..{MAX_IMG_SIZE} (or null: the backbone's own), got {self.img_size}")
         require(self.num_classes is None or self.num_classes >= 2, "model.num_classes", "must be >= 2 (or null)")
         require(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate",
                 f"must be in [0, 1), got {self.drop_path_rate}")
@@ -89,6 +90,8 @@ class AugConfig:
 
     def validate(self) -> None:
         require(0.0 <= self.re_prob <= 1.0, "aug.re_prob", f"must be in [0, 1], got {self.re_prob}")
+        require(self.color_jitter is None or self.color_jitter >= 0, "aug.color_jitter",
+                f"must be >= 0 (or null: none), got {self.color_jitter}")
         require(self.re_mode in ("const", "rand", "pixel"), "aug.re_mode", "must be one of const, rand, pixel")
         require(self.re_count >= 1, "aug.re_count", "must be >= 1")
         lo, hi = self.crop_scale
@@ -297,8 +300,8 @@ class FinetuneTask(Task):
         r = self.recipe
         mapping = self.train_class_map(ctx.dataset)
         try:
-            ds = create_dataset(r.data.dataset, root=str(self.root), split=r.evaluation.split,
-                                class_map=mapping or None, is_training=False, transform=transform)
+            ds = open_image_dataset(r.data.dataset, Path(self.root), r.evaluation.split,  # safe folder scan
+                                    class_map=mapping or None, is_training=False, transform=transform)
         except (RuntimeError, FileNotFoundError, OSError, ValueError, AssertionError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"cannot read the validation split '{r.evaluation.split}' of '{self.root}' "

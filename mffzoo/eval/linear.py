@@ -62,6 +62,11 @@ class LinearProbeConfig:
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 2, "batch_size", f"must be >= 2 (BatchNorm needs a batch), got {self.batch_size}")
         require(self.blr > 0 and (self.lr is None or self.lr > 0), "lr", "learning rates must be > 0")
+        require(math.isfinite(self.effective_lr), "blr", f"{self.blr} x batch_size / 256 is beyond a float")
+        require(0 <= self.min_lr <= self.effective_lr, "min_lr",
+                f"must be in [0, lr {self.effective_lr:g}], got {self.min_lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
                 f"must be in [0, epochs), got {self.warmup_epochs} with epochs={self.epochs}")
         require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")

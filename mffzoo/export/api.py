@@ -4,12 +4,17 @@ Everything a user can get wrong is checked before the first file is written; fil
 folder (in the nearest existing folder of the output) and moved into place at the end, so a failed, interrupted
 (Ctrl-C) or terminated (SIGTERM) export leaves nothing half-written, not even an empty output folder. The build
 itself is :func:`~mffzoo.export.pipeline.build_artefact`, shared with ``mffzoo bench infer``.
-A missed parity gate still moves the artefact and writes its report (to inspect), then raises
+While it runs the artefact (and a ``--triton-repo``) is locked (:func:`mffzoo.io.exclusive`: a lock file next to
+it, removed with any folder made for it); a second export to the same path is refused at once. A write the file
+system refuses (disk full, file-size limit, read-only) is one error line naming the output; the previous artefact
+stays. The sidecar moves in after the artefact, so a sidecar always describes a complete artefact. A missed
+parity gate still moves the artefact and writes its report (to inspect), then raises
 :class:`~mffzoo.export.parity.ParityFailed` (exit code 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -28,9 +33,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..archs import ARCHS, canonical_arch
-from ..config import load_config, to_dict
-from ..errors import ConfigError, ExportError, WeightsNotFoundError
-from ..io import write_json
+from ..config import MAX_NAME_BYTES, load_config, to_dict
+from ..errors import ConfigError, ExportError, MffzooError, WeightsNotFoundError, WriteFailed
+from ..io import PathLock, exclusive, os_fault, write_failed, write_json
 from ..zoo import load_model
 from . import triton
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
@@ -142,7 +147,10 @@ def _unknown_model_arg(key: str) -> str:
 def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) -> Path:
     arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or prof.model.split(".")[0]
     tag = (getattr(model, "pretrained_cfg", {}) or {}).get("tag") if not prof.random_init else "random"
-    stem = f"{arch}{'.' + tag if tag else ''}-{features}-{prof.precision}"
+    stem = f"{arch}{'.' + str(tag) if tag else ''}-{features}-{prof.precision}"
+    # arch and tag come from the weights' config.json: a '/' or '..' there must not move the file out of exports/,
+    # and a long tag must not make a name the file system refuses (after the export, at the rename)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[-(MAX_NAME_BYTES - 20):].lstrip(".")
     return Path("exports") / (stem + SUFFIXES[prof.format])
 
 
@@ -252,7 +260,27 @@ def export_model(
     if out.is_dir():
         raise ExportError(f"--output '{out}' is a folder; pass a file path (e.g. {out / 'model.onnx'})")
     base = _existing_folder(out)
-    if not overwrite:
+    # One export per artefact and one per Triton repository at a time: a second is refused here, before any work
+    # (two at once left one artefact silently replaced by the other).
+    locks = [exclusive(out, fix="wait for it to finish or pass another -o/--output")]
+    if tri.repo is not None:
+        locks.append(exclusive(Path(tri.repo).expanduser(), fix="wait for it to finish or pass another --triton-repo"))
+    with contextlib.ExitStack() as held:
+        for lock in locks:
+            try:
+                held.enter_context(lock)
+            except WriteFailed as exc:  # no lock file (or folder for it) can be made: nothing can be
+                where, opt = ((base, "--output") if lock is locks[0]
+                              else (_existing_folder(lock.target), "--triton-repo"))
+                raise ExportError(f"cannot write in '{where}' ({exc.cause}); choose another {opt}") from None
+        return _export_locked(prof, fp32, features, out, base, overwrite, locks)
+
+
+def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, base: Path,
+                   overwrite: bool, locks: list[PathLock]) -> ExportResult:
+    """:func:`export_model` once the inputs are checked and ``out`` (and the Triton repository) are locked."""
+    tri = prof.triton
+    if not overwrite:  # checked under the lock: an export that finished meanwhile is not replaced either
         _refuse_overwrite(out, prof.format)
     pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ({}, {})
     calib, calib_info = _calibration(prof, fp32)
@@ -261,6 +289,8 @@ def export_model(
     # atomic); the output folder is created only when the finished files move in place, so a failed, interrupted
     # or terminated export leaves nothing behind.
     with SigtermGuard() as guard:
+        for lock in locks:
+            guard.call_on_term(lock.release)  # a terminated export leaves no lock file (or folder made for it)
         with guard.hold():  # no window between creating the folder and registering it for removal
             try:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=base))
@@ -306,6 +336,11 @@ def export_model(
                 if report is None:
                     report_path(out).unlink(missing_ok=True)  # a stale report of an earlier export would mislead
                 triton_files = staged.commit() if staged else []
+        except Exception as exc:
+            fault = os_fault(exc)  # the file system refused a write (disk full, file-size limit, read-only)
+            if fault is None or (isinstance(exc, MffzooError) and not isinstance(exc, WriteFailed)):
+                raise  # (an error line of its own stays as it is)
+            raise write_failed(out, fault, where="pass another -o/--output") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             if staged:

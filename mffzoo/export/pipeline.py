@@ -12,7 +12,7 @@ import logging
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -135,15 +135,23 @@ class SigtermGuard:
         self._held = False
         self._pending = False
         self._remove: list[Path] = []
+        self._calls: list[Callable[[], None]] = []
 
     def remove_on_term(self, path: str | Path) -> None:
         self._remove.append(Path(path))
+
+    def call_on_term(self, fn: Callable[[], None]) -> None:
+        """Also run ``fn`` on SIGTERM (after the folders are removed), e.g. to release a lock and its file."""
+        self._calls.append(fn)
 
     def _terminate(self) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
         _logger.warning("terminated (SIGTERM): removing temporary files")
         for path in self._remove:
             shutil.rmtree(path, ignore_errors=True)
+        for fn in self._calls:
+            with contextlib.suppress(OSError):
+                fn()
         raise SystemExit(128 + signal.SIGTERM)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import load_config, read_yaml, require, to_dict
+from ..config import MAX_BATCH, MAX_IMG_SIZE, check_name, check_path, load_config, read_yaml, require, to_dict
 from ..errors import ConfigError
 
 __all__ = [
@@ -35,6 +35,9 @@ class BatchRange:
         require(self.min >= 1, "batch.min", f"must be >= 1, got {self.min}")
         require(self.min <= self.opt <= self.max, "batch",
                 f"needs min <= opt <= max, got {self.min}:{self.opt}:{self.max}; write e.g. --batch 1:8:32")
+        # the parity check runs the model at the maximum batch: beyond this it dies in an allocation, not here
+        require(self.max <= MAX_BATCH, "batch.max", f"must be at most {MAX_BATCH}, got {self.max}; write e.g. "
+                "--batch 1:8:32")
 
     def check_batches(self) -> list[int]:
         """Minimum, an odd middle and maximum: odd sizes catch shape bugs that powers of two hide."""
@@ -114,6 +117,12 @@ class TritonConfig:
 
     def validate(self) -> None:
         require(self.instances >= 1, "triton.instances", f"must be >= 1, got {self.instances}")
+        if self.name is not None:  # the model's folder in the repository (+ <name>_preprocess, <name>_ensemble)
+            check_name(self.name, "triton.name")
+            require(all(c.isascii() and (c.isalnum() or c in "_.-") for c in self.name) and self.name[0] != ".",
+                    "triton.name", f"'{self.name}' must be letters, digits, '_', '-', '.' (not first), e.g. mff_vits")
+        if self.repo is not None:
+            check_path(self.repo, "triton.repo")
         require(self.repo is not None or not self.preprocess, "triton.preprocess",
                 "needs a repository: add --triton-repo DIR")
 
@@ -173,6 +182,7 @@ class ExportProfile:
 
     def validate(self) -> None:
         require(bool(self.model), "model", "must name a model, e.g. mff_vit_small or a model folder")
+        check_path(self.model, "model", existing=True)  # a name or a path: either way it must fit a file name
         require(17 <= self.opset <= 23, "opset",
                 f"must be 17..23 (>= 17 for exact LayerNorm, 20 recommended), got {self.opset}")
         require(not (self.format == "trt" and self.precision == "int8"), "precision",
@@ -185,7 +195,10 @@ class ExportProfile:
             self.precision == "int8" and (self.format == "openvino" or self.quantize.mode == "static")),
             "quantize.calibration_images", "calibration images apply to int8 with --format openvino or "
             "--quantize static only; drop --calib-images or add --precision int8")
-        require(self.img_size is None or self.img_size > 0, "img_size", f"must be > 0, got {self.img_size}")
+        require(self.img_size is None or 0 < self.img_size <= MAX_IMG_SIZE, "img_size",
+                f"must be in 1..{MAX_IMG_SIZE} (a multiple of the patch size), got {self.img_size}")
+        if self.output is not None:
+            check_path(self.output, "output")
         require(self.quantize.mode == "dynamic" or self.precision == "int8", "quantize.mode",
                 f"'{self.quantize.mode}' quantisation applies to precision int8 only (this profile is "
                 f"{self.precision}); add --precision int8 or drop --quantize {self.quantize.mode}")
@@ -195,10 +208,11 @@ class ExportProfile:
 
 def find_profile(name: str | os.PathLike[str]) -> Path:
     """A profile path, or a bare name (``onnx-fp16``) looked up in ./export/ and the source checkout's export/."""
-    p = Path(name).expanduser()
+    p = check_path(name, "--profile", existing=True)  # an over-long name: is_file() itself would raise
     if p.is_file():
         return p
     stem = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    check_path(stem, "--profile", existing=True)
     for root in (Path.cwd() / "export", Path(__file__).resolve().parents[2] / "export"):
         if (root / stem).is_file() and (p.parent == Path(".") or p.parent == Path("export")):
             return root / stem

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ExportError
-from ..io import file_sha256
+from ..io import file_sha256, read_json_object
 
 __all__ = ["sidecar_path", "report_path", "read_sidecar", "state_dict_sha256", "file_sha256",
            "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS"]
@@ -45,17 +45,59 @@ def report_path(artefact: str | os.PathLike[str]) -> Path:
     return Path(f"{artefact}.parity.json")
 
 
+# What the readers of a sidecar index (``export --check-only``, the ONNX metadata check, the Triton repository):
+# section -> keys it must hold. ``{}``, a list or a sidecar missing one of these was a KeyError/TypeError traceback.
+_SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("architecture", "tag"),
+    "weights": ("sha256",),
+    "input": ("name", "dtype", "layout", "batch"),
+    "output": ("name", "shape", "features"),
+    "preprocessing": ("input_size", "value_range", "mean", "std", "interpolation", "crop_pct"),
+    "tools": (),
+    "profile": ("model",),
+}
+
+
 def read_sidecar(artefact: str | os.PathLike[str]) -> dict[str, Any]:
+    """An artefact's sidecar, checked once here for everything its readers index, so that a damaged or hand-edited
+    one is one line naming the file and the missing key, wherever it is read."""
     path = sidecar_path(artefact)
     if not Path(artefact).is_file():
         raise ExportError(f"artefact '{artefact}' does not exist; pass a file written by mffzoo export")
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise ExportError(f"'{path}' is missing: only artefacts written by mffzoo export (with their sidecar) "
-                          "can be re-checked") from None
-    except ValueError:
-        raise ExportError(f"sidecar '{path}' is not valid JSON; re-export the model") from None
+                          "can be re-checked")
+    fix = f"re-export the model (mffzoo export writes {path.name} with {Path(artefact).name})"
+    try:
+        side = read_json_object(path, required=True)
+    except ValueError as exc:
+        raise ExportError(f"sidecar {exc}; {fix}") from None
+    problem = _missing_in(side)
+    if problem:
+        raise ExportError(f"sidecar '{path}' {problem}; {fix}")
+    return side
+
+
+def _missing_in(side: dict[str, Any]) -> str | None:
+    """What a sidecar lacks (the first missing key, dotted), or None when every key its readers use is there."""
+    missing = [k for k in SIDECAR_KEYS if k not in side]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})" if len(missing) > 1 else ""
+        return f"has no '{missing[0]}' key{more}"
+    for section, keys in _SECTION_KEYS.items():
+        if not isinstance(side[section], dict):
+            return f"has '{section}' {json.dumps(side[section])[:40]}, not a JSON object"
+        for k in keys:
+            if k not in side[section]:
+                return f"has no '{section}.{k}' key"
+    batch, shape = side["input"]["batch"], side["output"]["shape"]
+    if not isinstance(batch, dict) or not {"min", "max"} <= set(batch):
+        return "has no 'input.batch.min'/'input.batch.max' keys"
+    if not isinstance(shape, list) or not shape:
+        return f"has 'output.shape' {json.dumps(shape)[:40]}, not a list of dimensions"
+    if side["format"] == "trt" and "onnx" not in side:  # a TensorRT plan's I/O is read from the ONNX it names
+        return "has no 'onnx' key (the ONNX file a TensorRT engine was built from)"
+    return None
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ExportError
-from ..io import write_json
+from ..io import exclusive, write_json
 from . import preprocess as preprocess_module
 from .sidecar import file_sha256, read_sidecar, sidecar_path
 
@@ -196,7 +196,7 @@ class Staged:
             self.repo.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(self.tmp, 0o777 & ~_umask())
             os.replace(self.tmp, self.repo)
-            return self.files
+            return _verified(self.files)
         kept = set()
         for name in self.models:  # encoder first: an ensemble never points at a missing model
             src, dst = self.tmp / name, self.repo / name
@@ -210,10 +210,20 @@ class Staged:
             else:
                 os.replace(src / "config.pbtxt", dst / "config.pbtxt")
         self.discard()
-        return [f for f in self.files if f not in kept]
+        written = [f for f in self.files if f not in kept]
+        return _verified(written)
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _verified(files: list[Path]) -> list[Path]:
+    """The files a report names, each checked to be there after the commit (never a path written nowhere)."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ExportError(f"the Triton repository update did not produce '{missing[0]}' (was the repository changed "
+                          "meanwhile?); check that model folder, then rerun")
+    return files
 
 
 def _umask() -> int:
@@ -316,6 +326,8 @@ def stage(
     if preprocess or (repo / f"{name}_ensemble").exists():  # an existing ensemble is kept in step
         models += [f"{name}_preprocess", f"{name}_ensemble"]
     version = _next_version(repo / name)
+    for m in models:  # a file where a version folder goes would swallow this version (commit skips taken names)
+        _refuse_version_files(repo / m, version if m != f"{name}_ensemble" else 1)
     _refuse_conflict(repo / name, cfg)  # the preprocessing and ensemble configs are checked as they are built
 
     base = repo if repo.is_dir() else _existing_folder(repo)
@@ -340,6 +352,17 @@ def stage(
         staged.discard()
         raise
     return staged
+
+
+def _refuse_version_files(model_dir: Path, version: int) -> None:
+    """A numbered entry of a model folder that is not a folder (e.g. a file ``1``): Triton reads versions from
+    folders only, and this version's would land nowhere."""
+    if not model_dir.is_dir():
+        return
+    for entry in sorted(model_dir.iterdir()):
+        if entry.name.isdigit() and not entry.is_dir():
+            raise ExportError(f"'{entry}' is a file where Triton expects a version folder (this export adds "
+                              f"version {version}); move it away, or pass another triton name or --triton-repo")
 
 
 def _next_version(model_dir: Path) -> int:
@@ -469,8 +492,9 @@ def add_to_repository(
     parity = side.get("parity") or {}
     if parity.get("passed") is False:
         raise ExportError(f"'{artefact}' missed its parity gate (see its sidecar); do not serve it: re-export")
-    staged = stage(repo, artefact, side, name=name, preprocess=preprocess, kind=kind, instances=instances)
-    try:
-        return staged.commit()
-    finally:
-        staged.discard()
+    with exclusive(Path(repo).expanduser(), fix="wait for it to finish or pass another repository"):
+        staged = stage(repo, artefact, side, name=name, preprocess=preprocess, kind=kind, instances=instances)
+        try:
+            return staged.commit()
+        finally:
+            staged.discard()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import random
 import signal
 import warnings
@@ -27,13 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_dataset
+from timm.data import ImageDataset, create_dataset
+from timm.data.readers.class_map import load_class_map
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader import Reader
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 from ..data.demo import default_demo_root, write_demo_dataset
+from ..data.scan import check_tar, walk_images
 from ..errors import DataError
 from .recipe import DEMO_ROOT, DataConfig
 
@@ -42,7 +49,7 @@ _logger = logging.getLogger("mffzoo.train")
 __all__ = [
     "Batch", "SampleDataset", "GlobalBatchSampler", "build_dataset", "build_loader", "pretrain_transform",
     "preview_transform", "resolve_root", "sample_seed", "derive_seed", "UnreadableFiles", "plain_pretrain_transform",
-    "FastPretrainTransform", "AugParams",
+    "FastPretrainTransform", "AugParams", "open_image_dataset",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -431,6 +438,62 @@ class SampleDataset(Dataset):
         return x, -1 if target is None else int(target), seed, bad
 
 
+_SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"))
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/<split>``, else a synonym of it, else ``root``: timm's ``create_dataset`` split search."""
+    name = split.split("[")[0]
+    if (root / name).exists():
+        return root / name
+    for group in _SPLIT_SYNONYMS:
+        if name in group:
+            return next((root / s for s in group if (root / s).exists()), root)
+    return root
+
+
+class ScannedImageFolder(ReaderImageFolder):
+    """timm's folder reader over :func:`~mffzoo.data.scan.walk_images`: for a folder without link loops the very
+    samples, labels and order of timm's ``find_images_and_targets`` (labels: leaf folder names in
+    ``natural_key`` order); a link back to an ancestor folder is not followed (timm's ``os.walk`` followed it
+    up to the kernel's ELOOP limit, counting 32 images as 14,432) and each real image counts once."""
+
+    def __init__(self, root: str | os.PathLike[str], class_map: dict[str, int] | str = "") -> None:
+        Reader.__init__(self)
+        self.root = root = os.fspath(root)
+        types = get_img_extensions(as_set=True)
+        scan, walk = walk_images(root, lambda name: os.path.splitext(name)[1].lower() in types)
+        files: list[str] = []
+        labels: list[str] = []
+        for folder, names in walk:
+            label = os.path.basename(os.path.relpath(folder, root)) if folder != root else ""
+            files += [os.path.join(folder, n) for n in names]
+            labels += [label] * len(names)
+        scan.report(_logger)
+        self.class_to_idx = (load_class_map(class_map, root) if class_map else
+                             {c: i for i, c in enumerate(sorted(set(labels), key=natural_key))})
+        samples = [(f, self.class_to_idx[c]) for f, c in zip(files, labels, strict=True) if c in self.class_to_idx]
+        self.samples = sorted(samples, key=lambda s: natural_key(s[0]))
+        if not self.samples:
+            raise RuntimeError(f"Found 0 images in subfolders of {root}. Supported image extensions are "
+                               f"{', '.join(get_img_extensions())}")
+
+
+def open_image_dataset(name: str, root: Path, split: str, *, is_training: bool,
+                       class_map: dict[str, int] | None = None, transform: Callable[[Any], Any] | None = None,
+                       ) -> Any:
+    """timm's ``create_dataset`` for a recipe's data, with the two scans timm trusts made safe: an image folder is
+    read by :class:`ScannedImageFolder` (link loops), a ``.tar`` root is checked by
+    :func:`~mffzoo.data.scan.check_tar` first (random bytes, a cut-off archive, no images: one DataError line)."""
+    if not name and root.is_dir():
+        folder = _split_folder(root, split)
+        return ImageDataset(str(folder), reader=ScannedImageFolder(folder, class_map or ""), transform=transform)
+    if not name and root.is_file() and root.suffix == ".tar":
+        check_tar(root, get_img_extensions(as_set=True))
+    extra = {"transform": transform} if transform is not None else {}
+    return create_dataset(name, root=str(root), split=split, is_training=is_training, class_map=class_map, **extra)
+
+
 def build_dataset(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor] | FastPretrainTransform | None,
                   ) -> SampleDataset:
     """Open the recipe's dataset through timm's ``create_dataset`` (folder, tar, Hugging Face datasets)."""
@@ -440,7 +503,9 @@ def build_dataset(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tens
         raise DataError(f"data.dataset '{cfg.dataset}' needs Hugging Face datasets; pip install datasets")
     root = resolve_root(cfg)
     try:
-        ds = create_dataset(cfg.dataset, root=str(root), split=cfg.split, is_training=True)
+        ds = open_image_dataset(cfg.dataset, root, cfg.split, is_training=True)
+    except DataError:
+        raise
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(

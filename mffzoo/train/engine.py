@@ -92,8 +92,8 @@ from torch.distributed.fsdp import fully_shard
 
 from ..config import dump_yaml, to_dict
 from ..cpu import cpu_features
-from ..errors import CheckpointError, ConfigError, DataError, MffzooError
-from ..io import read_json_object
+from ..errors import CheckpointError, ConfigError, DataError, MffzooError, WriteFailed
+from ..io import atomic_write, check_output_folder, exclusive, read_json_object, write_failed
 from .attention import AttentionChoice, choose_attention, set_attention
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng, restore_rng
 from .compile import (
@@ -399,11 +399,37 @@ def run(recipe: EngineRecipe, task: Task, output_dir: str | Path | None = None) 
 
 
 def _run(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
-    """The whole run, phase by phase; each phase is a function below over one :class:`_RunState`."""
+    """The whole run, phase by phase; each phase is a function below over one :class:`_RunState`. The run
+    directory is locked for all of it (a second process is refused at once, before any work)."""
+    with _run_lock(run_dir, env):
+        return _run_locked(recipe, task, env, run_dir, t_start)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, env: DistEnv) -> Iterator[None]:
+    """Rank 0 checks the run directory (a folder, not a file) and holds its lock for the whole run; every rank
+    gets rank 0's answer, so a refused run stops on all ranks at once with the same line."""
+    with contextlib.ExitStack() as held:
+        refused: tuple[type[MffzooError], str] | None = None
+        if env.is_main:
+            try:
+                check_output_folder(run_dir, "run directory", fix="pass another --output")
+                held.enter_context(exclusive(run_dir, fix="wait for it to finish or pass another --output"))
+            except MffzooError as exc:
+                refused = (type(exc), str(exc))
+        refused = all_gather_object(refused)[0]
+        if refused is not None:
+            raise refused[0](refused[1])
+        yield
+
+
+def _run_locked(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_start: float) -> TrainResult:
     s = _setup(recipe, task, env, run_dir, t_start)
     _resume(s)
     if (done := _already_finished(s)) is not None:
         return done
+    if env.is_main:  # only now: a run refused above (another recipe's checkpoints) keeps its own recipe.yaml
+        dump_yaml(recipe, run_dir / "recipe.yaml")
     _start(s)
     try:
         with s.stopper:
@@ -550,7 +576,7 @@ def _setup(recipe: EngineRecipe, task: Task, env: DistEnv, run_dir: Path, t_star
 
 def _prepare_run_dir(recipe: EngineRecipe, env: DistEnv, run_dir: Path) -> CheckpointManager:
     """Refuse to mix runs: an existing run directory is resumed, restarted (its checkpoints set aside) or an
-    error; rank 0 writes the resolved recipe."""
+    error. The resolved recipe is written once the checkpoints are known to fit it (``_run_locked``)."""
     ckpts = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last)
     if recipe.checkpoint.restart:
         if env.is_main and (aside := ckpts.set_aside()) is not None:
@@ -559,8 +585,10 @@ def _prepare_run_dir(recipe: EngineRecipe, env: DistEnv, run_dir: Path) -> Check
         raise ConfigError(f"'{run_dir}' already holds checkpoints and checkpoint.resume is false; pass another "
                           "--output, or --set checkpoint.restart=true to start over (they are moved aside)")
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(recipe, run_dir / "recipe.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(run_dir, exc, where="pass another --output") from None
     return ckpts
 
 
@@ -971,6 +999,7 @@ def _save_checkpoint(s: _RunState) -> Path | None:
     model_sd = get_model_state_dict(s.core, options=_FULL)
     optim_sd = get_optimizer_state_dict(s.core, s.optimizer, options=_FULL)
     rngs = all_gather_object(capture_rng())
+    failed: str | None = None
     if s.env.is_main:
         sampler_state = {**s.sampler.state_dict(), "epoch": e, "start_step": step}
         state = {
@@ -983,9 +1012,24 @@ def _save_checkpoint(s: _RunState) -> Path | None:
             "metrics": {"loss": s.last_loss, "epoch_loss": s.epoch_loss, "epoch_loss_sum": s.epoch_loss_sum,
                         "epoch_loss_steps": s.epoch_loss_steps}, "recipe": to_dict(s.recipe),
         }
-        s.ckpt_path = s.ckpts.save(state, s.global_step)
-    barrier()
+        try:
+            s.ckpt_path = s.ckpts.save(state, s.global_step)
+        except WriteFailed as exc:  # disk full, file-size limit, read-only: the previous checkpoint is whole
+            failed = _checkpoint_write_failed(s, exc)
+    failed = all_gather_object(failed)[0]  # (also the barrier: rank 0 has written) every rank stops alike
+    if failed is not None:
+        raise WriteFailed(failed)
     return s.ckpt_path
+
+
+def _checkpoint_write_failed(s: _RunState, exc: WriteFailed) -> str:
+    """The one line for a checkpoint the file system refused: what is kept, and that a rerun resumes from it."""
+    if exc.cause is None or exc.remedy is None:
+        return str(exc)
+    kept = [p for p in s.ckpts.list() if p not in s.ckpts.unusable]
+    then = (f"the last good checkpoint '{kept[0]}' is kept: {exc.remedy}, then rerun the same command to resume "
+            "from it" if kept else f"no earlier checkpoint: {exc.remedy}, then rerun the same command")
+    return f"could not write '{exc.path}': {exc.cause}; {then} (or pass another --output to start a new run)"
 
 
 def _stop_now(s: _RunState, signum: int, where: str) -> None:
@@ -1034,4 +1078,4 @@ def _write_summary(result: TrainResult, recipe: EngineRecipe, env: DistEnv, bad_
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.extra.items()},
     }
-    (result.run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(result.run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")

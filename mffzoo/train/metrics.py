@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_write, write_failed
 from ..progress import Progress as BaseProgress
 from ..progress import format_duration
 
@@ -115,7 +116,7 @@ class MetricsWriter:
             return
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_metrics(run_dir, None) if int(r.get("step", 0)) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))  # whole, or as it was
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
@@ -130,7 +131,11 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._f.write(json.dumps(record) + "\n")
+        try:
+            self._f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # the disk filled up: one line; the last checkpoint stays and a rerun resumes
+            raise write_failed(self.path, exc, where="pass another --output",
+                               then="then rerun the same command to resume from the last checkpoint") from None
         if self.tb is not None and record.get("type") == "train":
             step = int(record["step"])
             for k, v in record.items():

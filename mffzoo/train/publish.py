@@ -23,8 +23,8 @@ import yaml
 from huggingface_hub import HfApi
 
 from ..archs import describe_arch
-from ..errors import ConfigError, WeightsNotFoundError
-from ..io import write_json
+from ..errors import ConfigError, WeightsNotFoundError, WriteFailed
+from ..io import check_output_folder, write_failed, write_json
 from ..zoo.home import CONFIG_NAME, META_NAME, WEIGHTS_NAME, write_model_folder
 
 __all__ = ["save_timm_folder", "build_hub_folder", "push_to_hub", "timm_native_arch"]
@@ -175,6 +175,7 @@ features = model.forward_features(transform(image).unsqueeze(0))  # (1, 1 + patc
 def build_hub_folder(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], repo_id: str) -> Path:
     """Lay out the Hub repo for a finished run in ``out_dir`` (created; must be empty or absent)."""
     run_dir, out = Path(run_dir), Path(out_dir)
+    check_output_folder(out, "--local-dir")  # a file there (or above it): one line, before anything is read
     src = _model_folder(run_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--local-dir '{out}' is not empty; pass a new or empty folder")
@@ -212,7 +213,12 @@ def push_to_hub(
     if not _REPO_ID.match(repo_id):
         raise ConfigError(f"--repo '{repo_id}' is not a Hub repo id; write it as org/name (e.g. me/mff-vit-small)")
     if local_dir is not None:
-        return str(build_hub_folder(run_dir, local_dir, repo_id))
+        try:
+            return str(build_hub_folder(run_dir, local_dir, repo_id))
+        except WriteFailed:
+            raise
+        except OSError as exc:  # disk full, file-size limit, read-only: one line naming the folder
+            raise write_failed(local_dir, exc, where="pass another --local-dir") from None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mffzoo-push-") as tmp:
         folder = build_hub_folder(run_dir, Path(tmp) / "repo", repo_id)

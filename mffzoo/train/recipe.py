@@ -11,6 +11,7 @@ publish is marked "our choice" here and in ``recipes/*.yaml``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from timm.optim import list_optimizers
 
 from ..archs import ARCHS, canonical_arch, pretrain_heads
-from ..config import load_config, require
+from ..config import MAX_IMG_SIZE, check_name, check_path, load_config, require
 from ..data.demo import MAX_DEMO_CLASSES
 from ..errors import ConfigError
 
@@ -47,7 +48,8 @@ class DemoDataConfig:
                 f"must be in 1..{MAX_DEMO_CLASSES}, got {self.num_classes}")
         require(self.train_per_class >= 1, "data.demo.train_per_class", "must be >= 1")
         require(self.val_per_class >= 1, "data.demo.val_per_class", "must be >= 1")
-        require(self.image_size >= 8, "data.demo.image_size", "must be >= 8")
+        require(8 <= self.image_size <= 1024, "data.demo.image_size",
+                f"must be in 8..1024 (generated images; the demo uses 64), got {self.image_size}")
 
 
 @dataclass
@@ -158,6 +160,8 @@ class OptimConfig:
         require(self.blr > 0, "optim.blr", f"must be > 0, got {self.blr}")
         require(self.lr is None or self.lr > 0, "optim.lr", f"must be > 0 (or null to use blr), got {self.lr}")
         require(self.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {self.min_lr}")
+        require(self.eps > 0, "optim.eps", f"must be > 0 (it keeps the optimiser's update finite where a gradient "
+                f"is 0), got {self.eps}; the default is 1e-8")
         require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", f"must be in [0, 1), got {list(self.betas)}")
         require(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
@@ -214,6 +218,17 @@ class EngineRecipe:
     def validate(self) -> None:
         require(self.optim.warmup_epochs <= self.train.epochs, "optim.warmup_epochs",
                 f"({self.optim.warmup_epochs}) must not exceed train.epochs ({self.train.epochs})")
+        peak = self.optim.resolved_lr(self.train.batch_size)
+        require(math.isfinite(peak), "optim.blr",
+                f"{self.optim.blr} x train.batch_size {self.train.batch_size} / 256 is beyond a float; set a "
+                "realistic optim.blr (e.g. 1.5e-4) or an absolute optim.lr")
+        require(self.optim.min_lr <= peak, "optim.min_lr",
+                f"({self.optim.min_lr:g}) is above the peak lr {peak:g} (optim.lr, else optim.blr x "
+                "train.batch_size / 256), so the cosine would rise; lower optim.min_lr or raise the lr")
+        if self.name:  # the run directory runs/<name> must stay in runs/ (an explicit output_dir may go anywhere)
+            check_name(self.name, "name")
+        if self.output_dir is not None:
+            check_path(self.output_dir, "output_dir")
 
     def run_dir(self, output_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(output_dir or self.output_dir or Path("runs") / (self.name or "run")).expanduser()
@@ -249,6 +264,8 @@ class ModelConfig:
         assert self.patch_size and self.embed_dim and self.depth and self.num_heads
         for k in ("patch_size", "embed_dim", "depth", "num_heads", "img_size"):
             require(getattr(self, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(self, k)}")
+        require(self.img_size <= MAX_IMG_SIZE, "model.img_size",
+                f"must be at most {MAX_IMG_SIZE} px (pretraining uses 224), got {self.img_size}")
         require(self.img_size % self.patch_size == 0, "model.img_size",
                 f"{self.img_size} is not a multiple of model.patch_size={self.patch_size}")
         require(self.embed_dim % self.num_heads == 0, "model.num_heads",
@@ -306,14 +323,16 @@ class PretrainRecipe(EngineRecipe):
     def validate(self) -> None:
         super().validate()
         self.model.validate()  # idempotent; resolves the nulls of a recipe without a model section too
+        if self.publish.tag is not None:  # the zoo folder <arch>.<tag> must fit the file system
+            check_name(f"{self.model.arch}.{self.publish.tag}", "publish.tag")
 
 
 def find_recipe(spec: str | os.PathLike[str]) -> Path:
     """A recipe file, or a bare name (``demo``, ``vits``) looked up in the source checkout's ``recipes/``."""
-    p = Path(spec).expanduser()
+    p = check_path(spec, "RECIPE", existing=True)  # an over-long name: is_file() itself would raise
     if p.is_file():
         return p
-    if p.suffix == "" and len(p.parts) == 1:
+    if p.suffix == "" and len(p.parts) == 1 and len(str(p)) < 200:  # <name>.yaml must fit a file name
         for candidate in (Path("recipes") / f"{p}.yaml", Path(__file__).resolve().parents[2] / "recipes" / f"{p}.yaml"):
             if candidate.is_file():
                 return candidate
@@ -329,5 +348,5 @@ def load_recipe(
     path = None if isinstance(source, dict) else find_recipe(source)
     recipe = load_config(cls, source if path is None else path, overrides)
     if not recipe.name:
-        recipe.name = path.stem if path is not None else "run"
+        recipe.name = check_name(path.stem, "name") if path is not None else "run"
     return recipe

@@ -54,11 +54,19 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
-    if verify_checksum(path) is False:
+    checksum = verify_checksum(path)
+    if checksum is False:
         raise CheckpointError(
             f"checkpoint '{path}' is corrupt or truncated: its bytes do not match {path.name}.sha256, recorded when "
             "it was written; re-download it or use an earlier copy"
         )
+    if checksum is None and path.suffix != ".safetensors":
+        bad = _zip_crc_failure(path)
+        if bad is not None:
+            raise CheckpointError(
+                f"checkpoint '{path}' is corrupt: '{bad}' inside its zip archive fails its CRC-32 check (bytes changed "
+                "since it was written); re-download it or use an earlier copy"
+            )
     if path.suffix == ".safetensors":
         try:
             return dict(load_file(str(path), device="cpu"))
@@ -91,6 +99,23 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _zip_crc_failure(path: Path) -> str | None:
+    """The first member of a zip-format torch file whose bytes fail the CRC-32 its archive records, else None.
+
+    torch's zip reader never checks those CRCs, so a flipped byte inside a tensor loaded as a silently wrong
+    weight whenever no ``.sha256`` lies beside the file (downloads, other tools' files). Reading every member
+    once costs one pass over the file, as the checksum does. A file that is not a complete zip gives None:
+    ``torch.load`` then fails on it and :func:`why_unreadable` says why (truncated, not a checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != _ZIP_MAGIC:
+                return None
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError):
+        return None
 
 
 def _unreadable(path: Path) -> str:

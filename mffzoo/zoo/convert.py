@@ -282,6 +282,21 @@ def _check_against(sd: Mapping[str, torch.Tensor], model: torch.nn.Module) -> No
             f"checkpoint does not match the model: {'; '.join(bad[:3])}; pick the architecture that produced it "
             "(`mffzoo convert` infers it from the weights)"
         )
+    # A missing tensor was torch's multi-page RuntimeError; an integer tensor (int8, a bool mask) was cast into
+    # the float weight by load_state_dict's copy_ and loaded silently wrong. A head may be absent (timm drops or
+    # re-initialises it when the class count differs); half/bfloat16 weights are floats and load as such.
+    missing = [k for k in expected if k not in sd and not k.startswith("head.")]
+    if missing:
+        more = f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:4])}"
+                              f"{more}; it is incomplete or from another architecture: re-download or re-export it")
+    wrong = [f"{k} {str(v.dtype).removeprefix('torch.')}" for k, v in sd.items()
+             if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(f"checkpoint holds non-float tensors where the model has float weights: "
+                              f"{', '.join(wrong[:3])}{more}; these are not loadable weights (a quantised or "
+                              "damaged file): export float weights (fp32/fp16/bf16) and convert those")
 
 
 def check_destination(dst: str | os.PathLike[str], overwrite: bool = False) -> None:
@@ -335,7 +350,10 @@ def convert_checkpoint(
                               f"({kwargs['embed_dim']} wide, {kwargs['depth']} blocks); omit --arch")
     arch = arch or inferred
     model = timm.create_model(arch, pretrained=False, **kwargs)
-    _check_against(conv.backbone, model)
+    try:
+        _check_against(conv.backbone, model)
+    except CheckpointError as exc:  # name the file: a missing tensor or an int8 one is the file's fault
+        raise CheckpointError(f"'{src}': {exc}") from None
     try:
         model.load_state_dict(conv.backbone, strict=True)
     except RuntimeError:  # torch's first line is only "Error(s) in loading state_dict for ...:"; say which keys

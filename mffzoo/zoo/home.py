@@ -27,8 +27,20 @@ import torch
 from safetensors.torch import save
 
 from ..archs import describe_arch
-from ..errors import ConfigError
-from ..io import atomic_write, cache_root, canonical_safetensors, file_sha256, read_json_object, umask_mode, write_json
+from ..config import check_name
+from ..errors import ConfigError, WriteFailed
+from ..io import (
+    atomic_write,
+    cache_root,
+    canonical_safetensors,
+    check_output_folder,
+    exclusive,
+    file_sha256,
+    read_json_object,
+    umask_mode,
+    write_failed,
+    write_json,
+)
 from ..version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
@@ -57,7 +69,8 @@ def zoo_home() -> Path:
 
 
 def entry_dir(arch: str, tag: str, home: Path | None = None) -> Path:
-    return (home or zoo_home()) / f"{arch}.{tag}"
+    """``<home>/<arch>.<tag>``; a tag that is not a plain folder name (``../x``, 300 bytes) never leaves the home."""
+    return (home or zoo_home()) / check_name(f"{arch}.{tag}", "tag")
 
 
 @dataclass(frozen=True)
@@ -221,12 +234,25 @@ def write_model_folder(
     """Write a timm-compatible model folder atomically (a reader never sees a half-written entry).
 
     Rewriting an existing folder replaces only :data:`MODEL_FILES`: the user's other files stay, and so do the
-    evaluations recorded for the weights (``eval`` in mffzoo.json) when the new weights are the same bytes."""
+    evaluations recorded for the weights (``eval`` in mffzoo.json) when the new weights are the same bytes.
+    The folder is locked while it is written (a second process writing it, e.g. publishing the same zoo tag, is
+    refused in one line); a write the file system refuses leaves the previous folder as it was."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"'{folder}' is a file, not a model folder; move it away or write the model elsewhere")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    check_output_folder(folder, "model folder", fix="write the model elsewhere")
+    with exclusive(folder, fix="wait for it to finish, then rerun"):
+        return _write_model_folder(folder, arch, model, model_args, meta, extras)
+
+
+def _write_model_folder(folder: Path, arch: str, model: torch.nn.Module, model_args: Mapping[str, Any] | None,
+                        meta: Mapping[str, Any] | None, extras: Mapping[str, torch.Tensor] | None) -> Path:
+    """:func:`write_model_folder` once the folder is checked and locked: built in a temp folder, renamed in."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as exc:
+        raise write_failed(folder, exc) from None
     tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700; a zoo folder should be as readable as any other
     try:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -243,11 +269,19 @@ def write_model_folder(
             _carry_over(folder, tmp)
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except OSError:
+                old.rename(folder)  # the previous entry back in place, whole
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, WriteFailed):  # named by the final path, not the temp folder's
+            raise exc.retold(path=(exc.path or str(folder)).replace(str(tmp), str(folder))) from None
+        if isinstance(exc, OSError):
+            raise write_failed(folder, exc) from None
         raise
     return folder

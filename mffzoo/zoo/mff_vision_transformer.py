@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.vision_transformer import VisionTransformer
 
 from ..archs import ALIASES, ARCHS, CLASSIFIER_TAG_KWARGS, ZOO_TAGS
-from ..errors import ConfigError, WeightsNotFoundError
+from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
 from .catalog import download_cache_path
 from .checkpoint_io import SAFE_EXTRA_GLOBALS
 from .convert import convert_state_dict
@@ -71,10 +71,24 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
         except URLError as exc:  # offline, proxy, or the server is gone: say which file and how to go without it
             raise _download_error(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"),
                                   exc) from None
+        except CheckpointError as exc:  # the checkpoint filter (convert + check against the model) names no file
+            source = _weights_source(kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+            if source is None or source in str(exc):
+                raise
+            raise CheckpointError(f"weights '{source}': {exc}") from None
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         cfg.pop("state_dict", None)  # the weights were copied into the model; do not hold a second copy
     return model
+
+
+def _weights_source(cfg: Any, overlay: Any) -> str | None:
+    """Where the weights being loaded come from (a file, a Hub repo, a URL), for an error that must name it."""
+    for where in (overlay or {}, cfg if isinstance(cfg, dict) else {}):
+        for key in ("file", "hf_hub_id", "url"):
+            if where.get(key):
+                return str(where[key])
+    return None
 
 
 def _download_error(variant: str, tag: Any, overlay: Any, exc: URLError) -> WeightsNotFoundError:

@@ -24,15 +24,17 @@ from safetensors import SafetensorError
 from timm.models import PretrainedCfg
 
 from ..archs import ZOO_TAGS, is_local_cfg
+from ..config import check_path
 from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
 from ..io import read_json_object
 from .checkpoint_io import load_checkpoint_file, why_unreadable
 from .convert import Converted, convert_state_dict
-from .home import CONFIG_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
+from .home import CONFIG_NAME, EXTRAS_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["resolve_pretrained", "load_model", "parse_model_spec", "local_weights", "weights_pretrained_cfg"]
+__all__ = ["resolve_pretrained", "load_model", "parse_model_spec", "local_weights", "weights_pretrained_cfg",
+           "read_model_config", "folder_weights_file"]
 
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "state_dict")
 
@@ -69,9 +71,64 @@ def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
     )
 
 
+_CONFIG_FIX = "re-download or re-export the model folder (`mffzoo convert CHECKPOINT DEST` writes a complete one)"
+
+
+def read_model_config(folder: str | os.PathLike[str], *, need_arch: bool = True) -> dict[str, Any]:
+    """A model folder's config.json, checked before timm parses it: a list, a number, non-UTF-8 bytes or a
+    section of the wrong type reached timm's ``_parse_model_cfg``/``PretrainedCfg`` and failed there as a
+    TypeError/KeyError traceback. ``need_arch``: the folder is loaded as ``local-dir:`` (timm needs the name)."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        cfg = read_json_object(path, required=True)
+    except ValueError as exc:
+        raise CheckpointError(f"model config {exc}; {_CONFIG_FIX}") from None
+    arch = cfg.get("architecture")
+    if need_arch and (not isinstance(arch, str) or not arch):
+        problem = ("has no 'architecture' (the timm model name)" if arch is None
+                   else f"has 'architecture' {json.dumps(arch)}, not a model name")
+        raise CheckpointError(f"model config '{path}' {problem}; {_CONFIG_FIX}")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise CheckpointError(f"model config '{path}': '{key}' is {json.dumps(cfg[key])[:40]}, not a JSON object; "
+                                  f"{_CONFIG_FIX}")
+    # timm builds a PretrainedCfg from its pretrained_cfg (or, in timm's older single-dict format, from the rest)
+    described = cfg["pretrained_cfg"] if "pretrained_cfg" in cfg else {
+        k: v for k, v in cfg.items() if k not in ("architecture", "num_features", "labels")}
+    unknown = sorted(set(described) - _CFG_FIELDS)
+    if need_arch and unknown:
+        where = "in 'pretrained_cfg'" if "pretrained_cfg" in cfg else "at the top level (no 'pretrained_cfg')"
+        raise CheckpointError(f"model config '{path}' has keys {where} that timm's PretrainedCfg does not know: "
+                              f"{', '.join(unknown[:5])}; {_CONFIG_FIX}")
+    return cfg
+
+
 def _folder_config(weights: Path) -> dict[str, Any]:
-    """The timm config.json beside a weights file ({} when there is none or it is unreadable)."""
-    return read_json_object(weights.parent / CONFIG_NAME)
+    """The timm config.json beside a weights file ({} when there is none; one that is there must be readable: its
+    model_args decide the architecture, and ignoring a damaged one would rebuild the wrong model)."""
+    if not (weights.parent / CONFIG_NAME).exists():
+        return {}
+    return read_model_config(weights.parent, need_arch=False)
+
+
+# What timm's ``local-dir:`` loader (timm.models._hub.load_state_dict_from_path) picks in a folder: these names
+# first, then the first file of each suffix in this order. pretrain_extras.safetensors holds no backbone.
+_FOLDER_WEIGHTS = (WEIGHTS_NAME, "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_FOLDER_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".bin")
+
+
+def folder_weights_file(folder: str | os.PathLike[str]) -> Path:
+    """The weights file of a model folder, chosen as timm's ``local-dir:`` loader chooses it."""
+    folder = Path(folder)
+    for name in _FOLDER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    for suffix in _FOLDER_SUFFIXES:
+        found = sorted(p for p in folder.glob(f"*{suffix}") if p.name != EXTRAS_NAME and p.is_file())
+        if found:
+            return found[0]
+    raise WeightsNotFoundError(f"model folder '{folder}' has no weights ({', '.join(_FOLDER_WEIGHTS)} or any "
+                               f"{'/'.join(_FOLDER_SUFFIXES)} file); {_CONFIG_FIX}")
 
 
 def _saved_model_args(weights: Path) -> dict[str, Any]:
@@ -149,8 +206,11 @@ def resolve_pretrained(
     explicit_cfg = pretrained_cfg is not None and not isinstance(pretrained_cfg, str)
     if overlay.get("file") and not explicit_cfg and not any(overlay.get(k) for k in _SOURCE_KEYS if k != "file"):
         return (pretrained_cfg, *_file_source(overlay, overlay["file"]))  # pretrained_cfg_overlay=dict(file=...)
+    if explicit_cfg and _cfg_get(pretrained_cfg, "source") == "local-dir" and not any(
+            overlay.get(k) for k in _SOURCE_KEYS):
+        return pretrained_cfg, _local_dir_source(_cfg_get(pretrained_cfg, "file"), overlay), {}
     if any(overlay.get(k) for k in _SOURCE_KEYS) or explicit_cfg:
-        return pretrained_cfg, overlay or None, {}  # explicit url/hub/state dict, or a cfg from hf-hub:/local-dir:
+        return pretrained_cfg, overlay or None, {}  # explicit url/hub/state dict, or a cfg from hf-hub:
     tags = _zoo_tags(arch)
     tag = pretrained_cfg
     if tag is None:
@@ -173,6 +233,19 @@ def resolve_pretrained(
     return _entry_source(tags, tag, overlay, path)
 
 
+def _cfg_get(cfg: Any, key: str) -> Any:
+    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+
+def _local_dir_source(folder: Any, overlay: dict[str, Any]) -> dict[str, Any]:
+    """``local-dir:FOLDER``: its weights read by :func:`load_checkpoint_file` (the one checkpoint reader: checksum,
+    zip CRC, weights-only unpickling, one-line errors) rather than by timm's loader, whose refusal of a pickle
+    carrying code or of a damaged file was a multi-line RuntimeError traceback. timm then loads the state dict
+    (and still runs the checkpoint filter, which converts and checks it against the model)."""
+    weights = folder_weights_file(folder)
+    return {**overlay, "source": "", "file": str(weights), "state_dict": load_checkpoint_file(weights)}
+
+
 def _entry_source(
     tags: Mapping[str, Any], tag: str, overlay: dict[str, Any], path: Path
 ) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
@@ -187,14 +260,16 @@ def _entry_source(
 def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """Map a user's MODEL argument to ``(timm name, create_model kwargs)``."""
     s = str(spec)
-    if s.startswith(("hf-hub:", "local-dir:")):
+    if s.startswith("hf-hub:"):
         return s, {"pretrained": True}
-    p = Path(s).expanduser()
-    if p.is_dir():
+    local_dir = s.startswith("local-dir:")
+    p = Path(s[len("local-dir:"):] if local_dir else s).expanduser()
+    if p.is_dir() or local_dir:
         if not (p / CONFIG_NAME).is_file():
             raise WeightsNotFoundError(
                 f"folder '{p}' has no {CONFIG_NAME}; pass a zoo/model folder (mffzoo convert writes one) or a name"
             )
+        read_model_config(p)  # timm parses it next, and fails on a damaged one with a traceback
         return f"local-dir:{p}", {"pretrained": True}
     if p.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or p.is_file():
         conv = convert_state_dict(load_checkpoint_file(p))
@@ -221,11 +296,12 @@ def load_model(
     if img_size:
         kwargs["img_size"] = int(img_size)
     s = str(spec)
+    check_path(s, "MODEL", existing=True)  # an over-long name: exists() itself would raise ENAMETOOLONG
     looks_like_path = any(ch in s for ch in "/\\") or Path(s).expanduser().exists()
     name, extra = parse_model_spec(spec) if (pretrained or looks_like_path) else (s, {})
     if not pretrained:  # keep the architecture a folder/checkpoint describes, drop its weights
         if name.startswith("local-dir:"):
-            cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG_NAME).read_text())
+            cfg = read_model_config(name[len("local-dir:"):])
             name = cfg["architecture"]
             extra = {**(cfg.get("model_args") or {}), "num_classes": cfg.get("num_classes", 0)}
         extra.pop("pretrained_cfg_overlay", None)
