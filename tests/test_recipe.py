@@ -8,7 +8,7 @@ import pytest
 
 from mffzoo.cli.main import main
 from mffzoo.errors import ConfigError
-from mffzoo.train.engine import accumulation_steps, fit_batch_per_device
+from mffzoo.train.optim import accumulation_steps, fit_batch_per_device
 from mffzoo.train.recipe import PretrainRecipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

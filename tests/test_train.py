@@ -77,7 +77,7 @@ def test_training_reduces_loss(finished: Any) -> None:
 
 def test_optimizer_is_fused_adamw_with_no_decay_groups() -> None:
     from mffzoo.models import create_pretrain_model
-    from mffzoo.train.engine import build_optimizer
+    from mffzoo.train.optim import build_optimizer
     from mffzoo.train.recipe import OptimConfig
 
     model = create_pretrain_model("mff_vit_small", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,

@@ -44,9 +44,9 @@ from ..table import print_table
 from ..train.attention import choose_attention
 from ..train.compile import compile_for_training
 from ..train.data import Batch
-from ..train.engine import build_optimizer
 from ..train.metrics import proc_status_kib, reset_peak_memory
 from ..train.numerics import Tf32, precision_name, resolve_precision
+from ..train.optim import build_optimizer
 from ..train.pretrain import PretrainTask
 from ..train.recipe import PretrainRecipe, find_recipe, load_recipe
 
