@@ -13,11 +13,11 @@ from mffzoo.cli.main import main
 from mffzoo.cpu import cpu_features
 from mffzoo.export import ExportProfile
 from mffzoo.throughput.infer import (
-    BACKENDS,
     BackendResult,
     InferBenchResult,
     _bench_profile,
     available_backends,
+    backends,
     best_exported,
     round_ratios,
 )
@@ -61,7 +61,7 @@ def test_bench_infer_list_and_errors(tiny: Path, capsys) -> None:
     # the CPU is named for what it has (issue: "AMX on this CPU" was printed on CPUs without AMX)
     assert blank == "" and cpu_line == f"this CPU: {cpu_features().model} ({cpu_features().describe()})"
     assert "AMX on this CPU" not in rows["eager-bf16"]
-    assert set(rows) == set(BACKENDS)
+    assert set(rows) == set(backends())
     assert all("  yes  " in rows[n] for n in ("eager", "ort-fp32", "ort-int8"))
     if not torch.cuda.is_available():  # the GPU backends say no, and why
         for n in ("cuda-eager", "cuda-fp16", "trt-fp16", "trt-fp32"):
@@ -80,10 +80,10 @@ def test_bench_infer_list_and_errors(tiny: Path, capsys) -> None:
 @pytest.mark.parametrize("batch,want", [(1, (1, 1, 64)), (8, (1, 8, 64)), (96, (1, 96, 96))])
 def test_exported_backends_are_tuned_for_the_bench_batch(batch: int, want: tuple) -> None:
     """TensorRT's profile (opt) follows --batch; every exported backend uses the export pipeline's settings."""
-    prof = _bench_profile(BACKENDS["trt-fp16"], batch)
+    prof = _bench_profile(backends()["trt-fp16"], batch)
     assert (prof.format, prof.precision) == ("trt", "fp16") and (prof.batch.min, prof.batch.opt, prof.batch.max) == want
-    assert _bench_profile(BACKENDS["ort-int8-static"], batch).quantize.mode == "static"
-    assert _bench_profile(BACKENDS["ort-int8"], batch).quantize == ExportProfile().quantize  # export's defaults
+    assert _bench_profile(backends()["ort-int8-static"], batch).quantize.mode == "static"
+    assert _bench_profile(backends()["ort-int8"], batch).quantize == ExportProfile().quantize  # export's defaults
 
 
 def test_bench_group_lists_infer(capsys) -> None:
@@ -112,7 +112,7 @@ def test_headline_ratio_lies_inside_its_per_round_range() -> None:
 
 
 def _result(name: str, device: str, ratio: float, failures: list[str] | None = None, thr: float = 1.0):
-    return BackendResult(name=name, device=device, precision=BACKENDS[name].precision, description="",
+    return BackendResult(name=name, device=device, precision=backends()[name].precision, description="",
                          latency_ms_p50=1.0, latency_ms_p90=1.0, throughput=thr, throughput_rounds=[thr],
                          ratio_vs_peer=ratio, ratio_rounds=[ratio], parity={"failures": failures or []})
 
@@ -147,5 +147,5 @@ def test_bench_openvino_rows_built_by_the_export_pipeline(tiny: Path, tmp_path: 
         assert min(r["throughput_rounds"]) <= r["throughput"] <= max(r["throughput_rounds"])
         if r["ratio_rounds"]:
             assert min(r["ratio_rounds"]) <= r["ratio_vs_peer"] <= max(r["ratio_rounds"])
-    prof = _bench_profile(BACKENDS["ov-int8"], 8)
+    prof = _bench_profile(backends()["ov-int8"], 8)
     assert (prof.format, prof.precision) == ("openvino", "int8")

@@ -36,13 +36,14 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
     from ..cpu import cpu_features
-    from ..throughput.infer import BACKENDS, available_backends, run_infer_bench
+    from ..throughput import infer as infer_bench
     from .zoo import print_table
 
     if list_backends:
-        avail = available_backends()
+        avail = infer_bench.available_backends()
         print_table([[b.name, b.device, b.precision, "yes" if avail[b.name] is None else f"no: {avail[b.name]}",
-                      b.description] for b in BACKENDS.values()], ["backend", "device", "precision", "here", "what"])
+                      b.description] for b in infer_bench.backends().values()],
+                    ["backend", "device", "precision", "here", "what"])
         cpu = cpu_features()
         click.echo(f"\nthis CPU: {cpu.model} ({cpu.describe()})")
         return
@@ -50,7 +51,7 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
         from ..errors import ConfigError
 
         raise ConfigError("missing argument MODEL: pass a model name, folder or checkpoint (only --list needs none)")
-    result = run_infer_bench(
+    result = infer_bench.run_infer_bench(
         model, random_init=random_init, batch=batch,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
         rounds=rounds, iters=iters, threads=threads, img_size=img_size, json_path=json_path,

@@ -19,8 +19,9 @@ def _print_report(report: Any) -> None:
 
 @click.command("export")
 @click.argument("model", type=MODEL, required=False)
-@click.option("--format", "fmt", type=click.Choice(["onnx", "trt", "openvino"]), default=None,
-              help="Artefact format (profile default: onnx); openvino writes an IR (.xml + .bin).")
+@click.option("--format", "fmt", metavar="FORMAT", default=None,
+              help="Artefact format, a name in the export-format registry (mffzoo.export.formats): onnx (the "
+                   "profile default), openvino (an IR, .xml + .bin), trt; checked when the profile is loaded.")
 @click.option("--profile", default=None,
               help="Export profile: a YAML path or a name in export/ (default: export/default.yaml).")
 @click.option("--weights", default=None, help="A pretrained tag of MODEL or a weights path (folder or checkpoint).")

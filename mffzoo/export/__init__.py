@@ -1,4 +1,5 @@
-"""Export MFF/timm ViTs to ONNX (fp32/fp16/bf16/int8) and TensorRT, with a parity check against PyTorch."""
+"""Export MFF/timm ViTs to ONNX, OpenVINO IR or TensorRT (one registry: :mod:`.formats`), parity-checked against
+PyTorch, optionally into a Triton model repository."""
 
 from .api import ExportResult, check_artefact, export_model, load_export_model
 from .onnx import OrtRunner, check_onnx, export_onnx

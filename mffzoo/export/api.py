@@ -1,4 +1,7 @@
-"""``export_model``: profile -> model -> ONNX (-> int8 | TensorRT engine | OpenVINO IR) -> parity -> artefact + sidecar.
+"""``export_model``: plan -> build -> check -> commit, for any format of :data:`mffzoo.export.formats.FORMATS`.
+
+Plan: profile, format, machine, model and output are checked; build: the format's artefact from the ONNX; check:
+the one parity routine on the format's runner; commit: renames into place, the sidecar last.
 
 Everything a user can get wrong is checked before the first file is written; files are built in a temporary
 folder (in the nearest existing folder of the output) and moved into place at the end, so a failed, interrupted
@@ -7,7 +10,8 @@ itself is :func:`~mffzoo.export.pipeline.build_artefact`, shared with ``mffzoo b
 While it runs the artefact (and a ``--triton-repo``) is locked (:func:`mffzoo.io.exclusive`: a lock file next to
 it, removed with any folder made for it); a second export to the same path is refused at once. A write the file
 system refuses (disk full, file-size limit, read-only) is one error line naming the output; the previous artefact
-stays. The sidecar moves in after the artefact, so a sidecar always describes a complete artefact. A missed
+stays. The sidecar moves in last (after the artefact, its companions and the parity report), so a sidecar
+always describes a complete artefact. A missed
 parity gate still moves the artefact and writes its report (to inspect), then raises
 :class:`~mffzoo.export.parity.ParityFailed` (exit code 1).
 """
@@ -38,10 +42,10 @@ from ..errors import ConfigError, ExportError, MffzooError, WeightsNotFoundError
 from ..io import PathLock, exclusive, os_fault, write_failed, write_json
 from ..zoo import load_model
 from . import triton
+from .formats import ExportFormat, get_format
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
-from .onnx import OrtRunner, ort_supports, read_metadata, write_metadata
-from .openvino import OvRunner, ov_supports
-from .parity import ParityFailed, ParityReport, Runner, run_parity
+from .onnx import read_metadata, write_metadata
+from .parity import ParityFailed, ParityReport, run_parity
 from .pipeline import INPUT_NAME, Built, SigtermGuard, build_artefact
 from .profile import ExportProfile, load_profile
 from .sidecar import (
@@ -53,7 +57,6 @@ from .sidecar import (
     state_dict_sha256,
     tool_versions,
 )
-from .trt import TrtRunner, require_trt
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
 
 __all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
@@ -70,13 +73,9 @@ class ExportResult:
     files: list[Path]  # everything written (artefact, ONNX of an engine or .bin of an IR, sidecar, report)
 
 
-SUFFIXES = {"onnx": ".onnx", "trt": ".engine", "openvino": ".xml"}
-BACKEND_NAMES = {"onnx": "onnxruntime", "trt": "tensorrt", "openvino": "openvino"}
-
-
 def companion_files(fmt: str, artefact: Path) -> list[Path]:
     """Files that belong to an artefact besides itself: an engine's ONNX, an IR's weights (.bin)."""
-    return {"trt": [artefact.with_suffix(".onnx")], "openvino": [artefact.with_suffix(".bin")]}.get(fmt, [])
+    return [artefact.with_suffix(s) for s in get_format(fmt).companions]
 
 
 def _model_spec(prof: ExportProfile) -> str:
@@ -151,7 +150,7 @@ def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) 
     # arch and tag come from the weights' config.json: a '/' or '..' there must not move the file out of exports/,
     # and a long tag must not make a name the file system refuses (after the export, at the rename)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[-(MAX_NAME_BYTES - 20):].lstrip(".")
-    return Path("exports") / (stem + SUFFIXES[prof.format])
+    return Path("exports") / (stem + get_format(prof.format).suffix)
 
 
 def _references(model: torch.nn.Module, features: str, prof: ExportProfile) -> dict[str, torch.nn.Module]:
@@ -194,17 +193,12 @@ def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str
                    "batches": batches}
 
 
-def _runner(fmt: str, path: Path, precision: str) -> Runner:
-    if fmt == "trt":
-        return TrtRunner(path)
-    if fmt == "openvino":
-        return OvRunner(path, precision)
-    return OrtRunner(path)
-
-
-def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, features: str,
+def _parity(path: Path, model: torch.nn.Module, prof: ExportProfile, features: str,
             pools: dict[str, np.ndarray], info: dict[str, Any]) -> ParityReport:
-    backend = BACKEND_NAMES[prof.format]
+    """The one parity routine of every format: the format's runner on ``path`` against PyTorch."""
+    fmt = get_format(prof.format)
+    backend = fmt.backend
+    runner = fmt.runner(path, prof.precision)
     _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)", backend, prof.precision,
                  info["batches"])
     return run_parity(
@@ -214,18 +208,11 @@ def _parity(runner: Runner, model: torch.nn.Module, prof: ExportProfile, feature
     )
 
 
-def _validate_machine(prof: ExportProfile) -> None:
+def _validate_machine(prof: ExportProfile) -> ExportFormat:
     """Options this machine cannot honour fail before any file is written."""
-    if prof.format == "trt":
-        require_trt()
-    elif prof.format == "openvino":  # bf16 without bf16 hardware is refused even unchecked: it would run as fp32
-        ok, why = ov_supports(prof.precision)
-        if not ok:
-            raise ExportError(why)
-    elif prof.check.enabled:
-        ok, why = ort_supports(prof.precision)
-        if not ok:
-            raise ExportError(why)
+    fmt = get_format(prof.format)
+    fmt.check_machine(prof.precision, checking=prof.check.enabled)
+    return fmt
 
 
 def export_model(
@@ -241,8 +228,8 @@ def export_model(
     ``fields`` are profile keys, e.g. ``export_model("mff_vit_small", random_init=True, precision="fp16",
     batch={"min": 1, "opt": 8, "max": 16})``. An existing artefact is never replaced unless ``overwrite``.
     """
-    prof = load_profile(profile, overrides, model=model, **fields)
-    _validate_machine(prof)
+    prof = load_profile(profile, overrides, model=model, **fields)  # plan: everything is checked before any write
+    fmt = _validate_machine(prof)
     tri = prof.triton
     if tri.repo is not None:
         triton.check_request(tri.repo, prof.format, preprocess=tri.preprocess, kind=tri.kind,
@@ -251,12 +238,7 @@ def export_model(
     features = resolve_features(prof.features, fp32)
     ExportModule(fp32, features)  # raises for logits on a backbone
     out = Path(prof.output or _default_output(prof, fp32, features)).expanduser()
-    if prof.format in ("onnx", "openvino") and out.suffix != SUFFIXES[prof.format]:
-        raise ExportError(f"--output '{out}' must end in {SUFFIXES[prof.format]} for --format {prof.format}"
-                          + (" (the weights go to the .bin next to it)" if prof.format == "openvino" else ""))
-    if prof.format == "trt" and out.suffix == ".onnx":
-        raise ExportError(f"--output '{out}' is the engine path for --format trt: use .engine (the ONNX it is "
-                          "built from is written next to it)")
+    fmt.check_output(out)
     if out.is_dir():
         raise ExportError(f"--output '{out}' is a folder; pass a file path (e.g. {out / 'model.onnx'})")
     base = _existing_folder(out)
@@ -302,40 +284,25 @@ def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: str, ou
             if calib_info:  # logged once the export can write: bad input stays a single error line
                 _logger.info("int8 calibration: %d images from %s (%s)", calib_info["count"], calib_info["images"],
                              calib_info["source"])
+            # build, then check
             t0 = time.perf_counter()
             built = build_artefact(fp32, features, prof, tmp, calibration=calib)
             export_s = time.perf_counter() - t0
-            report = _parity(_runner(prof.format, built.artefact, prof.precision), fp32, prof, features, pools,
-                             info) if prof.check.enabled else None
-            moves = [(built.artefact, out)]
-            if prof.format == "trt":  # keep the ONNX the engine was built from: engines are GPU/version specific
-                moves.append((built.onnx, out.with_suffix(".onnx")))
-            if prof.format == "openvino":  # the IR's weights; read_model finds them by the .xml's name
-                moves.append((built.artefact.with_suffix(".bin"), out.with_suffix(".bin")))
-                built.extra["openvino"].update(weights_file=out.with_suffix(".bin").name,
-                                               weights_sha256=file_sha256(built.artefact.with_suffix(".bin")))
+            report = _parity(built.artefact, fp32, prof, features, pools, info) if prof.check.enabled else None
             if calib_info:
                 built.extra.setdefault("quantization", {})["calibration"] = calib_info
-            side = _sidecar(prof, fp32, features, out, built, report, export_s)
-            for src, dst in moves:  # after parity (the verdict is in it), before hashing: the hash is of the final file
-                if dst.suffix == ".onnx":
-                    write_metadata(src, onnx_metadata(side))
-            side["artefact_sha256"] = file_sha256(built.artefact)
+            moves, side = _finish(prof, fp32, features, out, built, report, export_s)
             if tri.repo is not None and (report is None or report.passed):  # a failed artefact is never served
+                facts = get_format(prof.format).triton
+                signature = built.onnx if facts is not None and facts.signature_from_onnx else None
                 staged = triton.stage(tri.repo, built.artefact, side, name=tri.name, preprocess=tri.preprocess,
-                                      kind=tri.kind, instances=tri.instances,
-                                      signature_source=built.onnx if prof.format == "trt" else None)
+                                      kind=tri.kind, instances=tri.instances, signature_source=signature)
                 guard.remove_on_term(staged.tmp)
-            moves.append((write_json(tmp / "sidecar.json", side), sidecar_path(out)))
             if report is not None:
                 moves.append((write_json(tmp / "parity.json", report.to_dict()), report_path(out)))
+            moves.append((write_json(tmp / "sidecar.json", side), sidecar_path(out)))  # last: see _commit
             with guard.hold():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                for src, dst in moves:
-                    os.replace(src, dst)
-                if report is None:
-                    report_path(out).unlink(missing_ok=True)  # a stale report of an earlier export would mislead
-                triton_files = staged.commit() if staged else []
+                triton_files = _commit(out, moves, report, staged)
         except Exception as exc:
             fault = os_fault(exc)  # the file system refused a write (disk full, file-size limit, read-only)
             if fault is None or (isinstance(exc, MffzooError) and not isinstance(exc, WriteFailed)):
@@ -355,6 +322,35 @@ def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: str, ou
     return result
 
 
+def _finish(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, built: Built,
+            report: ParityReport | None, export_s: float) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
+    """The checked artefact's moves (artefact, then its companions) and its sidecar, hashing the final bytes."""
+    fmt = get_format(prof.format)
+    sources = fmt.companion_sources(built)
+    moves = [(built.artefact, out)] + [(sources[sfx], out.with_suffix(sfx)) for sfx in fmt.companions]
+    fmt.record_companions(built, out)
+    side = _sidecar(prof, fp32, features, out, built, report, export_s)
+    for src, dst in moves:  # after parity (the verdict is in it), before hashing: the hash is of the final file
+        if dst.suffix == ".onnx":
+            write_metadata(src, onnx_metadata(side))
+    side["artefact_sha256"] = file_sha256(built.artefact)
+    return moves, side
+
+
+def _commit(out: Path, moves: list[tuple[Path, Path]], report: ParityReport | None,
+            staged: triton.Staged | None) -> list[Path]:
+    """Rename the finished files into place (inside the SIGTERM guard's hold); the sidecar, last of ``moves``,
+    moves in only when everything it describes is there. Then the Triton repository."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    *files, (side_src, side_dst) = moves
+    for src, dst in files:
+        os.replace(src, dst)
+    if report is None:
+        report_path(out).unlink(missing_ok=True)  # a stale report of an earlier export would mislead
+    os.replace(side_src, side_dst)
+    return staged.commit() if staged else []
+
+
 def _refuse_overwrite(out: Path, fmt: str) -> None:
     """Never replace an artefact silently: two option sets may map to one default name (issue 9)."""
     taken = [p for p in (out, *companion_files(fmt, out), sidecar_path(out)) if p.exists()]
@@ -368,10 +364,10 @@ def _calibration(prof: ExportProfile, fp32: torch.nn.Module) -> tuple[np.ndarray
     ONNX static: ``--calib-images``, else the parity images, else the demo data; OpenVINO (NNCF always
     calibrates): ``--calib-images``, else the built-in demo data.
     """
-    q = prof.quantize
-    if prof.precision != "int8" or not (prof.format == "openvino" or q.mode == "static"):
+    q, fmt = prof.quantize, get_format(prof.format)
+    if not fmt.needs_calibration(prof):
         return None, {}
-    given = q.calibration_images or (prof.check.images if prof.format == "onnx" else None)
+    given = q.calibration_images or fmt.calibration_fallback(prof)
     root = Path(given) if given else default_image_root()
     source = ("--calib-images" if q.calibration_images else "--check-images") if given else "built-in demo data"
     return load_image_batch(root, q.num_calibration, fp32), {"images": str(root.resolve()), "source": source,
@@ -400,7 +396,7 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
         "format": prof.format,
         "artefact": out.name,
         "artefact_sha256": None,  # set by export_model once the file is final (metadata written)
-        "onnx": {"trt": out.with_suffix(".onnx").name, "openvino": None}.get(prof.format, out.name),
+        "onnx": get_format(prof.format).sidecar_onnx(out),
         "model": {
             "spec": _model_spec(prof), "architecture": cfg.get("architecture"),
             "tag": None if prof.random_init else cfg.get("tag"), "random_init": prof.random_init,
@@ -416,7 +412,7 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
                    "meaning": meaning},
         "preprocessing": preprocessing(fp32),
         "precision": prof.precision,
-        "compute_dtype": _compute_dtype(prof, built),
+        "compute_dtype": get_format(prof.format).compute_dtype(prof.precision, built),
         "opset": prof.opset,
         **built.extra,
         "tools": tool_versions(),
@@ -425,17 +421,6 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
         "profile": to_dict(prof),
         "parity": report.to_dict() if report else {"skipped": "--no-check: parity was not verified"},
     }
-
-
-def _compute_dtype(prof: ExportProfile, built: Built) -> str:
-    if prof.format == "openvino":
-        hint = built.extra["openvino"]["compile_config"]["INFERENCE_PRECISION_HINT"]
-        if prof.precision == "int8":
-            return f"int8 weights and activations (NNCF FakeQuantize), {hint} elsewhere (INFERENCE_PRECISION_HINT)"
-        return f"{prof.precision} (OpenVINO INFERENCE_PRECISION_HINT {hint}; the IR holds fp32 weights)"
-    if prof.precision == "int8":
-        return "int8 weights / uint8 activations (MatMul), fp32 elsewhere"
-    return prof.precision
 
 
 def check_artefact(
@@ -461,15 +446,16 @@ def check_artefact(
         raise ExportError(f"the weights of '{_model_spec(prof)}' changed since '{artefact}' was exported "
                           "(sha256 differs from the sidecar); re-export, or restore those weights")
     changed = file_sha256(artefact) != side.get("artefact_sha256")
-    weights_file = artefact.with_suffix(".bin")
-    if prof.format == "openvino" and weights_file.is_file():  # an IR is two files: its weights can change alone
-        changed |= file_sha256(weights_file) != side.get("openvino", {}).get("weights_sha256")
+    facts = get_format(prof.format).triton
+    if facts is not None and facts.companions and facts.companion_sha256:  # an IR is two files: its weights can
+        companion = artefact.with_suffix(facts.companions[0])  # change alone
+        if companion.is_file():
+            changed |= file_sha256(companion) != triton.sidecar_lookup(side, facts.companion_sha256)
     if changed:
         _logger.warning("'%s' differs from the file that was exported (sha256 mismatch with its sidecar)", artefact)
     pools, info = _check_inputs(prof, fp32)
     info["artefact_changed_since_export"] = changed
-    report = _parity(_runner(prof.format, artefact, prof.precision), fp32, prof, side["output"]["features"], pools,
-                     info)
+    report = _parity(artefact, fp32, prof, side["output"]["features"], pools, info)
     write_json(report_path(artefact), report.to_dict())
     if not report.passed:
         raise ParityFailed(f"parity gate missed for {artefact}: {'; '.join(report.failures)}; report in "

@@ -1,7 +1,8 @@
-"""One artefact pipeline for ``mffzoo export`` and ``mffzoo bench infer``: ONNX -> (int8 | engine | OpenVINO IR).
+"""One artefact pipeline for ``mffzoo export`` and ``mffzoo bench infer``: ONNX -> the format's artefact.
 
 Both build through :func:`build_artefact`, so what the benchmark measures is built exactly like what the export
 writes (same wrapper, I/O names, dtypes, quantiser settings, checker, engine profile): the two cannot drift.
+What each format adds to the ONNX is its :class:`~mffzoo.export.formats.ExportFormat`'s ``build``.
 :class:`SigtermGuard` turns SIGTERM into ``SystemExit`` so the callers' ``finally`` removes their temp folder.
 """
 
@@ -13,7 +14,6 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,38 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .formats import INPUT_NAME, Built, get_format
+from .formats.base import fresh_path
 from .inputs import model_img_size
-from .onnx import check_onnx, export_onnx
-from .openvino import compile_config, convert_ir
+from .onnx import export_onnx
 from .profile import ExportProfile
-from .quantize import quantize_onnx, resolve_reduce_range
-from .trt import build_engine
 from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule
 
 __all__ = ["INPUT_NAME", "Built", "build_artefact", "onnx_precision", "SigtermGuard"]
 
 _logger = logging.getLogger("mffzoo")
-INPUT_NAME = "pixel_values"
-
-
-@dataclass
-class Built:
-    artefact: Path  # the file to serve (inside the work folder; an IR's .bin lies next to its .xml)
-    onnx: Path  # the ONNX it was made from (the artefact itself for fp32/fp16/bf16 ONNX)
-    extra: dict[str, Any] = field(default_factory=dict)  # sidecar sections: "quantization" / "tensorrt" / "openvino"
 
 
 def onnx_precision(precision: str, fmt: str = "onnx") -> str:
-    """int8 is quantised from the fp32 ONNX, OpenVINO converts the fp32 ONNX (bf16 is a compile-time hint there);
-    every other precision is exported as such."""
-    return "fp32" if precision == "int8" or fmt == "openvino" else precision
-
-
-def _fresh(workdir: Path, stem: str, suffix: str) -> Path:
-    path, i = workdir / f"{stem}{suffix}", 1
-    while path.exists():
-        path, i = workdir / f"{stem}-{i}{suffix}", i + 1
-    return path
+    """The precision of the ONNX an artefact of ``fmt`` is made from (int8 and OpenVINO start from fp32)."""
+    return get_format(fmt).onnx_precision(precision)
 
 
 def build_artefact(
@@ -64,14 +47,19 @@ def build_artefact(
     calibration: np.ndarray | None = None,
     onnx_cache: dict[tuple[Any, ...], Path] | None = None,
 ) -> Built:
-    """Build ``prof``'s artefact from the fp32 model into ``workdir``; ``onnx_cache`` reuses identical ONNX exports."""
+    """Build ``prof``'s artefact from the fp32 model into ``workdir``; ``onnx_cache`` reuses identical ONNX exports.
+
+    The ONNX export is shared by every format; the format's :meth:`~mffzoo.export.formats.ExportFormat.build`
+    makes the artefact from it.
+    """
+    fmt = get_format(prof.format)
     img = model_img_size(fp32)
     b = prof.batch
-    src = onnx_precision(prof.precision, prof.format)
+    src = fmt.onnx_precision(prof.precision)
     key = (features, src, b.min, b.max, prof.opset, prof.slim, img)
     onnx_path = (onnx_cache or {}).get(key)
     if onnx_path is None:
-        onnx_path = _fresh(workdir, f"model-{src}", ".onnx")
+        onnx_path = fresh_path(workdir, f"model-{src}", ".onnx")
         _logger.info("exporting %s (%s, %s) to ONNX opset %d, batch %d..%d", prof.model, features, src, prof.opset,
                      b.min, b.max)
         export_onnx(ExportModule(fp32, features, TORCH_DTYPES[src]), onnx_path, img_size=img, input_name=INPUT_NAME,
@@ -79,45 +67,7 @@ def build_artefact(
                     slim=prof.slim)
         if onnx_cache is not None:
             onnx_cache[key] = onnx_path
-    built = Built(onnx_path, onnx_path)
-    if prof.precision == "int8" and prof.format == "onnx":
-        q = prof.quantize
-        reduce_range, why = resolve_reduce_range(q.reduce_range)
-        _logger.info("quantising to int8 (%s, %s %s-bit weights; %s)", q.mode,
-                     "per-channel" if q.per_channel else "per-tensor", 7 if reduce_range else 8, why)
-        built.artefact = quantize_onnx(onnx_path, _fresh(workdir, f"model-int8-{q.mode}", ".onnx"), mode=q.mode,
-                                       calibration=calibration, input_name=INPUT_NAME, per_channel=q.per_channel,
-                                       reduce_range=reduce_range)
-        check_onnx(built.artefact, dynamic_batch=b.min != b.max)  # the served file is checked, not just its source
-        built.extra["quantization"] = {"mode": q.mode, "per_channel": q.per_channel, "reduce_range": reduce_range,
-                                       "reduce_range_why": why, "weights": "int8 (7-bit)" if reduce_range else "int8",
-                                       "activations": "uint8",
-                                       "calibration_images": None if calibration is None else len(calibration)}
-    if prof.format == "openvino":
-        built.artefact = _fresh(workdir, f"model-ov-{prof.precision}", ".xml")
-        int8 = prof.precision == "int8"
-        reduce_range, why = resolve_reduce_range(prof.quantize.reduce_range)
-        _logger.info("converting to OpenVINO IR (%s%s)", prof.precision,
-                     f", NNCF int8 on {len(calibration) if calibration is not None else 0} calibration images, "
-                     f"{7 if reduce_range else 8}-bit weights; {why}" if int8 else "")
-        built.extra["openvino"] = convert_ir(onnx_path, built.artefact, calibration=calibration, int8=int8,
-                                             reduce_range=reduce_range, subset_size=prof.quantize.num_calibration)
-        built.extra["openvino"]["compile_config"] = compile_config(prof.precision)
-        if int8:
-            built.extra["quantization"] = {
-                "tool": "nncf", "model_type": "transformer", "overflow_fix": "enable" if reduce_range else "disable",
-                "reduce_range": reduce_range, "reduce_range_why": why,
-                "weights": "int8 (7-bit)" if reduce_range else "int8", "activations": "int8 (calibrated)",
-                "calibration_images": None if calibration is None else len(calibration)}
-    if prof.format == "trt":
-        _logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d)", b.min, b.opt, b.max)
-        built.artefact = _fresh(workdir, onnx_path.stem, ".engine")
-        t = prof.trt
-        built.extra["tensorrt"] = build_engine(
-            onnx_path, built.artefact, input_name=INPUT_NAME, img_size=img, batch=(b.min, b.opt, b.max),
-            workspace_gb=t.workspace_gb, timing_cache=t.timing_cache, tf32=t.tf32,
-            optimization_level=t.optimization_level)
-    return built
+    return fmt.build(Built(onnx_path, onnx_path), prof, workdir, calibration=calibration, img_size=img)
 
 
 class SigtermGuard:

@@ -167,7 +167,7 @@ class ExportProfile:
     random_init: bool = False  # explicit random weights (smoke tests, speed); otherwise weights must exist
     seed: int = 0  # seeds random_init, so a random-init artefact can be re-checked later
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. a tiny test model
-    format: Literal["onnx", "trt", "openvino"] = "onnx"
+    format: str = "onnx"  # a name of mffzoo.export.formats.FORMATS: onnx | trt | openvino
     precision: Precision = "fp32"
     features: Literal["auto", "pooled", "tokens", "logits"] = "auto"  # auto: logits for classifiers, else pooled
     batch: BatchRange = field(default_factory=BatchRange)
@@ -185,16 +185,16 @@ class ExportProfile:
         check_path(self.model, "model", existing=True)  # a name or a path: either way it must fit a file name
         require(17 <= self.opset <= 23, "opset",
                 f"must be 17..23 (>= 17 for exact LayerNorm, 20 recommended), got {self.opset}")
-        require(not (self.format == "trt" and self.precision == "int8"), "precision",
-                "int8 is for ONNX Runtime CPU serving (--format onnx); TensorRT int8 needs calibration this "
-                "tool does not do: use --precision fp16 or bf16 with --format trt")
-        require(self.format != "openvino" or self.precision in ("fp32", "bf16", "int8"), "precision",
-                f"'{self.precision}' is not a precision of --format openvino; use fp32, bf16 (CPUs with AMX or "
-                "AVX512-BF16) or int8")
-        require(self.quantize.calibration_images is None or (
-            self.precision == "int8" and (self.format == "openvino" or self.quantize.mode == "static")),
-            "quantize.calibration_images", "calibration images apply to int8 with --format openvino or "
-            "--quantize static only; drop --calib-images or add --precision int8")
+        from .formats import FORMATS  # the formats read no profile at import: no cycle
+
+        fmt = FORMATS.get(self.format)
+        require(fmt is not None, "format",
+                f"expected one of {', '.join(repr(n) for n in FORMATS)}, got {self.format!r}")
+        assert fmt is not None
+        require(self.precision in fmt.precisions, "precision", fmt.precision_error(self.precision))
+        require(self.quantize.calibration_images is None or fmt.needs_calibration(self), "quantize.calibration_images",
+                "calibration images apply to int8 with --format openvino or --quantize static only; drop "
+                "--calib-images or add --precision int8")
         require(self.img_size is None or 0 < self.img_size <= MAX_IMG_SIZE, "img_size",
                 f"must be in 1..{MAX_IMG_SIZE} (a multiple of the patch size), got {self.img_size}")
         if self.output is not None:

@@ -28,34 +28,19 @@ from typing import Any
 from ..errors import ExportError
 from ..io import exclusive, write_json
 from . import preprocess as preprocess_module
+from .formats import FORMATS, TritonFacts
 from .sidecar import file_sha256, read_sidecar, sidecar_path
 
-__all__ = ["BACKENDS", "Backend", "TensorSpec", "Staged", "check_request", "stage", "add_to_repository",
+__all__ = ["TensorSpec", "Staged", "check_request", "stage", "add_to_repository",
            "read_signature", "model_config_pb2"]
 
 _logger = logging.getLogger("mffzoo")
 
 
-@dataclass(frozen=True)
-class Backend:
-    """How Triton serves one mffzoo ``--format``: one row of :data:`BACKENDS`."""
+def _servable() -> dict[str, TritonFacts]:
+    """The formats Triton can serve, with how (each format's ``triton`` facts; the one table is FORMATS)."""
+    return {name: f.triton for name, f in FORMATS.items() if f.triton is not None}
 
-    file: str  # the model file's name in the version folder
-    key: str  # config field naming the runtime: "backend" or "platform"
-    value: str
-    kind: str  # default instance kind
-    companions: tuple[str, ...] = ()  # suffixes of files travelling with the model file (OpenVINO's .bin)
-    companion_sha256: tuple[str, ...] = ()  # where the sidecar keeps the first companion's sha256
-    gpu_only: bool = False
-    signature_from_onnx: bool = False  # I/O read from the ONNX the artefact was built from (a TensorRT plan)
-
-
-BACKENDS: dict[str, Backend] = {
-    "onnx": Backend("model.onnx", "backend", "onnxruntime", "KIND_CPU"),
-    "trt": Backend("model.plan", "platform", "tensorrt_plan", "KIND_GPU", gpu_only=True, signature_from_onnx=True),
-    "openvino": Backend("model.xml", "backend", "openvino", "KIND_CPU", companions=(".bin",),
-                        companion_sha256=("openvino", "weights_sha256")),
-}
 
 IMAGE_INPUT = "IMAGE"  # the ensemble's input: one encoded image (JPEG/PNG/...) per batch item, TYPE_STRING
 _PREPROCESS_MODULE = "mffzoo_preprocess.py"
@@ -164,9 +149,10 @@ def check_request(repo: str | os.PathLike[str], fmt: str, *, preprocess: bool, d
                   kind: str = "auto") -> None:
     """What can be refused before an export starts (nothing is written yet)."""
     repo = Path(repo).expanduser()
-    if fmt not in BACKENDS:
+    servable = _servable()
+    if fmt not in servable:
         raise ExportError(f"--format {fmt} cannot be served by Triton from this tool; use --format "
-                          f"{' or '.join(BACKENDS)} with --triton-repo")
+                          f"{' or '.join(servable)} with --triton-repo")
     if repo.exists() and not repo.is_dir():
         raise ExportError(f"--triton-repo '{repo}' is a file; pass a folder (a Triton model repository, "
                           "created if missing)")
@@ -176,7 +162,7 @@ def check_request(repo: str | os.PathLike[str], fmt: str, *, preprocess: bool, d
     if preprocess and not dynamic_batch:
         raise ExportError("--triton-preprocess needs an artefact with a dynamic batch (Triton batches the images "
                           "of many requests); export with --batch MIN:OPT:MAX, e.g. --batch 1:8:32")
-    if kind == "cpu" and BACKENDS[fmt].gpu_only:
+    if kind == "cpu" and servable[fmt].gpu_only:
         raise ExportError(f"triton.kind cpu: --format {fmt} runs on a GPU only; use triton.kind gpu or auto")
     model_config_pb2()  # tritonclient missing: say so now, not after the export
 
@@ -296,7 +282,7 @@ def stage(
     pb = model_config_pb2()
     repo = Path(repo).expanduser()
     artefact = Path(artefact)
-    backend = BACKENDS.get(side["format"])
+    backend = _servable().get(side["format"])
     batch = side["input"]["batch"]
     check_request(repo, side["format"], preprocess=preprocess, dynamic_batch=batch["min"] != batch["max"], kind=kind)
     assert backend is not None
@@ -342,7 +328,7 @@ def stage(
         (tmp / name / "config.pbtxt").write_text(_config_text(cfg, f"{side['artefact']} ({side['precision']})"))
         _copy_checked(artefact, vdir / backend.file, side.get("artefact_sha256"))
         for i, suffix in enumerate(backend.companions):
-            want = _lookup(side, backend.companion_sha256) if i == 0 else None
+            want = sidecar_lookup(side, backend.companion_sha256) if i == 0 else None
             _copy_checked(artefact.with_suffix(suffix), (vdir / backend.file).with_suffix(suffix), want)
         write_json(sidecar_path(vdir / backend.file), side)
         staged.files += [repo / name / "config.pbtxt", repo / name / str(version) / backend.file]
@@ -389,7 +375,7 @@ def _refuse_conflict(model_dir: Path, want: Any) -> None:
                           f"{have.max_batch_size} or lower max_batch_size in {model_dir / 'config.pbtxt'}")
 
 
-def _lookup(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+def sidecar_lookup(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
     for k in keys:
         data = data.get(k) if isinstance(data, dict) else None  # type: ignore[assignment]
     return data if keys else None

@@ -7,6 +7,8 @@ ratio) is the median of its per-round values, so it always lies inside the print
 torch.compile's compilation, ONNX export, quantisation, engine builds) are excluded. Exported backends are built by
 the export pipeline itself (:func:`mffzoo.export.pipeline.build_artefact`; TensorRT tuned for ``--batch``). Each
 backend's output is compared with eager fp32 through the export parity code and judged by the same per-precision gates.
+The exported rows are the export format registry's (:data:`mffzoo.export.formats.FORMATS`): format x precision x
+device, named ``<bench_prefix>-<precision>`` (ort-fp32, ov-int8, trt-fp16, ...).
 """
 
 from __future__ import annotations
@@ -31,18 +33,16 @@ import torch
 
 from ..errors import ConfigError
 from ..export.api import load_export_model
+from ..export.formats import FORMATS
 from ..export.inputs import default_image_root, load_image_batch, model_img_size
-from ..export.onnx import OrtRunner
-from ..export.openvino import OvRunner, cpu_has_bf16, ov_supports
 from ..export.parity import compare, gate_failures
 from ..export.pipeline import SigtermGuard, build_artefact
 from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
 from ..export.sidecar import tool_versions
-from ..export.trt import TrtRunner
 from ..export.wrappers import TORCH_DTYPES, ExportModule, resolve_features
 from ..io import write_json
 
-__all__ = ["BACKENDS", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
+__all__ = ["backends", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
 
 _logger = logging.getLogger("mffzoo")
 
@@ -52,65 +52,49 @@ class BackendSpec:
     name: str
     device: str  # "cpu" | "cuda"
     precision: str  # gate used for its parity vs eager fp32
-    kind: str  # "torch" | "onnxruntime" | "tensorrt" | "openvino"
+    kind: str  # "torch" | the format's backend ("onnxruntime", "tensorrt", "openvino")
     description: str
     exported: bool = False
+    format: str | None = None  # the export format (mffzoo.export.formats.FORMATS) of an exported row
+    quantize: str = "dynamic"  # quantize.mode of an exported row's export profile
 
 
-BACKENDS: dict[str, BackendSpec] = {b.name: b for b in (
+_TORCH_ROWS = (
     BackendSpec("eager", "cpu", "fp32", "torch", "PyTorch eager fp32 (the peer)"),
     BackendSpec("eager-bf16", "cpu", "bf16", "torch",
                 "PyTorch eager, torch.autocast bf16 (native on AMX/AVX512-BF16 CPUs, else emulated)"),
     BackendSpec("compile", "cpu", "fp32", "torch", "torch.compile (inductor) fp32"),
-    BackendSpec("ort-fp32", "cpu", "fp32", "onnxruntime", "ONNX Runtime CPU, fp32 ONNX", True),
-    BackendSpec("ort-fp16", "cpu", "fp16", "onnxruntime", "ONNX Runtime CPU, fp16-compute ONNX", True),
-    BackendSpec("ort-int8", "cpu", "int8", "onnxruntime", "ONNX Runtime CPU, int8 dynamic (per-channel)", True),
-    BackendSpec("ort-int8-static", "cpu", "int8", "onnxruntime",
-                "ONNX Runtime CPU, int8 static QDQ (calibrated on demo images)", True),
-    BackendSpec("ov-fp32", "cpu", "fp32", "openvino", "OpenVINO CPU, IR from the fp32 ONNX, f32 inference hint",
-                True),
-    BackendSpec("ov-bf16", "cpu", "bf16", "openvino", "OpenVINO CPU, same IR, bf16 inference hint (AMX/AVX512-BF16)",
-                True),
-    BackendSpec("ov-int8", "cpu", "int8", "openvino", "OpenVINO CPU, NNCF int8 IR (calibrated on demo images)", True),
     BackendSpec("cuda-eager", "cuda", "fp32", "torch", "PyTorch eager fp32 on the GPU (TF32 off)"),
     BackendSpec("cuda-fp16", "cuda", "fp16", "torch", "PyTorch eager, weights and compute in fp16"),
     BackendSpec("cuda-bf16", "cuda", "bf16", "torch", "PyTorch eager, weights and compute in bf16"),
     BackendSpec("cuda-compile-fp16", "cuda", "fp16", "torch", "torch.compile (inductor), fp16"),
-    BackendSpec("trt-fp16", "cuda", "fp16", "tensorrt", "TensorRT engine from the fp16 ONNX", True),
-    BackendSpec("trt-fp32", "cuda", "fp32", "tensorrt", "TensorRT engine from the fp32 ONNX, TF32 off", True),
-)}
+)
+
+
+def exported_rows() -> list[BackendSpec]:
+    """The exported rows: every registered format x its bench variants (precision, device), in registry order."""
+    return [BackendSpec(name, v.device, v.precision, fmt.backend, v.description, True, fmt.name, v.quantize)
+            for fmt in FORMATS.values() for name, v in zip(fmt.bench_names(), fmt.bench)]
+
+
+def backends() -> dict[str, BackendSpec]:
+    """Every bench row by name, per device (CPU, then GPU): the PyTorch rows, then the exported ones, read from the
+    format registry when called (so a format registered later has its rows)."""
+    rows = [*_TORCH_ROWS, *exported_rows()]
+    return {b.name: b for dev in ("cpu", "cuda") for b in rows if b.device == dev}
+
 
 
 def available_backends() -> dict[str, str | None]:
     """Backend -> None when it runs here, else the reason it does not."""
-    why: dict[str, str | None] = {"torch": None}
-    try:
-        import onnxruntime  # noqa: F401
-
-        why["onnxruntime"] = None
-    except ImportError:
-        why["onnxruntime"] = "onnxruntime is not installed (pip install 'mffzoo[onnx]')"
     cuda = None if torch.cuda.is_available() else "no CUDA GPU"
-    why["tensorrt"] = cuda
-    if cuda is None:
-        try:
-            import tensorrt  # noqa: F401
-        except Exception:  # ImportError, or the PyPI stub failing at import
-            why["tensorrt"] = "tensorrt is not installed (pip install 'mffzoo[gpu]' on an NVIDIA GPU machine)"
-    why["openvino"], ov_bf16, ov_int8 = _openvino_availability()
-    out = {b.name: (cuda if b.device == "cuda" and cuda else why[b.kind]) for b in BACKENDS.values()}
-    out["ov-bf16"] = out["ov-bf16"] or ov_bf16
-    out["ov-int8"] = out["ov-int8"] or ov_int8
+    out: dict[str, str | None] = {}
+    for b in backends().values():
+        if b.device == "cuda" and cuda:
+            out[b.name] = cuda
+        else:
+            out[b.name] = FORMATS[b.format].unavailable(b.precision, b.device) if b.format else None
     return out
-
-
-def _openvino_availability() -> tuple[str | None, str | None, str | None]:
-    """Why OpenVINO (all rows), its bf16 row and its int8 row cannot run here (None: they can)."""
-    (ok32, why32), (ok8, why8) = ov_supports("fp32"), ov_supports("int8")
-    if not ok32:
-        return why32, why32, why32
-    bf16 = None if cpu_has_bf16() else "no bf16 hardware on this CPU (needs AMX or AVX512-BF16)"
-    return None, bf16, None if ok8 else why8
 
 
 @dataclass
@@ -167,7 +151,7 @@ class InferBenchResult:
         by_name = {r.name: r for r in self.results}
         if "ort-fp32" in by_name:  # OpenVINO's target peer: the ONNX Runtime serving it replaces
             for r in self.results:
-                if BACKENDS[r.name].kind == "openvino":
+                if backends()[r.name].kind == "openvino":
                     med, rounds = round_ratios(r.throughput_rounds, by_name["ort-fp32"].throughput_rounds)
                     out.append(f"{r.name} vs ort-fp32 throughput: {med:.2f}x (rounds {min(rounds):.2f}-"
                                f"{max(rounds):.2f})")
@@ -191,7 +175,7 @@ def best_exported(results: list[BackendResult]) -> list[BackendResult]:
     their parity gate (a GPU's img/s and a CPU's are never compared)."""
     best: dict[str, BackendResult] = {}
     for r in results:
-        if not BACKENDS[r.name].exported or r.ratio_vs_peer is None or r.parity.get("failures"):
+        if not backends()[r.name].exported or r.ratio_vs_peer is None or r.parity.get("failures"):
             continue
         if r.device not in best or r.ratio_vs_peer > best[r.device].ratio_vs_peer:  # type: ignore[operator]
             best[r.device] = r
@@ -227,28 +211,21 @@ def _torch_backend(module: torch.nn.Module, device: str, autocast: torch.dtype |
 def _bench_profile(spec: BackendSpec, batch: int) -> ExportProfile:
     """The export settings of an exported backend: the shipped defaults, tuned (TensorRT ``opt``) for ``batch``."""
     return ExportProfile(
-        format={"tensorrt": "trt", "openvino": "openvino"}.get(spec.kind, "onnx"), precision=spec.precision,
-        batch=BatchRange(1, batch, max(batch, 64)),
-        quantize=QuantizeConfig(mode="static" if spec.name.endswith("-static") else "dynamic"))
+        format=spec.format or "onnx", precision=spec.precision, batch=BatchRange(1, batch, max(batch, 64)),
+        quantize=QuantizeConfig(mode=spec.quantize))  # type: ignore[arg-type]
 
 
 def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: int, calib: np.ndarray,
            batch: int, onnx_cache: dict[tuple[Any, ...], Path]) -> _Backend:
-    spec = BACKENDS.get(name)
+    spec = backends().get(name)
     if spec is None:
         raise ConfigError(f"unknown backend '{name}'")
     if spec.exported:  # built exactly as `mffzoo export` builds it (one shared pipeline)
         built = build_artefact(fp32, features, _bench_profile(spec, batch), tmp, calibration=calib,
                                onnx_cache=onnx_cache)
-        if spec.kind == "tensorrt":
-            trt_runner = TrtRunner(built.artefact)
-            return _Backend(trt_runner.run_torch, lambda a: torch.from_numpy(a).cuda(), "cuda")
-        if spec.kind == "openvino":
-            ov_runner = OvRunner(built.artefact, spec.precision, threads=threads)
-            return _Backend(ov_runner, lambda a: np.ascontiguousarray(a), "cpu")
-
-        runner = OrtRunner(built.artefact, threads=threads, providers=["CPUExecutionProvider"])
-        return _Backend(runner, lambda a: np.ascontiguousarray(a), "cpu")
+        fmt = FORMATS[spec.format or "onnx"]
+        run, prepare = fmt.bench_call(fmt.runner(built.artefact, spec.precision, device=spec.device, threads=threads))
+        return _Backend(run, prepare, spec.device)
     dtype = TORCH_DTYPES[spec.precision]
     if name == "eager":
         return _torch_backend(ExportModule(fp32, features), "cpu")
@@ -297,13 +274,99 @@ def _cpu_name() -> str:
 
 
 def _tools(names: list[str]) -> dict[str, str]:
-    """The export tools' versions, plus OpenVINO's and NNCF's when an ov-* backend ran."""
+    """The export tools' versions, plus those a format that ran names (OpenVINO's and NNCF's for ov-*)."""
     out = tool_versions()
-    if any(BACKENDS[n].kind == "openvino" for n in names):
-        for pkg in ("openvino", "nncf"):
-            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                out[pkg] = importlib.metadata.version(pkg)
+    fmts = {backends()[n].format for n in names} - {None}
+    for pkg in dict.fromkeys(p for f in FORMATS.values() if f.name in fmts for p in f.bench_tools):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[pkg] = importlib.metadata.version(pkg)
     return out
+
+
+def _select(wanted: list[str] | None, avail: dict[str, str | None]) -> list[str]:
+    """The backends to run, each device's peer (eager fp32) first: ratios and parity are against it."""
+    names = wanted or [n for n, why in avail.items() if why is None]
+    table = backends()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ConfigError(f"unknown backend '{unknown[0]}'; choose from {', '.join(table)}")
+    skipped = {n: avail[n] for n in names if avail[n]}
+    if wanted and skipped:
+        n = next(iter(skipped))
+        raise ConfigError(f"backend '{n}' cannot run here: {skipped[n]}; drop it from --backends")
+    names = [n for n in names if not avail[n]]
+    devices = {table[n].device for n in names}
+    peers = [p for p, dev in (("eager", "cpu"), ("cuda-eager", "cuda")) if dev in devices]
+    return peers + [n for n in names if n not in peers]
+
+
+def _prepare_all(names: list[str], fp32: torch.nn.Module, features: str, tmp: Path, threads: int,
+                 calib: np.ndarray, batch: int, x1: np.ndarray, xb: np.ndarray,
+                 ) -> tuple[dict[str, _Backend], dict[str, tuple[Any, Any]], dict[str, float]]:
+    """Build every backend and warm it up (compilation included); none of it is timed."""
+    built: dict[str, _Backend] = {}
+    inputs: dict[str, tuple[Any, Any]] = {}
+    setup: dict[str, float] = {}
+    onnx_cache: dict[tuple[Any, ...], Path] = {}
+    for n in names:
+        t = time.perf_counter()
+        _logger.info("bench: preparing %s", n)
+        b = _build(n, fp32, features, tmp, threads, calib, batch, onnx_cache)
+        inputs[n] = (b.prepare(x1), b.prepare(xb))
+        for x in inputs[n]:  # warm-up (and compilation), excluded
+            for _ in range(2):
+                b.run(x)
+            b.sync()
+        built[n] = b
+        setup[n] = time.perf_counter() - t
+    return built, inputs, setup
+
+
+def _measure(built: dict[str, _Backend], inputs: dict[str, tuple[Any, Any]], batch: int, rounds: int,
+             iters: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Batch-1 latencies and per-round img/s at ``batch``, call by call across backends: load from other processes
+    drifts slowly, so each backend sees it alike."""
+    names = list(built)
+    lat: dict[str, list[float]] = {n: [] for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        _logger.info("bench: round %d/%d", r + 1, rounds)
+        for which in (0, 1):
+            cur: dict[str, list[float]] = {n: [] for n in names}
+            for _ in range(iters):
+                for n in names:
+                    cur[n] += _time_calls(built[n], inputs[n][which], 1)
+            for n in names:
+                if which:
+                    per_round[n].append(batch / float(np.median(cur[n])))
+                else:
+                    lat[n] += cur[n]
+    return lat, per_round
+
+
+def _results(built: dict[str, _Backend], inputs: dict[str, tuple[Any, Any]], lat: dict[str, list[float]],
+             per_round: dict[str, list[float]], setup: dict[str, float], classifier: bool,
+             gates: GateSet) -> list[BackendResult]:
+    """One row per backend, parity against the first (the peer) judged by its precision's gate."""
+    ref_name = next(iter(built))
+    ref = built[ref_name].numpy(built[ref_name].run(inputs[ref_name][1]))
+    results = []
+    for n, b in built.items():
+        spec = backends()[n]
+        m = compare(b.numpy(b.run(inputs[n][1])), ref, classifier=classifier)
+        par: dict[str, Any] = {"peer": True} if n == ref_name else {
+            **dataclasses.asdict(m), "failures": gate_failures(m, gates.for_precision(spec.precision))}
+        results.append(BackendResult(
+            name=n, device=spec.device, precision=spec.precision, description=spec.description,
+            latency_ms_p50=float(np.percentile(lat[n], 50) * 1e3),
+            latency_ms_p90=float(np.percentile(lat[n], 90) * 1e3),
+            throughput=float(np.median(per_round[n])), throughput_rounds=per_round[n], parity=par,
+            setup_s=round(setup[n], 2)))
+    peers = {r.device: r for r in results if r.name in ("eager", "cuda-eager")}
+    for r in results:
+        if r.device in peers:
+            r.ratio_vs_peer, r.ratio_rounds = round_ratios(r.throughput_rounds, peers[r.device].throughput_rounds)
+    return results
 
 
 def run_infer_bench(
@@ -324,85 +387,24 @@ def run_infer_bench(
     if batch < 1 or rounds < 1 or iters < 1:
         raise ConfigError(f"--batch, --rounds and --iters must be >= 1, got {batch}, {rounds}, {iters}")
     avail = available_backends()
-    names = backends or [n for n, why in avail.items() if why is None]
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown:
-        raise ConfigError(f"unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
-    skipped = {n: avail[n] for n in names if avail[n]}
-    if backends and skipped:
-        n = next(iter(skipped))
-        raise ConfigError(f"backend '{n}' cannot run here: {skipped[n]}; drop it from --backends")
-    names = [n for n in names if not avail[n]]
-    # each device's peer (eager fp32) always runs, first: ratios and parity are against it
-    devices = {BACKENDS[n].device for n in names}
-    peers = [p for p, dev in (("eager", "cpu"), ("cuda-eager", "cuda")) if dev in devices]
-    names = peers + [n for n in names if n not in peers]
+    names = _select(backends, avail)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
     prof = ExportProfile(model=model, random_init=random_init, img_size=img_size, model_args=dict(model_args or {}))
     fp32 = load_export_model(prof)
     features = resolve_features("auto", fp32)
-    classifier = features == "logits"
     root = images or default_image_root()
     xb = load_image_batch(root, batch, fp32)
-    x1 = xb[:1].copy()
     calib = load_image_batch(root, 32, fp32)
     gates = GateSet()
-
-    built: dict[str, _Backend] = {}
-    setup: dict[str, float] = {}
-    inputs: dict[str, tuple[Any, Any]] = {}
-    onnx_cache: dict[tuple[Any, ...], Path] = {}
     tmp_ctx = tempfile.TemporaryDirectory(prefix="mffzoo-bench-", ignore_cleanup_errors=True)  # SIGTERM removes it
     with SigtermGuard() as guard, tmp_ctx as tmpdir, _strict_fp32():
         guard.remove_on_term(tmpdir)
-        for n in names:
-            t = time.perf_counter()
-            _logger.info("bench: preparing %s", n)
-            b = _build(n, fp32, features, Path(tmpdir), threads, calib, batch, onnx_cache)
-            inputs[n] = (b.prepare(x1), b.prepare(xb))
-            for x in inputs[n]:  # warm-up (and compilation), excluded
-                for _ in range(2):
-                    b.run(x)
-                b.sync()
-            built[n] = b
-            setup[n] = time.perf_counter() - t
-        ref_name = names[0]
-        ref = built[ref_name].numpy(built[ref_name].run(inputs[ref_name][1]))
-        lat: dict[str, list[float]] = {n: [] for n in names}
-        thr: dict[str, list[float]] = {n: [] for n in names}
-        per_round: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(rounds):
-            _logger.info("bench: round %d/%d", r + 1, rounds)
-            # call by call across backends: load from other processes drifts slowly, so each backend sees it alike
-            for which, store in ((0, lat), (1, thr)):
-                cur: dict[str, list[float]] = {n: [] for n in names}
-                for _ in range(iters):
-                    for n in names:
-                        cur[n] += _time_calls(built[n], inputs[n][which], 1)
-                for n in names:
-                    store[n] += cur[n]
-                    if which:
-                        per_round[n].append(batch / float(np.median(cur[n])))
-        results = []
-        for n in names:
-            spec = BACKENDS[n]
-            out = built[n].numpy(built[n].run(inputs[n][1]))
-            m = compare(out, ref, classifier=classifier)
-            par: dict[str, Any] = {"peer": True} if n == ref_name else {
-                **dataclasses.asdict(m), "failures": gate_failures(m, gates.for_precision(spec.precision))}
-            results.append(BackendResult(
-                name=n, device=spec.device, precision=spec.precision, description=spec.description,
-                latency_ms_p50=float(np.percentile(lat[n], 50) * 1e3),
-                latency_ms_p90=float(np.percentile(lat[n], 90) * 1e3),
-                throughput=float(np.median(per_round[n])), throughput_rounds=per_round[n], parity=par,
-                setup_s=round(setup[n], 2)))
-    peers = {r.device: r for r in results if r.name in ("eager", "cuda-eager")}
-    for r in results:
-        if r.device in peers:
-            peer = peers[r.device]
-            r.ratio_vs_peer, r.ratio_rounds = round_ratios(r.throughput_rounds, peer.throughput_rounds)
+        built, inputs, setup = _prepare_all(names, fp32, features, Path(tmpdir), threads, calib, batch,
+                                            xb[:1].copy(), xb)
+        lat, per_round = _measure(built, inputs, batch, rounds, iters)
+        results = _results(built, inputs, lat, per_round, setup, features == "logits", gates)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     meta = {
         "command": "mffzoo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("mffzoo", "__main__.py") else None,
@@ -410,7 +412,7 @@ def run_infer_bench(
         "features": features, "batch": batch, "img_size": list(model_img_size(fp32)), "threads": threads,
         "rounds": rounds, "iters": iters, "inputs": f"{batch} demo images from {root}",
         "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "gpu": gpu}, "tools": _tools(names),
-        "peer": "PyTorch eager fp32 of the same device (eager, cuda-eager)", "parity_reference": ref_name,
+        "peer": "PyTorch eager fp32 of the same device (eager, cuda-eager)", "parity_reference": names[0],
         "gates": dataclasses.asdict(gates), "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     result = InferBenchResult(meta, results, {} if backends else {k: v for k, v in avail.items() if v})
