@@ -5,7 +5,7 @@
     python bench/train_throughput.py --recipe recipes/vits.yaml --set train.batch_per_device=16 [--repeats 3]
 
 Same options as ``mffzoo bench train`` (this script is that command); the implementation is
-:mod:`mffzoo.throughput.train`, the recorded results are in docs/benchmarks.md.
+:mod:`mffzoo.bench.train`, the recorded results are in docs/benchmarks.md.
 """
 
 import sys

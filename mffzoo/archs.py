@@ -1,7 +1,9 @@
 """The model catalog as data: architectures, pretrained tags, pretraining defaults, and their resolvers.
 
-Standard library only, so everything (the recipe validator, the CLI, the timm entrypoints in
-:mod:`mffzoo.zoo.mff_vision_transformer`, the pretraining model) reads one table without importing torch or timm.
+Neither torch nor timm is imported, so everything (the recipe validator, the CLI, the timm entrypoints in
+:mod:`mffzoo.zoo.mff_vision_transformer`, the pretraining model) reads one table without them. The fusion levels
+get their default (:func:`default_fusion_layers`) and their validation (:func:`check_fusion_layers`) here, once,
+for the recipe (at load) and the model constructor alike.
 Local tags name no path here: their weights are found in the zoo home (``MFFZOO_HOME``) when a model is created, so
 changing ``MFFZOO_HOME`` after import works.
 
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from .config import require
 
 _logger = logging.getLogger("mffzoo")
 
-__all__ = ["ARCHS", "ARCH_LABELS", "PRETRAIN_DEFAULTS", "ALIASES", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS", "LOCAL_FILE",
-           "canonical_arch", "describe_arch", "is_local_cfg", "pretrain_heads", "published_tag",
-           "registered_schedule"]
+__all__ = ["ARCHS", "ARCH_LABELS", "PRETRAIN_DEFAULTS", "ALIASES", "TAGS", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS",
+           "LOCAL_FILE", "LocalTag", "OfficialTag", "ZooTag", "canonical_arch", "check_fusion_layers",
+           "default_fusion_layers", "describe_arch", "is_local_cfg", "local_tag", "pretrain_heads", "published_tag",
+           "registered_schedule", "zoo_tag"]
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD (copied: this module imports neither torch nor timm)
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -82,90 +88,145 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-def _official(url: str, *, description: str, notes: tuple[str, ...], **kwargs: Any) -> dict[str, Any]:
-    return _cfg(
-        url=url,
-        license="apache-2.0",
-        origin_url="https://github.com/open-mmlab/mmpretrain/tree/main/configs/mff",
-        description=description,
-        notes=("source: official mmpretrain checkpoint, converted on load", *notes),
-        **kwargs,
-    )
+@dataclass(frozen=True)
+class OfficialTag:
+    """A registered tag whose weights are an official download (converted on load)."""
+
+    arch: str
+    tag: str
+    url: str
+    description: str
+    reported: str  # the official result, shown by `mffzoo zoo` (e.g. "83.7 top-1 ImageNet-1k val")
+    num_classes: int = 0  # 1000 for the fine-tuned classifiers
+
+    def cfg(self) -> dict[str, Any]:
+        """The timm pretrained cfg; ``notes`` is prose for people (no code reads it back)."""
+        return _cfg(
+            url=self.url,
+            license="apache-2.0",
+            origin_url="https://github.com/open-mmlab/mmpretrain/tree/main/configs/mff",
+            description=self.description,
+            notes=("source: official mmpretrain checkpoint, converted on load", f"reported: {self.reported}"),
+            num_classes=self.num_classes,
+        )
 
 
-def _local(recipe: str, description: str, epochs: int) -> dict[str, Any]:
-    # No download exists: the weights come from the user's own `mffzoo train` run, resolved from the zoo home
-    # (MFFZOO_HOME) at creation time by mffzoo.zoo.weights. `notes` marks the tag as local for that resolver;
-    # the schedule is what the tag promises (a shorter run publishes as <tag>-partial, see published_tag).
-    # `file` only makes timm list the tag as pretrained; the resolver replaces it with the current home's path.
-    return _cfg(
-        file=LOCAL_FILE,
-        license="apache-2.0",
-        description=description,
-        notes=("source: local", f"recipe: {recipe}", f"produce with: mffzoo train {recipe}",
-               f"schedule: {epochs} epochs"),
-    )
+@dataclass(frozen=True)
+class LocalTag:
+    """A registered tag whose weights come from the user's own ``mffzoo train RECIPE`` run, found in the zoo home
+    (``$MFFZOO_HOME/<arch>.<tag>/``, see :data:`LOCAL_FILE`) when a model is created."""
+
+    arch: str
+    tag: str
+    recipe: str  # the recipe that produces the weights, e.g. recipes/vits.yaml
+    schedule_epochs: int  # what the tag promises; a shorter run publishes as <tag>-partial (see published_tag)
+    description: str
+
+    @property
+    def produce(self) -> str:
+        """The command that makes these weights."""
+        return f"mffzoo train {self.recipe}"
+
+    @property
+    def path(self) -> str:
+        """Where the weights are looked for (relative to the zoo home of the moment, never frozen at import)."""
+        return LOCAL_FILE.replace("<arch>", self.arch).replace("<tag>", self.tag)
+
+    def cfg(self) -> dict[str, Any]:
+        """The timm pretrained cfg: ``file`` only makes timm list the tag as pretrained (the resolver replaces it
+        with the current home's path); ``notes`` is prose for people (no code reads it back)."""
+        return _cfg(
+            file=LOCAL_FILE,
+            license="apache-2.0",
+            description=self.description,
+            notes=("source: local", f"recipe: {self.recipe}", f"produce with: {self.produce}",
+                   f"schedule: {self.schedule_epochs} epochs"),
+        )
 
 
-def is_local_cfg(cfg: Any) -> bool:
-    """True for tags whose weights come from the user's own runs in the zoo home."""
-    notes = cfg.get("notes") if isinstance(cfg, dict) else getattr(cfg, "notes", None)
-    return bool(notes) and "source: local" in notes
+ZooTag = OfficialTag | LocalTag
 
 
-def _local_runs(size: str, mff_prefix: str, mae_prefix: str, desc: str) -> dict[str, dict[str, Any]]:
+def _official(arch: str, tag: str, file: str, description: str, reported: str, **kwargs: Any) -> OfficialTag:
+    return OfficialTag(arch, tag, f"{_MMPRETRAIN}/{file}", description, reported, **kwargs)
+
+
+def _local_runs(arch: str, size: str, mff_prefix: str, mae_prefix: str) -> dict[str, ZooTag]:
     """Tags for recipes/vit{size}[_mae][_{800,1600}e].yaml, i.e. what each recipe's `publish.tag` names.
 
     A prefix ending in "_" gets the epochs appended (mff_in1k_300e); otherwise 300 ep is the bare prefix
     (mff_local) and longer schedules get a suffix (mff_local_800e).
     """
-    out = {}
+    out: dict[str, ZooTag] = {}
     for method, prefix, suffix in (("MFF", mff_prefix, ""), ("MAE baseline", mae_prefix, "_mae")):
         for ep in (300, 800, 1600):
             tag = f"{prefix}{ep}e" if prefix.endswith("_") else (prefix if ep == 300 else f"{prefix}_{ep}e")
             recipe = f"recipes/vit{size}{suffix}{'' if ep == 300 else f'_{ep}e'}.yaml"
-            out[tag] = _local(recipe, f"{method} {desc}, {ep} ep ImageNet-1k pretraining (trained locally)", ep)
+            desc = f"{method} {ARCH_LABELS[arch]}, {ep} ep ImageNet-1k pretraining (trained locally)"
+            out[tag] = LocalTag(arch, tag, recipe, ep, desc)
     return out
 
 
-# ZOO_TAGS: arch -> tag -> pretrained cfg. The first tag of each arch is its default (timm convention).
-ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
-    "mff_vit_small_patch16_224": {
-        **_local_runs("s", "mff_in1k_", "mae_in1k_", "ViT-S/16"),
-        "demo": _local("recipes/demo.yaml", "tiny-budget MFF demo run on the built-in demo data", 6),
+_S, _B, _L = ARCHS
+# TAGS: arch -> tag -> what the tag is (typed). The first tag of each arch is its default (timm convention).
+TAGS: dict[str, dict[str, ZooTag]] = {
+    _S: {
+        **_local_runs(_S, "s", "mff_in1k_", "mae_in1k_"),
+        "demo": LocalTag(_S, "demo", "recipes/demo.yaml", 6, "tiny-budget MFF demo run on the built-in demo data"),
     },
-    "mff_vit_base_patch16_224": {
+    _B: {
         "mff_in1k_800e": _official(
-            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/"
+            _B, "mff_in1k_800e", "mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/"
             "mff_vit-base-p16_8xb512-amp-coslr-800e_in1k_20230801-3af7cd9d.pth",
-            description="MFF ViT-B/16 encoder, 800 ep ImageNet-1k pretraining (official)",
-            notes=("reported: 83.7 top-1 fine-tuned (100 ep), 68.3 linear probe (90 ep)",),
+            "MFF ViT-B/16 encoder, 800 ep ImageNet-1k pretraining (official)",
+            "83.7 top-1 fine-tuned (100 ep), 68.3 linear probe (90 ep)",
         ),
         "mff_in1k_300e": _official(
-            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/"
+            _B, "mff_in1k_300e", "mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/"
             "mff_vit-base-p16_8xb512-amp-coslr-300e_in1k_20230801-3c1bcce4.pth",
-            description="MFF ViT-B/16 encoder, 300 ep ImageNet-1k pretraining (official)",
-            notes=("reported: 83.0 top-1 fine-tuned (100 ep), 64.2 linear probe (90 ep)",),
+            "MFF ViT-B/16 encoder, 300 ep ImageNet-1k pretraining (official)",
+            "83.0 top-1 fine-tuned (100 ep), 64.2 linear probe (90 ep)",
         ),
         "mff_ft_in1k_800e": _official(
-            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/vit-base-p16_8xb128-coslr-100e/"
+            _B, "mff_ft_in1k_800e", "mff_vit-base-p16_8xb512-amp-coslr-800e_in1k/vit-base-p16_8xb128-coslr-100e/"
             "vit-base-p16_8xb128-coslr-100e_20230802-6780e47d.pth",
-            description="MFF ViT-B/16 800 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.7 top-1",
-            notes=("reported: 83.7 top-1 ImageNet-1k val",),
-            num_classes=1000,
+            "MFF ViT-B/16 800 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.7 top-1",
+            "83.7 top-1 ImageNet-1k val", num_classes=1000,
         ),
         "mff_ft_in1k_300e": _official(
-            f"{_MMPRETRAIN}/mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/vit-base-p16_8xb128-coslr-100e_in1k/"
-            "vit-base-p16_8xb128-coslr-100e_in1k_20230802-d746fdb7.pth",
-            description="MFF ViT-B/16 300 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.0 top-1",
-            notes=("reported: 83.0 top-1 ImageNet-1k val",),
-            num_classes=1000,
+            _B, "mff_ft_in1k_300e", "mff_vit-base-p16_8xb512-amp-coslr-300e_in1k/"
+            "vit-base-p16_8xb128-coslr-100e_in1k/vit-base-p16_8xb128-coslr-100e_in1k_20230802-d746fdb7.pth",
+            "MFF ViT-B/16 300 ep, fine-tuned 100 ep on ImageNet-1k (official), 83.0 top-1",
+            "83.0 top-1 ImageNet-1k val", num_classes=1000,
         ),
         # Local ViT-B runs get *_local tags: mff_in1k_* are the official downloads.
-        **_local_runs("b", "mff_local", "mae_local", "ViT-B/16"),
+        **_local_runs(_B, "b", "mff_local", "mae_local"),
     },
-    "mff_vit_large_patch16_224": _local_runs("l", "mff_in1k_", "mae_in1k_", "ViT-L/16"),
+    _L: _local_runs(_L, "l", "mff_in1k_", "mae_in1k_"),
 }
+# ZOO_TAGS: arch -> tag -> timm pretrained cfg (what the entrypoints register), derived from TAGS.
+ZOO_TAGS: dict[str, dict[str, dict[str, Any]]] = {
+    arch: {tag: t.cfg() for tag, t in tags.items()} for arch, tags in TAGS.items()
+}
+
+
+def zoo_tag(arch: str, tag: str | None) -> ZooTag | None:
+    """What a registered ``<arch>.<tag>`` is (alias or long arch name); None for tags not registered."""
+    return TAGS.get(canonical_arch(arch), {}).get(tag or "") if tag is not None else None
+
+
+def local_tag(arch: str, tag: str | None) -> LocalTag | None:
+    """The registered local tag ``<arch>.<tag>``; None for official downloads and unregistered tags."""
+    entry = zoo_tag(arch, tag)
+    return entry if isinstance(entry, LocalTag) else None
+
+
+def is_local_cfg(cfg: Any) -> bool:
+    """True for a registered tag's pretrained cfg (a :data:`ZOO_TAGS` dict or timm's ``PretrainedCfg``) whose
+    weights come from the user's own runs in the zoo home: its registered ``file`` is :data:`LOCAL_FILE`."""
+    file = cfg.get("file") if isinstance(cfg, Mapping) else getattr(cfg, "file", None)
+    return file == LOCAL_FILE
+
 
 # Fine-tuned classifiers were trained with global average pooling + fc_norm (mmpretrain's ln2); timm builds
 # the same structure from these kwargs.
@@ -174,8 +235,8 @@ CLASSIFIER_TAG_KWARGS = dict(global_pool="avg", fc_norm=True)
 
 def registered_schedule(arch: str, tag: str) -> int | None:
     """Epochs a registered local tag stands for (its recipe's schedule); None for other tags."""
-    notes = ZOO_TAGS.get(canonical_arch(arch), {}).get(tag, {}).get("notes") or ()
-    return next((int(n.split()[1]) for n in notes if n.startswith("schedule: ")), None)
+    entry = local_tag(arch, tag)
+    return entry.schedule_epochs if entry is not None else None
 
 
 def published_tag(arch: str, tag: str, epochs_done: int) -> str:
@@ -211,24 +272,45 @@ def describe_arch(arch: str, model_args: Mapping[str, Any] | None = None) -> str
             f"{args['patch_size']}, {px}; {'shrunk' if smaller else 'resized'} from {label})")
 
 
+def default_fusion_layers(arch: str | None, depth: int) -> list[int]:
+    """The default fusion levels of a ``depth``-block encoder (the only place they are defaulted): ``arch``'s
+    ``PRETRAIN_DEFAULTS`` levels, which are block indices of its registered depth, when the encoder has that depth;
+    else ``[depth - 1]`` (plain MAE), logged for a registered arch since its fusion then silently disappears.
+    ``arch=None`` (an encoder given without its arch, as :class:`~mffzoo.models.MFFPretrainModel` gets) is plain
+    MAE."""
+    if arch is not None:
+        default = PRETRAIN_DEFAULTS[canonical_arch(arch)]["fusion_layers"]
+        if default[-1] == depth - 1:
+            return list(default)
+        _logger.info("mffzoo: %s with %d blocks (not the registered %d): no default fusion levels, "
+                     "fusion_layers=[%d] (plain MAE); set model.fusion_layers for MFF", arch, depth,
+                     default[-1] + 1, depth - 1)
+    return [depth - 1]
+
+
+def check_fusion_layers(fusion_layers: Sequence[int], depth: int, key: str = "fusion_layers") -> list[int]:
+    """``fusion_layers`` as a list if they are valid fusion levels of a ``depth``-block encoder, else a one-line
+    :class:`~mffzoo.errors.ConfigError` (a ``ValueError``) naming ``key``. The one validation of fusion levels: the
+    recipe calls it at load (``model.fusion_layers``), the model constructor for a model built in Python."""
+    fl = [int(i) for i in fusion_layers]
+    last = depth - 1
+    require(bool(fl), key, f"must list at least one block; [{last}] is plain MAE")
+    bad = [i for i in fl if not 0 <= i <= last]
+    require(not bad, key, f"indices {bad} are outside the encoder's blocks 0..{last}")
+    require(fl == sorted(set(fl)), key, f"must be strictly increasing, got {fl}")
+    # The official model always fuses the last block (it is the one used without projection).
+    require(fl[-1] == last, key, f"must end with the last block ({last}), got {fl}; [{last}] alone is plain MAE")
+    return fl
+
+
 def pretrain_heads(
     arch: str, depth: int, *, fusion_layers: Sequence[int] | None = None, decoder_dim: int | None = None,
     decoder_depth: int | None = None, decoder_heads: int | None = None,
 ) -> dict[str, Any]:
     """Fusion levels and decoder sizes for a ``depth``-block encoder of ``arch``: what is given, else the size's
-    ``PRETRAIN_DEFAULTS``. The default levels are block indices of the registered depth; an encoder of another
-    depth gets ``[depth - 1]`` (plain MAE), which is logged, since fusion then silently disappears.
-    Validation of given values is the caller's (the recipe reports them as config errors)."""
+    ``PRETRAIN_DEFAULTS`` (fusion levels: :func:`default_fusion_layers`). Given fusion levels are validated by
+    :func:`check_fusion_layers`, at the recipe's load and in the model constructor, not here."""
     defaults = PRETRAIN_DEFAULTS[canonical_arch(arch)]
-    if fusion_layers is None:
-        default = defaults["fusion_layers"]
-        if default[-1] == depth - 1:
-            fusion_layers = list(default)
-        else:
-            fusion_layers = [depth - 1]
-            _logger.info("mffzoo: %s with %d blocks (not the registered %d): no default fusion levels, "
-                         "fusion_layers=[%d] (plain MAE); set model.fusion_layers for MFF", arch, depth,
-                         default[-1] + 1, depth - 1)
+    levels = default_fusion_layers(arch, depth) if fusion_layers is None else list(fusion_layers)
     given = dict(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
-    return {"fusion_layers": list(fusion_layers),
-            **{k: defaults[k] if v is None else v for k, v in given.items()}}
+    return {"fusion_layers": levels, **{k: defaults[k] if v is None else v for k, v in given.items()}}

@@ -7,6 +7,11 @@ model is real evidence that the conversion is right.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 import yaml
 
 from mffzoo.data import write_demo_dataset
+from mffzoo.train.checkpoint import CheckpointManager
+from mffzoo.zoo import load_checkpoint_file
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 TINY_DECODER = dict(decoder_dim=32, decoder_depth=1, decoder_heads=4)
@@ -166,3 +173,64 @@ def hf_cache_layout(repo_folder, cache, repo_id: str):
         blob.write_bytes(f.read_bytes())
         (repo / "snapshots" / commit / f.name).symlink_to(Path("../../blobs") / blob.name)
     return cache
+
+
+# --------------------------------------------------------------------------------------------- training runs
+# Shared by the engine tests (test_train*.py, test_corrupt_files.py, test_hostile_inputs_fs.py).
+def final_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = CheckpointManager(run_dir / "checkpoints").list()[0]
+    return load_checkpoint_file(last)["model"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# Interruptions are deterministic: the engine's test hook MFFZOO_TEST_SIGNAL_AT_STEP makes the run signal its own
+# process group (started with start_new_session=True, as a scheduler's job) right after a given optimizer step.
+def train_env(zoo: Path, signal_at: str | None = None) -> dict[str, str]:
+    # One thread everywhere: identical float reduction order in every run compared bit for bit.
+    env = {**os.environ, "MFFZOO_HOME": str(zoo), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MFFZOO_TEST_SIGNAL_AT_STEP", None)
+    if signal_at:
+        env["MFFZOO_TEST_SIGNAL_AT_STEP"] = signal_at
+    return env
+
+
+def train_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "mffzoo", "train", str(recipe), "--output", str(out)]
+
+
+def run_interrupted(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as the leader of a new process group (its loader workers in it, as under a scheduler); the
+    whole group is killed if it outlives ``timeout``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing of the group may outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    """The global steps of a run's checkpoints, newest first."""
+    return [int(p.stem.split("-")[1]) for p in CheckpointManager(run / "checkpoints").list()]
+
+
+def subprocess_recipe(data_root: Path, path: Path, **sections: dict[str, Any]) -> Path:
+    """``finished``'s trajectory (same model, data, schedule, seed: 3 epochs x 4 steps), without figures/zoo."""
+    base = {"log": {"vis_every_epochs": 0, "vis_images": 0}, "publish": {"tag": None}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return write_yaml(tiny_recipe(data_root, **base), path)

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mffzoo.cli.main import main
-from mffzoo.cpu import cpu_features
-from mffzoo.export import ExportProfile
-from mffzoo.throughput.infer import (
+from mffzoo.bench.infer import (
     BackendResult,
     InferBenchResult,
     _bench_profile,
@@ -21,6 +18,9 @@ from mffzoo.throughput.infer import (
     best_exported,
     round_ratios,
 )
+from mffzoo.cli.main import main
+from mffzoo.cpu import cpu_features
+from mffzoo.export import ExportProfile
 from mffzoo.zoo import load_model, write_model_folder
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)

@@ -13,9 +13,9 @@ import torch
 import yaml
 from helpers import TINY, TINY_DECODER, cli_error
 
+from mffzoo.bench import train as bt
 from mffzoo.cli.main import main
 from mffzoo.errors import ConfigError
-from mffzoo.throughput import train as bt
 
 pytest.importorskip("transformers")
 
@@ -61,79 +61,82 @@ def test_config_mapping_gives_the_same_parameter_count():
     assert mff_train == hf_train + (c * c + c) + 2  # MFF adds one Linear(C, C) and two fusion weights
 
 
-def _check_row(r: dict, impl: str, steps: int, repeats: int = 1) -> None:
-    assert r["impl"] == impl and r["label"] == bt.IMPLS[impl] and r["batch"] == 2
-    assert len(r["step_times_s"]) == steps * repeats and all(t > 0 for t in r["step_times_s"])
+def _check_row(r: bt.TrainBenchRow, impl: str, steps: int, repeats: int = 1) -> None:
+    assert r.impl == impl and r.label == bt.IMPLS[impl] and r.batch == 2
+    assert len(r.speed.step_times_s) == steps * repeats and all(t > 0 for t in r.speed.step_times_s)
     if repeats == 1:
-        assert r["step_s"] == pytest.approx(statistics.median(r["step_times_s"]))
-    assert r["img_s"] == pytest.approx(2 / r["step_s"])
-    assert r["params"] > 0 and r["trainable_params"] > 0
+        assert r.speed.step_s == pytest.approx(statistics.median(r.speed.step_times_s))
+    assert r.speed.img_s == pytest.approx(2 / r.speed.step_s)
+    assert r.params > 0 and r.trainable_params > 0
 
 
 @pytest.mark.slow  # four fresh processes (speed, then memory per implementation)
 def test_isolated_rows_for_both_implementations_and_ratio_from_measurements():
-    rows = bt.bench_train(["s"], impls=["mffzoo"], peers=["hf"], device="cpu", **FAST)
-    assert [r["impl"] for r in rows] == ["hf", "mffzoo"]
+    rows = bt.bench_train(["s"], impls=["mffzoo"], peers=["hf"], device="cpu", **FAST).rows
+    assert [r.impl for r in rows] == ["hf", "mffzoo"]
     hf, ours = rows
     for r in rows:
-        _check_row(r, r["impl"], steps=2)
-        assert r["model"] == "ViT (dim 64, depth 4, 4 heads, patch 8, 32 px; shrunk from ViT-S/16)"
-        assert r["overrides"] == SETS
-        assert r["peak_mem_mib"] > 0 and "fresh process" in r["mem_kind"]  # VmHWM delta, one process each
-        assert r["flops_per_step"] is None and r["mfu"] is None  # CPU: no FLOP count, no MFU
-    assert hf["precision"] == "fp32" and hf["attention"].startswith("transformers")
-    assert ours["precision"] in ("bf16", "fp32")  # the engine's resolution of the recipe's bf16
-    assert hf["ratio"] == 1.0 and hf["ratio_best"] == 1.0 and hf["ratio_fastest"] == 1.0
-    assert ours["ratio_fastest"] == pytest.approx(ours["img_s"] / hf["img_s"])
-    if ours["precision"] == "fp32":  # hf is the peer of the same precision
-        assert ours["ratio"] == pytest.approx(ours["img_s"] / hf["img_s"])
-        assert ours["ratio_best"] == pytest.approx(ours["img_s_best"] / hf["img_s_best"])
-    assert ours["img_s_best"] == pytest.approx(2 / min(ours["step_times_s"]))
+        _check_row(r, r.impl, steps=2)
+        assert r.model == "ViT (dim 64, depth 4, 4 heads, patch 8, 32 px; shrunk from ViT-S/16)"
+        assert r.overrides == SETS
+        assert r.memory.peak_mem_mib > 0 and "fresh process" in r.memory.mem_kind  # VmHWM delta, one process each
+        assert r.speed.flops_per_step is None and r.speed.mfu is None  # CPU: no FLOP count, no MFU
+    assert hf.precision == "fp32" and hf.attention.startswith("transformers")
+    assert ours.precision in ("bf16", "fp32")  # the engine's resolution of the recipe's bf16
+    assert hf.ratios.ratio == 1.0 and hf.ratios.ratio_best == 1.0 and hf.ratios.ratio_fastest == 1.0
+    assert ours.ratios.ratio_fastest == pytest.approx(ours.speed.img_s / hf.speed.img_s)
+    if ours.precision == "fp32":  # hf is the peer of the same precision
+        assert ours.ratios.ratio == pytest.approx(ours.speed.img_s / hf.speed.img_s)
+        assert ours.ratios.ratio_best == pytest.approx(ours.speed.img_s_best / hf.speed.img_s_best)
+    assert ours.speed.img_s_best == pytest.approx(2 / min(ours.speed.step_times_s))
 
 
 def test_in_process_repeats_keep_every_run():
     rows = bt.bench_train(["s"], impls=["mffzoo-mae", "mffzoo-sdpa"], peers=["hf-bf16"], repeats=2,
-                          isolate=False, device="cpu", **FAST)
-    assert [r["impl"] for r in rows] == ["hf-bf16", "mffzoo-mae", "mffzoo-sdpa"]
+                          isolate=False, device="cpu", **FAST).rows
+    assert [r.impl for r in rows] == ["hf-bf16", "mffzoo-mae", "mffzoo-sdpa"]
     for r in rows:
-        _check_row(r, r["impl"], steps=2, repeats=2)
-        assert len(r["img_s_runs"]) == 2 and r["img_s"] == pytest.approx(statistics.median(r["img_s_runs"]))
-        assert r["peak_mem_mib"] is None  # not isolated: a peak would mix implementations, so none is claimed
-        assert r["fastest_peer"] == "hf-bf16" and len(r["ratio_fastest_runs"]) == 2
+        _check_row(r, r.impl, steps=2, repeats=2)
+        s = r.speed
+        assert len(s.img_s_runs) == 2 and s.img_s == pytest.approx(statistics.median(s.img_s_runs))
+        assert r.memory.peak_mem_mib is None  # not isolated: a peak would mix implementations, so none is claimed
+        assert r.ratios.fastest_peer == "hf-bf16" and len(r.ratios.ratio_fastest_runs) == 2
     peer, ours, sdpa = rows
-    assert peer["precision"] == "bf16" and peer["optimizer"] == "torch AdamW"
+    assert peer.precision == "bf16" and peer.optimizer == "torch AdamW"
     # the ratio is against the peer of the row's own precision: None when that one was not measured
-    assert ours["peer"] == _peer_for_recipe_precision("bf16")
-    assert (ours["ratio"] is None) == (ours["peer"] != "hf-bf16")
+    assert ours.peer == _peer_for_recipe_precision("bf16")
+    assert (ours.ratios.ratio is None) == (ours.peer != "hf-bf16")
     # mffzoo rows are configured by the engine's own functions: fused AdamW, and train.attention's choice
-    assert ours["optimizer"] == sdpa["optimizer"] == "timm adamw fused"
+    assert ours.optimizer == sdpa.optimizer == "timm adamw fused"
     # bf16 on a CPU: measured, either kernel; fp32: the rule
-    assert ours["attention"] in (("timm math", "timm sdpa") if ours["precision"] == "bf16" else ("timm sdpa",))
-    assert sdpa["attention"] == "timm sdpa"
+    assert ours.attention in (("timm math", "timm sdpa") if ours.precision == "bf16" else ("timm sdpa",))
+    assert sdpa.attention == "timm sdpa"
 
 
 def test_default_peer_runs_under_the_precision_of_the_mffzoo_rows():
     """No --peers: exactly the peer row of the precision the engine resolves (hf where bf16 falls back to fp32)."""
-    rows = bt.bench_train(["s"], impls=["mffzoo"], isolate=False, device="cpu", **FAST)
+    rows = bt.bench_train(["s"], impls=["mffzoo"], isolate=False, device="cpu", **FAST).rows
     peer, ours = rows
-    assert peer["impl"] == _peer_for_recipe_precision("bf16") == ours["peer"]
-    assert peer["precision"] == ours["precision"]
-    assert ours["ratio"] == pytest.approx(ours["img_s"] / peer["img_s"]) == ours["ratio_fastest"]
+    assert peer.impl == _peer_for_recipe_precision("bf16") == ours.peer
+    assert peer.precision == ours.precision
+    assert ours.ratios.ratio == pytest.approx(ours.speed.img_s / peer.speed.img_s) == ours.ratios.ratio_fastest
 
 
 def test_repeated_ratio_is_the_median_of_paired_per_run_ratios():
     rows = bt.bench_train(["s"], impls=["mffzoo-mae"], peers=["hf"], repeats=3, isolate=False, device="cpu",
-                          **FAST)
+                          **FAST).rows
     hf, ours = rows
-    assert len(ours["img_s_runs"]) == 3 and hf["ratio_fastest_runs"] == [1.0, 1.0, 1.0]
-    assert ours["ratio_fastest_runs"] == pytest.approx([a / b for a, b in zip(ours["img_s_runs"], hf["img_s_runs"])])
-    assert ours["ratio_fastest"] == pytest.approx(statistics.median(ours["ratio_fastest_runs"]))
-    assert ours["img_s_best"] == pytest.approx(2 / min(ours["step_times_s"]))
+    assert len(ours.speed.img_s_runs) == 3 and hf.ratios.ratio_fastest_runs == [1.0, 1.0, 1.0]
+    assert ours.ratios.ratio_fastest_runs == pytest.approx(
+        [a / b for a, b in zip(ours.speed.img_s_runs, hf.speed.img_s_runs)])
+    assert ours.ratios.ratio_fastest == pytest.approx(statistics.median(ours.ratios.ratio_fastest_runs))
+    assert ours.speed.img_s_best == pytest.approx(2 / min(ours.speed.step_times_s))
 
 
 def test_ratios_same_precision_peer_fastest_peer_and_eager_twin():
     def row(model, impl, precision, runs):
-        return dict(model=model, impl=impl, precision=precision, img_s=statistics.median(runs), img_s_runs=runs)
+        return bt.TrainBenchRow(model=model, impl=impl, precision=precision,
+                                speed=bt.Speed(img_s=statistics.median(runs), img_s_runs=runs))
 
     rows = bt.add_ratios([
         row("A", "hf", "fp32", [2.0, 1.0, 2.0]), row("A", "hf-bf16", "bf16", [4.0, 2.0, 3.0]),
@@ -143,14 +146,14 @@ def test_ratios_same_precision_peer_fastest_peer_and_eager_twin():
     ])
     a_hf, a_bf16, a_ours, a_comp, b_ours, b_hf, c_ours = rows
     # same precision: paired per run, then the median
-    assert a_ours["ratio_runs"] == [1.5, 2.0, 1.0] and a_ours["ratio"] == 1.5
-    assert a_hf["ratio"] == 1.0 and a_bf16["ratio"] == 1.0
+    assert a_ours.ratios.ratio_runs == [1.5, 2.0, 1.0] and a_ours.ratios.ratio == 1.5
+    assert a_hf.ratios.ratio == 1.0 and a_bf16.ratios.ratio == 1.0
     # the fastest peer row of A is hf-bf16 (median 3.0 img/s vs 2.0)
-    assert {r["fastest_peer"] for r in rows[:4]} == {"hf-bf16"}
-    assert a_hf["ratio_fastest"] == 0.5 and a_comp["ratio_fastest"] == 2.0
-    assert a_comp["ratio_eager"] == 2.0 and a_ours["ratio_eager"] is None
-    assert b_ours["ratio"] == b_ours["ratio_fastest"] == 0.25 and b_ours["fastest_peer"] == "hf"
-    assert c_ours["ratio"] is None and c_ours["fastest_peer"] is None  # no peer measured for C
+    assert {r.ratios.fastest_peer for r in rows[:4]} == {"hf-bf16"}
+    assert a_hf.ratios.ratio_fastest == 0.5 and a_comp.ratios.ratio_fastest == 2.0
+    assert a_comp.ratios.ratio_eager == 2.0 and a_ours.ratios.ratio_eager is None
+    assert b_ours.ratios.ratio == b_ours.ratios.ratio_fastest == 0.25 and b_ours.ratios.fastest_peer == "hf"
+    assert c_ours.ratios.ratio is None and c_ours.ratios.fastest_peer is None  # no peer measured for C
     lines = bt.summary_lines(rows)
     assert lines[0] == "A: fastest peer hf-bf16 (bf16, 3.00 img/s); vs it: mffzoo 1.50x, mffzoo-compile 2.00x"
     assert lines[1].startswith("B: fastest peer hf (fp32") and len(lines) == 2
@@ -158,15 +161,15 @@ def test_ratios_same_precision_peer_fastest_peer_and_eager_twin():
 
 def test_gpu_peaks_per_product_and_precision():
     """H100 NVL and PCIe are not the SXM part; a fp32 row is divided by the fp32 peak, not the bf16 one."""
-    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
-    assert bt._gpu_peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0
-    assert bt._gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
-    assert bt._gpu_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
-    assert bt._gpu_peak_tflops("NVIDIA H200", "bf16") == 989.4
-    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 66.9
-    assert bt._gpu_peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
-    assert bt._gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
-    assert bt._gpu_peak_tflops("Some Future GPU", "bf16") is None
+    assert bt.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert bt.gpu_peak_tflops("NVIDIA H100 NVL", "bf16") == 835.0
+    assert bt.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert bt.gpu_peak_tflops("NVIDIA H200 NVL", "bf16") == 835.0
+    assert bt.gpu_peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert bt.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 66.9
+    assert bt.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert bt.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert bt.gpu_peak_tflops("Some Future GPU", "bf16") is None
 
 
 def test_gpu_batches_are_gpu_sized():
@@ -210,16 +213,16 @@ def test_recipe_benches_its_own_settings_against_the_peer_of_its_precision(tiny_
     """--recipe: the recipe's model and micro-batch; its precision picks the peer (fp16 runs on any CPU, so both
     branches are exercised here); train.compile=false: one eager mffzoo row and no compile field."""
     rows = bt.bench_train(recipe=tiny_recipe, overrides=[f"train.precision={precision}", "train.compile=false"],
-                          steps=1, warmup=1, isolate=False)
+                          steps=1, warmup=1, isolate=False).rows
     peer, ours = rows
-    assert peer["impl"] == {"fp32": "hf", "fp16": "hf-fp16"}[precision] == ours["peer"]
-    assert peer["precision"] == ours["precision"] == precision and ours["impl"] == "mffzoo"
+    assert peer.impl == {"fp32": "hf", "fp16": "hf-fp16"}[precision] == ours.peer
+    assert peer.precision == ours.precision == precision and ours.impl == "mffzoo"
     # the model's own numbers, not "ViT-S/16": the recipe shrinks the registered ViT-S
-    assert ours["batch"] == 2
-    assert ours["model"] == "ViT (dim 64, depth 4, 4 heads, patch 8, 32 px; shrunk from ViT-S/16) (tinybench recipe)"
-    assert ours["recipe"] == str(tiny_recipe.resolve()) and ours["compile_s"] is None and not ours["compiled"]
+    assert ours.batch == 2
+    assert ours.model == "ViT (dim 64, depth 4, 4 heads, patch 8, 32 px; shrunk from ViT-S/16) (tinybench recipe)"
+    assert ours.recipe == str(tiny_recipe.resolve()) and ours.speed.compile_s is None and not ours.compiled
     hf, _, recipe = bt.build_model("hf", recipe=bt.load_recipe(tiny_recipe))
-    assert recipe.model.fusion_layers == [0, 3] and ours["trainable_params"] == bt.count_params(hf)[1] + 64 * 65 + 2
+    assert recipe.model.fusion_layers == [0, 3] and ours.trainable_params == bt.count_params(hf)[1] + 64 * 65 + 2
 
 
 @pytest.mark.slow  # the one test that really compiles (tens of seconds on 2 shared cores)
@@ -242,8 +245,9 @@ def test_recipe_that_compiles_reports_compile_time_apart_with_its_eager_twin(tin
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_flops_and_mfu():
-    rows = bt.bench_train(["s"], impls=["mffzoo", "mffzoo-compile"], peers=["auto", "hf"], device="cuda", **FAST)
+    rows = bt.bench_train(["s"], impls=["mffzoo", "mffzoo-compile"], peers=["auto", "hf"], device="cuda",
+                          **FAST).rows
     for r in rows:
-        assert r["flops_per_step"] > 0 and r["tflops"] > 0 and r["peak_mem_mib"] > 0
-        if r["peak_tflops"]:
-            assert r["mfu"] == pytest.approx(r["tflops"] / r["peak_tflops"])
+        assert r.speed.flops_per_step > 0 and r.speed.tflops > 0 and r.memory.peak_mem_mib > 0
+        if r.speed.peak_tflops:
+            assert r.speed.mfu == pytest.approx(r.speed.tflops / r.speed.peak_tflops)

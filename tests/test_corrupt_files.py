@@ -22,8 +22,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import TINY, TINY_DECODER, cli_error, tiny_recipe
-from test_train import assert_same_state, final_model_state
+from helpers import TINY, TINY_DECODER, assert_same_state, cli_error, final_model_state, tiny_recipe
 
 from mffzoo.errors import CheckpointError
 from mffzoo.io import json_text, write_json

@@ -179,7 +179,7 @@ def test_fast_decode_in_the_recipe_schema(capsys) -> None:
 
 
 def test_bench_jpegs_are_deterministic_imagenet_sized(tmp_path: Path) -> None:
-    from mffzoo.throughput.data import bench_jpegs
+    from mffzoo.bench.data import bench_jpegs
 
     a, b = bench_jpegs(4, root=tmp_path / "a"), bench_jpegs(4, root=tmp_path / "b")
     files = sorted(a.glob("train/*/*.JPEG"))
@@ -192,8 +192,8 @@ def test_bench_jpegs_are_deterministic_imagenet_sized(tmp_path: Path) -> None:
 
 
 def test_bench_data_prints_ratio_against_plain_and_workers_needed(tmp_path: Path, capsys) -> None:
+    from mffzoo.bench.data import bench_jpegs
     from mffzoo.cli.main import main
-    from mffzoo.throughput.data import bench_jpegs
 
     root = bench_jpegs(8, root=tmp_path)
     out = tmp_path / "r.json"

@@ -252,7 +252,7 @@ def test_finetune_runs_two_steps_through_the_engine_and_resumes_exactly(demo: Pa
     first = finetune(RECIPES / "finetune_demo.yaml", overrides, output_dir=run)
     assert first.completed and first.global_step == 2 and 0.0 <= first.extra["top1"] <= 100.0
     assert [json.loads(x)["epoch"] for x in (run / EVAL_LOG).read_text().splitlines()] == [1]
-    clf = load_model(run / "model")  # a timm classifier: avg pool + fc_norm + 4-way head
+    clf = load_model(run / "model", pretrained=True)  # a timm classifier: avg pool + fc_norm + 4-way head
     assert clf.global_pool == "avg" and clf.num_classes == 4 and clf(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     # layer-wise lr decay through timm's param groups: scales 0.65^(depth + 1 - layer)
     ckpt = load_checkpoint_file(run / "checkpoints" / "checkpoint-00000002.pth")

@@ -87,7 +87,7 @@ def test_dynamic_batch_is_really_dynamic(fp32, tiny: Path) -> None:
     """Batch sizes never seen at export time (the example batch was 2) match PyTorch."""
     assert onnx_batch_dim(fp32.artefact) == "batch"
     runner = OrtRunner(fp32.artefact)
-    ref = ExportModule(load_model(str(tiny)), "pooled")
+    ref = ExportModule(load_model(str(tiny), pretrained=True), "pooled")
     rng = np.random.default_rng(0)
     for b in (1, 2, 3, 7):
         x = rng.standard_normal((b, 3, 32, 32), dtype=np.float32)
@@ -101,7 +101,7 @@ def test_dynamic_batch_is_really_dynamic(fp32, tiny: Path) -> None:
 def test_sidecar_is_complete(fp32, tiny: Path) -> None:
     side = json.loads(fp32.sidecar.read_text())
     assert set(SIDECAR_KEYS) <= set(side)
-    assert side["weights"]["sha256"] == state_dict_sha256(load_model(str(tiny)))
+    assert side["weights"]["sha256"] == state_dict_sha256(load_model(str(tiny), pretrained=True))
     assert side["input"] == {"name": "pixel_values", "dtype": "float32", "layout": "NCHW",
                              "shape": ["batch", 3, 32, 32], "batch": {"min": 1, "opt": 2, "max": 9}}
     assert side["output"]["name"] == "embedding" and side["output"]["shape"] == ["batch", 64]
@@ -220,14 +220,14 @@ def test_compare_metrics() -> None:
 
 
 def test_shipped_profiles_validate() -> None:
-    names = sorted(p.stem for p in (REPO / "export").glob("*.yaml"))
+    names = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
     assert {"default", "onnx-fp32", "onnx-fp16", "onnx-bf16", "onnx-int8-cpu", "trt-fp16", "trt-fp32"} <= set(names)
     for n in names:
-        prof = load_profile(REPO / "export" / f"{n}.yaml")
+        prof = load_profile(REPO / "profiles" / f"{n}.yaml")
         assert isinstance(prof, ExportProfile)
     assert load_profile(find_profile("trt-fp16")).format == "trt"
     # default.yaml spells out the dataclass defaults: no second source of truth
-    assert to_dict(load_profile(REPO / "export" / "default.yaml")) == to_dict(ExportProfile())
+    assert to_dict(load_profile(REPO / "profiles" / "default.yaml")) == to_dict(ExportProfile())
 
 
 @pytest.mark.parametrize("data,match", [
@@ -270,7 +270,7 @@ def test_trt_without_tensorrt_is_one_line_exit_2_and_writes_nothing(tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("error: --format trt needs TensorRT and a CUDA GPU")
     assert "pip install 'mffzoo[gpu]'" in lines[0] and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
-    # the user's short form, with every default from export/default.yaml, gives the same error
+    # the user's short form, with every default from profiles/default.yaml, gives the same error
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(["export", "--format", "trt"])
@@ -370,7 +370,7 @@ def test_gate_missed_during_export_exits_1_and_keeps_everything(tiny: Path, imag
 
 def test_bench_and_export_share_one_pipeline(tiny: Path, tmp_path: Path) -> None:
     """int8 is quantised from the very fp32 ONNX an fp32 build made (the bench's cache), and checked itself."""
-    model = load_model(str(tiny)).eval()
+    model = load_model(str(tiny), pretrained=True).eval()
     cache: dict = {}
     prof = load_profile(None, model=str(tiny), batch={"min": 1, "opt": 2, "max": 4})
     fp32 = build_artefact(model, "pooled", prof, tmp_path, onnx_cache=cache)
@@ -474,7 +474,7 @@ def test_bf16_gate_fails_on_a_model_from_other_weights(tiny: Path) -> None:
     bf16 model of other weights (ONNX Runtime's CPU provider has no bf16 kernels, so no bf16 file runs here)."""
     from mffzoo.export.profile import GateSet
 
-    model = load_model(str(tiny)).eval()
+    model = load_model(str(tiny), pretrained=True).eval()
     torch.manual_seed(5)
     wrong = load_model("mff_vit_small", random_init=True, **TINY).eval()
     x = {"random": np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32)}

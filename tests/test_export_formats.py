@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from mffzoo.bench import infer
 from mffzoo.errors import ConfigError, ExportError
 from mffzoo.export import export_model
 from mffzoo.export.formats import FORMATS, register
 from mffzoo.export.sidecar import sidecar_path
 from mffzoo.export.triton import check_request
-from mffzoo.throughput import infer
 from tests.toy_formats.onnx_copy import OnnxCopyFormat
 
 

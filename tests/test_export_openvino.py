@@ -61,7 +61,7 @@ def test_fp32_ir_checked_at_min_odd_max(fp32, tiny: Path) -> None:
     # the IR has a dynamic batch: sizes never seen at export time match PyTorch
     runner = OvRunner(art, "fp32")
     assert runner.inference_precision == "f32"
-    ref = ExportModule(load_model(str(tiny)), "pooled")
+    ref = ExportModule(load_model(str(tiny), pretrained=True), "pooled")
     for b in (2, 7):
         x = np.random.default_rng(b).standard_normal((b, 3, 32, 32), dtype=np.float32)
         with torch.no_grad():
@@ -252,7 +252,7 @@ def test_openvino_profiles(tmp_path: Path) -> None:
     from mffzoo.export.profile import load_profile
 
     for p in ("fp32", "bf16", "int8"):
-        prof = load_profile(REPO / "export" / f"openvino-{p}.yaml")
+        prof = load_profile(REPO / "profiles" / f"openvino-{p}.yaml")
         assert (prof.format, prof.precision) == ("openvino", p)
 
 

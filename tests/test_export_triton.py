@@ -119,7 +119,7 @@ def test_parity_images_use_the_shared_preprocessing(tiny: Path, images: Path, mo
     from mffzoo.export import inputs
     from mffzoo.export.inputs import image_files, load_image_batch, preprocessing
 
-    model = load_model(str(tiny))
+    model = load_model(str(tiny), pretrained=True)
     cfg = preprocessing(model)
     calls = []
     monkeypatch.setattr(inputs, "preprocess_image", lambda im, c: calls.append(c) or preprocess_image(im, c))
@@ -202,7 +202,7 @@ def test_serving_snippets_run_without_torch(exported, tiny: Path, tmp_path: Path
     p = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
-    model = load_model(str(tiny))
+    model = load_model(str(tiny), pretrained=True)
     from timm.data import resolve_data_config
 
     tf = create_transform(**resolve_data_config({}, model=model), is_training=False)

@@ -87,7 +87,7 @@ def test_config_json_that_is_not_a_config_is_one_line(tiny: Path, demo: Path, tm
         assert f"'{folder / 'config.json'}' {problem}" in line or f"'{folder / 'config.json'}': {problem}" in line, line
         assert "re-export the model folder" in line
     with pytest.raises(CheckpointError, match="config.json"):
-        load_model(folder)
+        load_model(folder, pretrained=True)
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(f"local-dir:{folder}", random_init=True)
     assert _files(tmp_path) == before
@@ -288,7 +288,7 @@ def test_half_precision_weights_still_load(tiny: Path, tmp_path: Path) -> None:
     folder = _copy_folder(tiny, tmp_path / "m")
     sd = {k: v.half() for k, v in load_file(folder / "model.safetensors").items()}
     save_file(sd, folder / "model.safetensors")
-    model = load_model(folder)
+    model = load_model(folder, pretrained=True)
     assert torch.equal(model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"].float())
 
 

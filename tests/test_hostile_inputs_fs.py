@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cli_error, tiny_recipe, write_yaml
-from test_train import _env, _train_cmd, run_interrupted
+from helpers import cli_error, run_interrupted, tiny_recipe, train_cmd, train_env, write_yaml
 
 from mffzoo.errors import ExportError, InUseError, WriteFailed
 from mffzoo.export import export_model
@@ -137,7 +136,7 @@ def interrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     root = tmp_path_factory.mktemp("interrupted")
     recipe = _recipe(data_root, root / "r.yaml")
     run = root / "run"
-    p = run_interrupted(_train_cmd(recipe, run), _env(root / "zoo", "2:TERM"))
+    p = run_interrupted(train_cmd(recipe, run), train_env(root / "zoo", "2:TERM"))
     assert p.returncode == 128 + signal.SIGTERM, p.stderr[-3000:]
     assert [c.name for c in sorted((run / "checkpoints").glob("*.pth"))] == ["checkpoint-00000002.pth"]
     return recipe, run, root / "zoo"
@@ -187,8 +186,8 @@ def test_second_train_into_a_run_in_use_is_refused_at_once(data_root: Path, tmp_
     touches nothing; the first, meanwhile frozen, then finishes its run intact."""
     recipe = _recipe(data_root, tmp_path / "r.yaml")
     run = tmp_path / "run"
-    env = _env(tmp_path / "zoo")
-    with _frozen_when(_train_cmd(recipe, run), env, lambda: lock_path(run).is_file()) as first:
+    env = train_env(tmp_path / "zoo")
+    with _frozen_when(train_cmd(recipe, run), env, lambda: lock_path(run).is_file()) as first:
         before = _tree(tmp_path)
         line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), env=env))
         assert f"'{run}' is in use by another mffzoo process (pid {first.pid})" in line and "--output" in line
@@ -237,7 +236,7 @@ def test_publishing_into_a_zoo_entry_in_use_is_refused(interrupted: tuple[Path, 
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         line = _one_error_line(_mffzoo("convert", str(run / "checkpoints" / "checkpoint-00000002.pth"), str(entry),
-                                       env=_env(tmp_path / "zoo")))
+                                       env=train_env(tmp_path / "zoo")))
         assert f"'{entry}' is in use by another mffzoo process (pid {holder.pid})" in line
         assert not entry.exists() and [p.name for p in entry.parent.iterdir()] == [lock_path(entry).name]
     finally:
@@ -252,7 +251,7 @@ def test_refused_recipe_keeps_the_runs_recipe_yaml(interrupted: tuple[Path, Path
     run = _copy_run(run0, tmp_path / "run")
     before = _tree(run)
     line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), "--set", "optim.lr=0.001",
-                                   env=_env(zoo)))
+                                   env=train_env(zoo)))
     assert "holds checkpoints of a different recipe" in line and "optim.lr" in line
     assert _tree(run) == before
 
@@ -266,14 +265,14 @@ def test_checkpoint_save_past_the_file_size_limit_keeps_the_last_one_and_resumes
     run = _copy_run(run0, tmp_path / "run")
     ckpt2 = run / "checkpoints" / "checkpoint-00000002.pth"
     kept = _sha(ckpt2)
-    line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), env=_env(zoo),
+    line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), env=train_env(zoo),
                                    preexec=_limit_file_size(1_000_000)))
     assert f"could not write '{run / 'checkpoints' / 'checkpoint-00000004.pth'}'" in line
     assert "(EFBIG)" in line and f"last good checkpoint '{ckpt2}' is kept" in line and "rerun" in line
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-00000002.pth",
                                                                      "checkpoint-00000002.pth.sha256"]
     assert _sha(ckpt2) == kept and not lock_path(run).exists()
-    p = _mffzoo("train", str(recipe), "--output", str(run), env=_env(zoo))
+    p = _mffzoo("train", str(recipe), "--output", str(run), env=train_env(zoo))
     assert p.returncode == 0 and f"resuming from {ckpt2}" in p.stderr, p.stderr[-3000:]
     assert (run / "checkpoints" / "checkpoint-00000004.pth").is_file()
 
@@ -289,13 +288,13 @@ def test_checkpoint_into_a_read_only_folder_keeps_the_last_one_and_resumes(
     before = _tree(folder)
     subprocess.run(["chattr", "+i", str(folder)], check=True)
     try:
-        line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), env=_env(zoo)))
+        line = _one_error_line(_mffzoo("train", str(recipe), "--output", str(run), env=train_env(zoo)))
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     assert f"could not write '{folder / 'checkpoint-00000004.pth'}'" in line and "(EPERM)" in line
     assert f"'{folder / 'checkpoint-00000002.pth'}' is kept" in line
     assert _tree(folder) == before
-    p = _mffzoo("train", str(recipe), "--output", str(run), env=_env(zoo))
+    p = _mffzoo("train", str(recipe), "--output", str(run), env=train_env(zoo))
     assert p.returncode == 0 and "resuming from" in p.stderr, p.stderr[-3000:]
 
 
@@ -306,7 +305,7 @@ def test_zoo_publish_past_the_file_size_limit_keeps_the_previous_entry(
     _, run, _ = interrupted
     ckpt = run / "checkpoints" / "checkpoint-00000002.pth"
     entry = tmp_path / "zoo" / "mff_vit_small_patch16_224.x"
-    env = _env(tmp_path / "zoo")
+    env = train_env(tmp_path / "zoo")
     assert _mffzoo("convert", str(ckpt), str(entry), env=env).returncode == 0
     (entry / "notes.txt").write_text("mine")
     before = _tree(entry.parent)

@@ -192,12 +192,36 @@ def test_reconstruct_and_bf16_autocast():
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
 
 
-def test_activation_checkpointing_gives_same_gradients():
+def test_activation_checkpointing_gives_same_gradients(monkeypatch: pytest.MonkeyPatch):
+    """Same gradients, and checkpointing really is on: every encoder block goes through torch's checkpoint (a spy
+    on the real call) and the forward keeps fewer tensors for backward (counted by a saved-tensors hook)."""
+    import mffzoo.models.mff as mff
+
+    calls = []
+
+    def spy(fn, *args, **kwargs):
+        calls.append(fn)
+        return real(fn, *args, **kwargs)
+
+    real = mff.checkpoint
+    monkeypatch.setattr(mff, "checkpoint", spy)
+
+    def forward_saving(model, imgs, noise):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = model(imgs, noise=noise).loss
+        return loss, len(saved)
+
     a, b = tiny(), tiny(grad_checkpointing=True)
     b.load_state_dict(a.state_dict())
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
-    a(imgs, noise=noise).loss.backward()
-    b(imgs, noise=noise).loss.backward()
+    loss_a, saved_a = forward_saving(a, imgs, noise)
+    assert not calls
+    loss_b, saved_b = forward_saving(b, imgs, noise)
+    assert calls == list(b.encoder.blocks), calls
+    assert saved_b < saved_a, (saved_b, saved_a)
+    loss_a.backward()
+    loss_b.backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         if pa.grad is not None:
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -86,6 +86,7 @@ def test_bare_name_finds_the_recipe() -> None:
         ("train.epochs=0", "'train.epochs': must be >= 1"),
         ("data.augment=autoaugment", "expected one of 'mff', 'mae'"),
         ("train.precision=fp8", "expected one of 'bf16', 'fp16', 'fp32'"),
+        ("train.attention=flash", "expected one of 'auto', 'sdpa', 'math'"),
         ("optim.opt=adamq", "unknown optimizer 'adamq'"),
         ("optim.warmup_epochs=400", "must not exceed train.epochs"),
         ("data.crop_scale=[0.9, 0.2]", "0 < min <= max <= 1"),

@@ -3,7 +3,6 @@ resume is exact, a corrupt checkpoint falls back, NaN stops cleanly, unreadable 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -11,13 +10,21 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_recipe, write_yaml
+from helpers import (
+    assert_same_state,
+    checkpoint_steps,
+    final_model_state,
+    run_interrupted,
+    subprocess_recipe,
+    tiny_recipe,
+    train_cmd,
+    train_env,
+)
 from PIL import Image
 
 from mffzoo.archs import describe_arch
@@ -47,20 +54,6 @@ def finished(data_root: Path, zoo_home: Path, tmp_path_factory: pytest.TempPathF
         yield train(tiny_recipe(data_root), output_dir=tmp_path_factory.mktemp("runs") / "tiny")
     finally:
         mp.undo()
-
-
-def final_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    last = CheckpointManager(run_dir / "checkpoints").list()[0]
-    return load_checkpoint_file(last)["model"]
-
-
-def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 # --------------------------------------------------------------------------------------------- one run, checked
@@ -108,6 +101,12 @@ def test_bf16_run_on_cpu_logs_its_precision_and_attention(data_root: Path, tmp_p
         res = train(tiny_recipe(data_root, train={"epochs": 1, "precision": "bf16"}, publish={"tag": None},
                                 log={"vis_images": 0}), output_dir=tmp_path / "bf16")
     assert res.completed and res.final_loss is not None and math.isfinite(res.final_loss)
+    # The engine stops on a non-finite loss, so a completed run's losses are finite by construction; what it does
+    # not check is the trained weights: under bf16 autocast they stay fp32 and finite, every one of them.
+    state = final_model_state(res.run_dir)
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    assert floats and {v.dtype for v in floats.values()} == {torch.float32}, {v.dtype for v in floats.values()}
+    assert not [k for k, v in floats.items() if not torch.isfinite(v).all()]
     # bf16 where the CPU has it natively: the attention kernel measured on this CPU; else fp32 and the rule
     want = ("fp32 on cpu, sdpa attention (auto: fused SDPA in fp32 on cpu)" if amp is None else
             "bf16 on cpu, ")
@@ -115,6 +114,9 @@ def test_bf16_run_on_cpu_logs_its_precision_and_attention(data_root: Path, tmp_p
     assert want in header, header
     if amp is not None:
         assert re.search(r"(math|sdpa) attention \(auto: measured on this cpu under bf16", header), header
+    # the logged kernel is the one the run used (and saved, for a resume to keep)
+    saved = load_checkpoint_file(CheckpointManager(res.run_dir / "checkpoints").list()[0])["attention"]
+    assert f"{saved['kernel']} attention ({saved['reason']})" in header, (saved, header)
 
 
 def test_run_directory_holds_resolved_recipe_and_summary(finished: Any) -> None:
@@ -403,57 +405,16 @@ def test_final_loss_of_a_run_resumed_mid_last_epoch_covers_the_whole_epoch(
 
 
 # --------------------------------------------------------------------------------------------- subprocess runs
-# Interruptions are deterministic: the engine's test hook MFFZOO_TEST_SIGNAL_AT_STEP makes the run signal its own
-# process group (started with start_new_session=True, as a scheduler's job) right after a given optimizer step.
-def _env(zoo: Path, signal_at: str | None = None) -> dict[str, str]:
-    # One thread everywhere: identical float reduction order in every run compared bit for bit.
-    env = {**os.environ, "MFFZOO_HOME": str(zoo), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MFFZOO_TEST_SIGNAL_AT_STEP", None)
-    if signal_at:
-        env["MFFZOO_TEST_SIGNAL_AT_STEP"] = signal_at
-    return env
-
-
-def _train_cmd(recipe: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mffzoo", "train", str(recipe), "--output", str(out)]
-
-
-def run_interrupted(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``cmd`` as the leader of a new process group (its loader workers in it, as under a scheduler); the
-    whole group is killed if it outlives ``timeout``."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-        raise AssertionError(f"timed out: {' '.join(cmd)}\n{err[-3000:]}") from None
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # nothing of the group may outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _steps(run: Path) -> list[int]:
-    return [int(p.stem.split("-")[1]) for p in CheckpointManager(run / "checkpoints").list()]
-
-
-def _subprocess_recipe(data_root: Path, path: Path, **sections: dict[str, Any]) -> Path:
-    """``finished``'s trajectory (same model, data, schedule, seed: 3 epochs x 4 steps), without figures/zoo."""
-    base = {"log": {"vis_every_epochs": 0, "vis_images": 0}, "publish": {"tag": None}}
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return write_yaml(tiny_recipe(data_root, **base), path)
-
-
+# Interruptions are deterministic: the engine's test hook MFFZOO_TEST_SIGNAL_AT_STEP (helpers.train_env) makes the
+# run signal its own process group right after a given optimizer step (helpers.run_interrupted).
 def test_piped_output_shows_a_plain_line_per_log_window(data_root: Path, tmp_path: Path) -> None:
     """`mffzoo train ... 2>&1 | cat`, a batch job's log: no bar (no TTY), so a line per log window, 1-based epochs,
     no carriage returns; the epoch's own line closes each epoch (its last window is in it)."""
-    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", train={"epochs": 2},
+    recipe = subprocess_recipe(data_root, tmp_path / "tiny.yaml", train={"epochs": 2},
                                 log={"every_steps": 1, "progress": "auto"})
-    proc = subprocess.run(_train_cmd(recipe, tmp_path / "run"), env=_env(tmp_path / "zoo"), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(recipe, tmp_path / "run"), env=train_env(tmp_path / "zoo"),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "\r" not in proc.stdout
     progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch ")]
@@ -469,13 +430,13 @@ def test_piped_output_shows_a_plain_line_per_log_window(data_root: Path, tmp_pat
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(finished: Any, data_root: Path, tmp_path: Path) -> None:
     # a checkpoint every 3 steps; SIGKILL right after step 7 (mid epoch 2): the resume starts from step 6
-    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", checkpoint={"every_steps": 3, "keep_last": 3})
+    recipe = subprocess_recipe(data_root, tmp_path / "tiny.yaml", checkpoint={"every_steps": 3, "keep_last": 3})
     run = tmp_path / "killed"
-    killed = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "7:KILL"))
+    killed = run_interrupted(train_cmd(recipe, run), train_env(tmp_path / "zoo", "7:KILL"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert _steps(run) == [6, 4, 3] and not (run / "model").exists()
+    assert checkpoint_steps(run) == [6, 4, 3] and not (run / "model").exists()
 
-    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo"))
+    res = run_interrupted(train_cmd(recipe, run), train_env(tmp_path / "zoo"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints' / 'checkpoint-00000006.pth'}" in res.stderr
     assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
@@ -493,19 +454,19 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
 ) -> None:
     """SIGTERM reaches the loader worker too (as from a scheduler or `timeout`): the worker ignores it, the main
     process finishes the step, saves and exits 143; rerunning (with workers again) ends bit-identical."""
-    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
+    recipe = subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
                                 checkpoint={"every_steps": 100})
     run = tmp_path / "run"
-    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "6:TERM"))
+    res = run_interrupted(train_cmd(recipe, run), train_env(tmp_path / "zoo", "6:TERM"))
     assert res.returncode == 143, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "killed by signal" not in res.stderr
     assert "SIGTERM received: checkpoint" in res.stderr and "saved at step 6" in res.stderr
     assert "preempted by SIGTERM at step 6/12" in res.stdout and "rerun the same command to resume" in res.stdout
-    assert _steps(run) == [6, 4]  # the stop checkpoint (mid-epoch), after the epoch-1 one
+    assert checkpoint_steps(run) == [6, 4]  # the stop checkpoint (mid-epoch), after the epoch-1 one
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stop_reason"] == "sigterm" and not summary["completed"]
 
-    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo"))
+    res = run_interrupted(train_cmd(recipe, run), train_env(tmp_path / "zoo"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr and "checkpoint-00000006.pth" in res.stderr
     assert_same_state(final_model_state(run), final_model_state(finished.run_dir))
@@ -515,15 +476,15 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
 def test_sigint_at_an_epochs_last_step_saves_at_the_epoch_end_and_exits_130(data_root: Path, tmp_path: Path) -> None:
     """Ctrl-C reaches the whole foreground group: the loader worker ignores it; a request at the last step of an
     epoch is saved as that epoch's end (epoch record written, next run starts at the next epoch)."""
-    recipe = _subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
+    recipe = subprocess_recipe(data_root, tmp_path / "tiny.yaml", data={"num_workers": 1},
                                 checkpoint={"every_steps": 100})
     run = tmp_path / "run"
-    res = run_interrupted(_train_cmd(recipe, run), _env(tmp_path / "zoo", "4:INT"))
+    res = run_interrupted(train_cmd(recipe, run), train_env(tmp_path / "zoo", "4:INT"))
     assert res.returncode == 130, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "saved at the end of epoch 1" in res.stderr
     assert "stopped by SIGINT at step 4/12" in res.stdout and "preempted" not in res.stdout
     state = load_checkpoint_file(CheckpointManager(run / "checkpoints").list()[0])
-    assert _steps(run) == [4] and (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    assert checkpoint_steps(run) == [4] and (state["epoch"], state["step_in_epoch"]) == (1, 0)
     assert [r["epoch"] for r in read_metrics(run, "epoch")] == [1]
 
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_recipe, write_yaml
-from test_train import _steps, assert_same_state, run_interrupted
+from helpers import assert_same_state, checkpoint_steps, run_interrupted, tiny_recipe, write_yaml
 
 from mffzoo.train import train
 from mffzoo.train.checkpoint import CheckpointManager
@@ -107,7 +106,7 @@ def test_sigterm_to_torchrun_with_loader_workers_checkpoints_and_resumes_exactly
     assert "SIGTERM received: checkpoint" in log and "saved at step 6" in log, log[-3000:]
     assert "DataLoader worker" not in log and "forcefully exiting via SIGKILL" not in log, log[-3000:]
     assert "preempted by SIGTERM at step 6/8" in log
-    assert _steps(out) == [6, 4]
+    assert checkpoint_steps(out) == [6, 4]
     state = load_checkpoint_file(CheckpointManager(out / "checkpoints").list()[0])
     assert state["global_step"] == 6 and state["world_size"] == 2
 

@@ -131,7 +131,7 @@ def test_hub_folder_layout_loads_through_timm_local_dir(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), clf.eval()(x))
     # the same folder through the generic front door used by export/eval
-    torch.testing.assert_close(load_model(folder).eval()(x), clf(x))
+    torch.testing.assert_close(load_model(folder, pretrained=True).eval()(x), clf(x))
 
 
 def test_load_model_accepts_checkpoint_files(tmp_path):
@@ -139,7 +139,7 @@ def test_load_model_accepts_checkpoint_files(tmp_path):
     sd = random_state_dict(clf, 4)
     mm = {"state_dict": timm_to_mm(sd), "meta": {}}
     torch.save(mm, tmp_path / "mm.pth")
-    model = load_model(tmp_path / "mm.pth", num_heads=4).eval()
+    model = load_model(tmp_path / "mm.pth", num_heads=4, pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
@@ -207,7 +207,7 @@ def test_load_model_random_init_keeps_the_described_architecture(tmp_path):
         fresh = load_model(spec, random_init=True)
         assert (len(fresh.blocks), fresh.embed_dim, fresh.patch_embed.img_size) == (4, 64, (32, 32))
         assert not torch.equal(fresh.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    loaded = load_model(tmp_path / "c.pth")
+    loaded = load_model(tmp_path / "c.pth", pretrained=True)
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 

@@ -71,9 +71,9 @@ def test_every_local_load_carries_the_weights_data_config(demo_entry):
         timm.create_model("mff_vit_small", pretrained=True),  # best local entry (the default tag is missing)
         timm.create_model(f"local-dir:{folder}", pretrained=True),
         timm.create_model("mff_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights))),
-        load_model(folder),
-        load_model(weights),  # a weights file given as MODEL (CLI, export, eval)
-        load_model(f"{ARCH}.demo"),
+        load_model(folder, pretrained=True),
+        load_model(weights, pretrained=True),  # a weights file given as MODEL (CLI, export, eval)
+        load_model(f"{ARCH}.demo", pretrained=True),
     ):
         _check_feeds(model, src)
 
@@ -112,7 +112,8 @@ def test_hub_repo_loads_in_a_fresh_process_with_plain_timm(demo_entry, tmp_path)
                        meta={"tag": "demo", "recipe": {"name": "demo", "data": DATA}})
     hub = build_hub_folder(run, tmp_path / "hub", "me/mff-tiny")
     cache = hf_cache_layout(hub, tmp_path / "hf-cache", "me/mff-tiny")
-    x = create_transform(**resolve_data_config({}, model=load_model(run / "model")))(_image(2)).unsqueeze(0)
+    model = load_model(run / "model", pretrained=True)
+    x = create_transform(**resolve_data_config({}, model=model))(_image(2)).unsqueeze(0)
     with torch.no_grad():
         torch.save({"x": x, "y": src(x)}, tmp_path / "ref.pt")
     child = textwrap.dedent(f"""

@@ -35,8 +35,8 @@ def bench() -> None:
 def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
           iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
+    from ..bench import infer as infer_bench
     from ..cpu import cpu_features
-    from ..throughput import infer as infer_bench
     from .zoo import print_table
 
     if list_backends:
@@ -102,17 +102,28 @@ def train(recipe: str | None, models: str | None, impls: str | None, peers: str,
     (ratios in the same run, also to the fastest peer row)."""
     import json
 
-    from ..throughput.train import bench_train, print_results
+    from ..bench.train import bench_train
+    from .zoo import print_table
 
-    rows = bench_train(
+    result = bench_train(
         None if models is None else models.split(","), recipe=recipe,
         impls=None if impls is None else impls.split(","), peers=peers.split(","), batch_size=batch_size,
         steps=steps, warmup=warmup, repeats=repeats, device=device, overrides=overrides, memory=not no_memory,
         log=lambda s: click.echo(s, err=True),
     )
-    print_results(rows, markdown=markdown)
+    header, body = result.table()
+    if markdown:  # for docs/benchmarks.md
+        click.echo("| " + " | ".join(header) + " |")
+        click.echo("|" + "|".join("---" for _ in header) + "|")
+        for line in body:
+            click.echo("| " + " | ".join(line) + " |")
+    else:
+        print_table(body, header)
+    click.echo("")
+    for line in result.notes():  # the fastest-peer summary, the like-for-like parameter check, the machine
+        click.echo(line)
     if json_path:
-        json_path.write_text(json.dumps(rows, indent=1))
+        json_path.write_text(json.dumps(result.to_dicts(), indent=1))
         click.echo(f"wrote {json_path}")
 
 
@@ -141,7 +152,7 @@ def data(recipe: str, data: str | None, images: int, rounds: int, workers: int, 
     """Training loader img/s per worker (decode + augmentation + collate): data.fast_decode vs the plain path."""
     import json
 
-    from ..throughput.data import run_data_bench
+    from ..bench.data import run_data_bench
     from .zoo import print_table
 
     result = run_data_bench(recipe, overrides, data=data, num_images=images, rounds=rounds, num_workers=workers,

@@ -18,7 +18,7 @@ from ..config import check_path
 from ..errors import DataError
 from ..io import check_output_file, check_output_folder, write_json  # stdlib only: `mffzoo --help` stays torch-free
 from ..table import print_table
-from .options import IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count
+from .options import IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count, recipe_run
 
 POSITIVE = FiniteFloat(min=0, min_open=True)
 
@@ -168,11 +168,7 @@ def linear(model: str, data: str, img_size: int | None, random_init: bool, batch
 
 
 @eval_group.command("finetune")
-@click.argument("recipe")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key (repeatable), e.g. --set model.pretrained=mff_vit_small.demo")
-@click.option("--output", "-o", type=OUT_PATH, default=None,
-              help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
+@recipe_run("--set model.pretrained=mff_vit_small.demo")
 @click.option("--update-zoo", is_flag=True, help="Record the fine-tune accuracy in the pretrained model's zoo entry.")
 def finetune(recipe: str, overrides: tuple[str, ...], output: Path | None, update_zoo: bool) -> None:
     """Fine-tune end to end from RECIPE (recipes/finetune_*.yaml) with the shared training engine.

@@ -23,7 +23,7 @@ def _print_report(report: Any) -> None:
               help="Artefact format, a name in the export-format registry (mffzoo.export.formats): onnx (the "
                    "profile default), openvino (an IR, .xml + .bin), trt; checked when the profile is loaded.")
 @click.option("--profile", default=None,
-              help="Export profile: a YAML path or a name in export/ (default: export/default.yaml).")
+              help="Export profile: a YAML path or a name in profiles/ (default: profiles/default.yaml).")
 @click.option("--weights", default=None, help="A pretrained tag of MODEL or a weights path (folder or checkpoint).")
 @click.option("--random-init", is_flag=True, default=None, help="Random weights (seeded), for smoke tests and speed.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None)

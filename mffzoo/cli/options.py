@@ -17,7 +17,10 @@ import click
 
 from ..config import MAX_BATCH, MAX_IMG_SIZE, check_path
 
-__all__ = ["count", "BATCH", "IMG_SIZE", "FiniteFloat", "CheckedPath", "OUT_PATH", "IN_PATH", "ModelSpec", "MODEL"]
+__all__ = [
+    "count", "BATCH", "IMG_SIZE", "FiniteFloat", "CheckedPath", "OUT_PATH", "IN_PATH", "ModelSpec", "MODEL",
+    "recipe_run",
+]
 
 
 def count(minimum: int = 1, maximum: int | None = None) -> click.IntRange:
@@ -75,3 +78,17 @@ class ModelSpec(click.ParamType):
 
 
 MODEL = ModelSpec()
+
+
+def recipe_run(example: str) -> Any:
+    """The arguments every recipe-driven command takes (``train``, ``eval finetune``): RECIPE, ``--set`` overrides
+    (``example`` shows one) and the run directory ``--output``."""
+
+    def wrap(fn: Any) -> Any:
+        fn = click.option("--output", "-o", type=OUT_PATH, default=None,
+                          help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")(fn)
+        fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help=f"Override a recipe key (repeatable), e.g. {example}")(fn)
+        return click.argument("recipe")(fn)
+
+    return wrap

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import click
 
-from .options import IN_PATH, OUT_PATH
+from .options import IN_PATH, OUT_PATH, recipe_run
 
 
 @click.command("train")
-@click.argument("recipe")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key (repeatable), e.g. --set data.root=/data/imagenet --set optim.blr=1e-4")
-@click.option("--output", "-o", type=OUT_PATH, default=None,
-              help="Run directory (default: the recipe's output_dir, else runs/<recipe name>).")
+@recipe_run("--set data.root=/data/imagenet --set optim.blr=1e-4")
 def train(recipe: str, overrides: tuple[str, ...], output: Path | None) -> None:
     """Pretrain with MFF (or MAE) from RECIPE: a YAML file, or a name in recipes/ (demo, vits, vitb_mae, ...).
 

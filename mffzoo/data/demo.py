@@ -436,7 +436,9 @@ def write_demo_dataset(
     interrupted run never leaves a tree that looks complete. Each image is seeded
     from ``(seed, split, class, index)``: reruns are byte-identical and a smaller
     dataset is a prefix of a larger one. ``overwrite`` only matters when ``root``
-    holds something else; a matching dataset is always reused as is.
+    holds something else; a matching dataset is always reused as is. The sizes are checked
+    here, as this is public API called with plain ints (a recipe's ``data.demo`` is also
+    checked at load, so a training run fails before it gets here).
     """
     num_classes, train_per_class, val_per_class = map(operator.index, (num_classes, train_per_class, val_per_class))
     image_size, seed = operator.index(image_size), operator.index(seed)

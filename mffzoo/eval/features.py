@@ -90,7 +90,7 @@ def load_eval_model(spec: str | os.PathLike[str], *, img_size: int | None = None
     ``random_init`` builds the architecture without weights (seeded, so smoke runs are reproducible).
     """
     kwargs.setdefault("num_classes", 0)
-    model = load_model(spec, random_init=random_init, img_size=img_size, seed=seed, **kwargs)
+    model = load_model(spec, pretrained=True, random_init=random_init, img_size=img_size, seed=seed, **kwargs)
     if device is not None:
         model = model.to(resolve_device(device))
     return model.eval()

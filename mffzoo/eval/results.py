@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
-from ..archs import canonical_arch
 from ..errors import WeightsNotFoundError
 from ..zoo.catalog import schedule_mark
 from ..zoo.home import CONFIG_NAME, META_NAME, entry_dir
+from ..zoo.ref import parse_model_ref
 
 __all__ = ["result_rows", "resolve_zoo_entry", "update_zoo_metrics"]
 
@@ -35,15 +35,11 @@ def result_rows(result: Mapping[str, Any]) -> tuple[list[list[str]], list[str]]:
 
 def resolve_zoo_entry(spec: str | os.PathLike[str]) -> Path:
     """The local model folder a MODEL spec names (a folder, ``local-dir:PATH`` or ``<arch>.<tag>`` in the zoo home)."""
-    s = str(spec)
-    if s.startswith("local-dir:"):
-        s = s[len("local-dir:"):]
-    p = Path(s).expanduser()
-    if p.is_dir() and (p / CONFIG_NAME).is_file():
-        return p
-    if "." in s and not p.exists():
-        arch, tag = s.split(".", 1)
-        d = entry_dir(canonical_arch(arch), tag)
+    ref = parse_model_ref(spec)
+    if ref.kind == "folder" and ref.path is not None and (ref.path / CONFIG_NAME).is_file():
+        return ref.path
+    if ref.kind == "name" and ref.arch and ref.tag:
+        d = entry_dir(ref.arch, ref.tag)
         if (d / CONFIG_NAME).is_file():
             return d
     raise WeightsNotFoundError(

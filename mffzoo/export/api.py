@@ -40,7 +40,7 @@ from ..archs import ARCHS, canonical_arch
 from ..config import MAX_NAME_BYTES, load_config, to_dict
 from ..errors import ConfigError, ExportError, MffzooError, WeightsNotFoundError, WriteFailed
 from ..io import PathLock, exclusive, os_fault, write_failed, write_json
-from ..zoo import load_model
+from ..zoo import load_model, parse_model_ref
 from . import triton
 from .formats import ExportFormat, get_format
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
@@ -62,7 +62,6 @@ from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
 __all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
 
 _logger = logging.getLogger("mffzoo")
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 
 @dataclass
@@ -83,17 +82,16 @@ def _model_spec(prof: ExportProfile) -> str:
     w = prof.weights
     if not w:
         return prof.model
-    if Path(w).expanduser().exists() or os.sep in w or w.endswith(_WEIGHT_SUFFIXES):
+    if parse_model_ref(w, "--weights").kind != "name":
         return w
-    return f"{prof.model.split('.', 1)[0]}.{w}"
+    return parse_model_ref(prof.model).with_tag(w).spec
 
 
 def _missing_path(spec: str) -> bool:
-    """A spec written as a path (not a name, not ``local-dir:``/``hf-hub:``) that is not there."""
-    if ":" in spec.split(os.sep, 1)[0]:
-        return False
-    looks_like_path = os.sep in spec or spec.startswith(".") or spec.endswith(_WEIGHT_SUFFIXES)
-    return looks_like_path and not Path(spec).expanduser().exists()
+    """A spec written as a path (a weights file or anything with a separator; not a name, not
+    ``local-dir:``/``hf-hub:``) that is not there."""
+    ref = parse_model_ref(spec)
+    return ref.kind in ("file", "missing") and ref.path is not None and not ref.path.exists()
 
 
 def _patch_size(model: torch.nn.Module) -> int:
@@ -115,7 +113,7 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
                                    "folder or checkpoint, or a model name such as mff_vit_small.demo")
     try:
         # seeded random weights: a random-init artefact can be re-checked
-        model = load_model(spec, random_init=prof.random_init, seed=prof.seed, **kwargs)
+        model = load_model(spec, pretrained=True, random_init=prof.random_init, seed=prof.seed, **kwargs)
     except WeightsNotFoundError as exc:
         if prof.random_init or "--random-init" in str(exc):
             raise
@@ -223,7 +221,7 @@ def export_model(
     overwrite: bool = False,
     **fields: Any,
 ) -> ExportResult:
-    """Export ``model`` as described by ``profile`` (default ``export/default.yaml``) plus ``fields``/overrides.
+    """Export ``model`` as described by ``profile`` (default ``profiles/default.yaml``) plus ``fields``/overrides.
 
     ``fields`` are profile keys, e.g. ``export_model("mff_vit_small", random_init=True, precision="fp16",
     batch={"min": 1, "opt": 8, "max": 16})``. An existing artefact is never replaced unless ``overwrite``.

@@ -207,21 +207,21 @@ class ExportProfile:
 
 
 def find_profile(name: str | os.PathLike[str]) -> Path:
-    """A profile path, or a bare name (``onnx-fp16``) looked up in ./export/ and the source checkout's export/."""
+    """A profile path, or a bare name (``onnx-fp16``) looked up in ./profiles/ and the source checkout's profiles/."""
     p = check_path(name, "--profile", existing=True)  # an over-long name: is_file() itself would raise
     if p.is_file():
         return p
     stem = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
     check_path(stem, "--profile", existing=True)
-    for root in (Path.cwd() / "export", Path(__file__).resolve().parents[2] / "export"):
-        if (root / stem).is_file() and (p.parent == Path(".") or p.parent == Path("export")):
+    for root in (Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"):
+        if (root / stem).is_file() and (p.parent == Path(".") or p.parent == Path("profiles")):
             return root / stem
-    raise ConfigError(f"export profile '{name}' not found; pass a YAML path or a name from export/ "
+    raise ConfigError(f"export profile '{name}' not found; pass a YAML path or a name from profiles/ "
                       f"(e.g. onnx-fp32, onnx-fp16, onnx-int8-cpu, trt-fp16)")
 
 
 def default_profile_path() -> Path | None:
-    """``export/default.yaml`` (cwd, then the source checkout); None means the dataclass defaults."""
+    """``profiles/default.yaml`` (cwd, then the source checkout); None means the dataclass defaults."""
     try:
         return find_profile("default")
     except ConfigError:

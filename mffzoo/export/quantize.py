@@ -107,5 +107,5 @@ def _quantize(src: str | os.PathLike[str], dst: Path, mode: str, calibration: np
                 per_channel=per_channel, reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"],
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
-        else:
+        else:  # a profile's quantize.mode is checked at load; this is quantize_onnx's own, public API (a str)
             raise ExportError(f"quantize.mode must be dynamic or static, got {mode!r}")

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..archs import canonical_arch, pretrain_heads
+from ..archs import canonical_arch, check_fusion_layers, default_fusion_layers, pretrain_heads
 from .pos_embed import sincos_2d_pos_embed
 
 __all__ = ["MFFPretrainModel", "MultiLevelFusion", "PretrainOutput", "create_pretrain_model"]
@@ -40,14 +40,12 @@ class PretrainOutput:
 
 
 class MultiLevelFusion(nn.Module):
-    """Softmax-weighted sum of K encoder levels; every level but the last gets a Linear(C, C)."""
+    """Softmax-weighted sum of K encoder levels; every level but the last gets a Linear(C, C). ``layers`` are the
+    fused block indices, as :func:`~mffzoo.archs.check_fusion_layers` returns them (the model checks them)."""
 
     def __init__(self, dim: int, layers: Sequence[int]) -> None:
         super().__init__()
-        layers = [int(i) for i in layers]
-        if not layers or sorted(set(layers)) != layers:
-            raise ValueError(f"fusion_layers must be strictly increasing block indices, got {layers}")
-        self.layers = layers
+        self.layers = list(layers)
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(len(layers) - 1))
         # Initialised to ones (uniform 1/K after softmax); frozen when there is a single level (plain MAE).
         # Shape (K, 1, 1, 1) as mmpretrain's ``proj_weights``: that is also why the official optimizer config
@@ -81,10 +79,8 @@ class MFFPretrainModel(nn.Module):
         if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None:
             raise TypeError("encoder must be a timm VisionTransformer with a class token")
         depth = len(encoder.blocks)
-        fusion_layers = list(fusion_layers) if fusion_layers is not None else [depth - 1]
-        if fusion_layers[-1] != depth - 1:
-            # The official model always fuses the last block (it is the one used without projection).
-            raise ValueError(f"fusion_layers must end with the last block ({depth - 1}), got {fusion_layers}")
+        fusion_layers = check_fusion_layers(
+            default_fusion_layers(None, depth) if fusion_layers is None else fusion_layers, depth)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.encoder = encoder
@@ -280,9 +276,6 @@ def create_pretrain_model(
     depth = len(encoder.blocks)
     heads = pretrain_heads(arch, depth, fusion_layers=fusion_layers, decoder_dim=decoder_dim or None,
                            decoder_depth=decoder_depth or None, decoder_heads=decoder_heads or None)
-    bad = [i for i in heads["fusion_layers"] if not 0 <= int(i) < depth]
-    if bad:
-        raise ValueError(f"fusion_layers {heads['fusion_layers']} has indices outside 0..{depth - 1}: {bad}")
     return MFFPretrainModel(
         encoder,
         **heads,

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..cpu import cpu_features
 
-__all__ = ["AttentionChoice", "choose_attention", "set_attention", "time_attention_kernels", "KERNELS"]
+__all__ = ["AttentionChoice", "choose_attention", "legacy_attention", "set_attention", "time_attention_kernels",
+           "KERNELS"]
 
 KERNELS = ("sdpa", "math")
 
@@ -120,15 +121,14 @@ def _ms(s: float) -> str:
 
 def choose_attention(model: nn.Module, mode: str, device: torch.device, amp_dtype: torch.dtype | None,
                      forward: Callable[[], Any] | None = None) -> AttentionChoice:
-    """Decide ``train.attention`` for this run and apply it to ``model``. ``forward`` runs one forward pass of
-    a batch of the run's shape; without it (or where the model's modules cannot be called on their own, e.g.
-    FSDP2-sharded) a CPU under bf16 falls back to the rule measured so far: math where bf16 is native."""
+    """Decide ``train.attention`` for this run and apply it to ``model``. ``mode`` is as the recipe validated it
+    at load (``auto`` or one of :data:`KERNELS`). ``forward`` runs one forward pass of a batch of the run's shape;
+    without it (or where the model's modules cannot be called on their own, e.g. FSDP2-sharded) a CPU under bf16
+    falls back to the rule measured so far: math where bf16 is native."""
     if not any(hasattr(m, "fused_attn") for m in model.modules()):
         return AttentionChoice("n/a", "no timm attention in the model")
     if mode in KERNELS:
         choice = AttentionChoice(mode, f"train.attention={mode}")
-    elif mode != "auto":
-        raise ValueError(f"train.attention must be auto, sdpa or math, got {mode!r}")
     elif device.type != "cpu":
         choice = AttentionChoice("sdpa", f"auto: fused SDPA on {device.type}")
     elif amp_dtype is None:
@@ -147,6 +147,15 @@ def choose_attention(model: nn.Module, mode: str, device: torch.device, amp_dtyp
                                          f"{_ms(t[other])}")
     set_attention(model, choice.kernel)
     return choice
+
+
+def legacy_attention(mode: str, device: torch.device, amp_dtype: torch.dtype | None) -> AttentionChoice | None:
+    """For a checkpoint written before choices were stored: what ``auto`` chose then (math only on AMX under
+    bf16); None unless ``mode`` is ``auto``."""
+    if mode != "auto":
+        return None
+    amx = device.type == "cpu" and amp_dtype == torch.bfloat16 and cpu_features().amx
+    return AttentionChoice("math" if amx else "sdpa", "auto: the rule of the mffzoo version that wrote the checkpoint")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

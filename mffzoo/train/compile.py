@@ -89,12 +89,10 @@ def _secs(x: float) -> str:
 
 def decide_compile(mode: str | bool, device_type: str, *, remaining_steps: int, eager_step_s: float | None,
                    estimate: CompileEstimate) -> CompileDecision:
-    """The policy, a pure function. ``mode`` is ``train.compile``; ``eager_step_s`` is one optimizer step's
-    eager time (needed only for ``auto`` on a CPU)."""
+    """The policy, a pure function. ``mode`` is ``train.compile`` as the recipe validated it at load (``auto``,
+    true or false); ``eager_step_s`` is one optimizer step's eager time (needed only for ``auto`` on a CPU)."""
     if mode is True or mode is False:
         return CompileDecision(mode, f"train.compile={str(mode).lower()}")
-    if mode != "auto":
-        raise ValueError(f"train.compile must be auto, true or false, got {mode!r}")
     if device_type == "cuda":
         return CompileDecision(True, "auto: on cuda")
     if device_type != "cpu" or eager_step_s is None:

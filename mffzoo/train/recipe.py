@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from timm.optim import list_optimizers
 
-from ..archs import ARCHS, canonical_arch, pretrain_heads
+from ..archs import ARCHS, canonical_arch, check_fusion_layers, pretrain_heads
 from ..config import MAX_IMG_SIZE, check_name, check_path, load_config, require
 from ..data.demo import MAX_DEMO_CLASSES
 from ..errors import ConfigError
@@ -276,15 +276,7 @@ class ModelConfig:
                 f"{self.mask_ratio} leaves no visible patch out of {num_patches}; lower it")
         heads = pretrain_heads(arch, self.depth, fusion_layers=self.fusion_layers, decoder_dim=self.decoder_dim,
                                decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
-        self.fusion_layers = heads["fusion_layers"]
-        fl = self.fusion_layers
-        last = self.depth - 1
-        require(bool(fl), "model.fusion_layers", f"must list at least one block; [{last}] is plain MAE")
-        bad = [i for i in fl if not 0 <= i <= last]
-        require(not bad, "model.fusion_layers", f"indices {bad} are outside the encoder's blocks 0..{last}")
-        require(fl == sorted(set(fl)), "model.fusion_layers", f"must be strictly increasing, got {fl}")
-        require(fl[-1] == last, "model.fusion_layers",
-                f"must end with the last block ({last}), got {fl}; [{last}] alone is plain MAE")
+        self.fusion_layers = check_fusion_layers(heads["fusion_layers"], self.depth, "model.fusion_layers")
         for k in ("decoder_dim", "decoder_depth", "decoder_heads"):
             setattr(self, k, heads[k])
             require(getattr(self, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(self, k)}")

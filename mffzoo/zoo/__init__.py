@@ -6,10 +6,11 @@ from . import mff_vision_transformer  # noqa: F401  (registers mff_vit_* with ti
 from .checkpoint_io import atomic_torch_save, load_checkpoint_file
 from .convert import Converted, convert_checkpoint, convert_state_dict
 from .home import ZooEntry, entry_dir, list_local, write_model_folder, zoo_home
+from .ref import ModelRef, parse_model_ref
 from .weights import load_model, parse_model_spec, resolve_pretrained
 
 __all__ = [
     "atomic_torch_save", "load_checkpoint_file", "Converted", "convert_checkpoint", "convert_state_dict",
     "ZooEntry", "entry_dir", "list_local", "write_model_folder", "zoo_home",
-    "load_model", "parse_model_spec", "resolve_pretrained",
+    "ModelRef", "parse_model_ref", "load_model", "parse_model_spec", "resolve_pretrained",
 ]

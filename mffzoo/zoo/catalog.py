@@ -14,7 +14,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
-from ..archs import ZOO_TAGS, is_local_cfg
+from ..archs import TAGS, LocalTag
 from .home import CONFIG_NAME, META_NAME, entry_dir, list_local
 
 __all__ = ["ZooRow", "zoo_rows", "hub_rows", "download_cache_path", "schedule_mark"]
@@ -95,19 +95,16 @@ def _measured(meta: dict) -> str:
 def zoo_rows() -> list[ZooRow]:
     rows: list[ZooRow] = []
     seen: set[tuple[str, str]] = set()
-    for arch, tags in ZOO_TAGS.items():
-        for tag, cfg in tags.items():
+    for arch, tags in TAGS.items():
+        for tag, entry in tags.items():
             seen.add((arch, tag))
-            metric = next((n.split(": ", 1)[1] for n in cfg.get("notes") or () if n.startswith("reported: ")), "")
-            if is_local_cfg(cfg):
-                folder = entry_dir(arch, tag)
+            if isinstance(entry, LocalTag):
                 local = [e for e in list_local(arch) if e.tag == tag]
-                if local and not metric:
-                    metric = _measured(local[0].meta)
-                rows.append(ZooRow(arch, tag, "local", bool(local), str(folder), metric))
+                metric = _measured(local[0].meta) if local else ""
+                rows.append(ZooRow(arch, tag, "local", bool(local), str(entry_dir(arch, tag)), metric))
             else:
-                cached = download_cache_path(cfg["url"])
-                rows.append(ZooRow(arch, tag, "official", cached.is_file(), cfg["url"], metric))
+                cached = download_cache_path(entry.url)
+                rows.append(ZooRow(arch, tag, "official", cached.is_file(), entry.url, entry.reported))
     for e in list_local():
         if (e.arch, e.tag) not in seen:
             rows.append(ZooRow(e.arch, e.tag, "local (unregistered)", True, str(e.path), _measured(e.meta)))

@@ -18,7 +18,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from ..archs import ALIASES, ARCHS, CLASSIFIER_TAG_KWARGS, ZOO_TAGS
+from ..archs import ALIASES, ARCHS, CLASSIFIER_TAG_KWARGS, ZOO_TAGS, OfficialTag, zoo_tag
 from ..errors import CheckpointError, ConfigError, WeightsNotFoundError
 from .catalog import download_cache_path
 from .checkpoint_io import SAFE_EXTRA_GLOBALS
@@ -44,7 +44,8 @@ def _create_mff_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Vi
     tag = kwargs.get("pretrained_cfg")
     saved_args: dict[str, Any] = {}
     if pretrained:
-        if isinstance(tag, str) and tag.startswith("mff_ft_"):
+        entry = zoo_tag(variant, tag) if isinstance(tag, str) else None
+        if isinstance(entry, OfficialTag) and entry.num_classes:  # a fine-tuned classifier: its head's settings
             kwargs = {**CLASSIFIER_TAG_KWARGS, **kwargs}
         kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"], saved_args = resolve_pretrained(
             variant, tag, kwargs.get("pretrained_cfg_overlay")

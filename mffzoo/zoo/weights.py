@@ -4,7 +4,8 @@
 :mod:`mffzoo.zoo.mff_vision_transformer`;
 :func:`load_model` is the front door for the CLI and every other tool (export, eval, bench): it accepts a
 registered name with or without tag, ``hf-hub:org/name``, ``local-dir:PATH``, a model folder, or a checkpoint
-file of any supported format.
+file of any supported format, as :func:`mffzoo.zoo.ref.parse_model_ref` reads them. What a registered tag is
+(an official download, or a local tag a recipe produces) is the typed table :data:`mffzoo.archs.TAGS`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import torch
 from safetensors import SafetensorError
 from timm.models import PretrainedCfg
 
-from ..archs import ZOO_TAGS, is_local_cfg
+from ..archs import ARCHS, TAGS, LocalTag, ZooTag, local_tag
 from ..config import check_path
-from ..errors import CheckpointError, MffzooError, WeightsNotFoundError
+from ..errors import CheckpointError, ConfigError, MffzooError, WeightsNotFoundError
 from ..io import read_json_object
 from .checkpoint_io import load_checkpoint_file, why_unreadable
 from .convert import Converted, convert_state_dict
 from .home import CONFIG_NAME, EXTRAS_NAME, WEIGHTS_NAME, entry_dir, list_local, zoo_home
+from .ref import ModelRef, parse_model_name, parse_model_ref
 
 _logger = logging.getLogger("mffzoo")
 
@@ -39,16 +41,15 @@ __all__ = ["resolve_pretrained", "load_model", "parse_model_spec", "local_weight
 _SOURCE_KEYS = ("file", "url", "hf_hub_id", "state_dict")
 
 
-def _zoo_tags(arch: str) -> dict[str, dict[str, Any]]:
-    return ZOO_TAGS.get(arch, {})
+def _zoo_tags(arch: str) -> dict[str, ZooTag]:
+    return TAGS.get(arch, {})
 
 
 def _tag_listing(arch: str) -> str:
     """Every tag of ``arch`` with where its weights come from (what an unknown-tag error offers instead)."""
-    official, recipes = [], []
-    for t, cfg in _zoo_tags(arch).items():
-        recipe = next((n.split(": ", 1)[1] for n in cfg.get("notes") or () if n.startswith("recipe: ")), None)
-        (recipes if is_local_cfg(cfg) else official).append(f"{t} ({recipe})" if recipe else t)
+    tags = _zoo_tags(arch).values()
+    official = [t.tag for t in tags if not isinstance(t, LocalTag)]
+    recipes = [f"{t.tag} ({t.recipe})" for t in tags if isinstance(t, LocalTag)]
     local = sorted(e.tag for e in list_local(arch))
     return (f"official downloads: {', '.join(official) or 'none'}; produced by `mffzoo train RECIPE`: "
             f"{', '.join(recipes) or 'none'}; local folders in {zoo_home()}: {', '.join(local) or 'none'}")
@@ -61,8 +62,8 @@ def _missing(arch: str, tag: str | None) -> WeightsNotFoundError:
             f"{arch} has no tag '{tag}' (not registered, no folder {entry_dir(arch, tag)}); its tags: "
             f"{_tag_listing(arch)}; `mffzoo zoo` lists them all"
         )
-    notes = tags.get(tag or "", {}).get("notes") or ()
-    produce = next((n.split(": ", 1)[1] for n in notes if n.startswith("produce with: ")), None)
+    entry = local_tag(arch, tag)
+    produce = entry.produce if entry is not None else None
     what = f"{arch}.{tag}" if tag else arch
     how = f"produce them with `{produce}` (or `mffzoo train recipes/demo.yaml` for a 5-minute demo), " * bool(produce)
     return WeightsNotFoundError(
@@ -157,9 +158,9 @@ def weights_pretrained_cfg(weights: Path, model_args: Mapping[str, Any]) -> dict
         out["input_size"] = (int(model_args.get("in_chans", 3)), int(h), int(w))
     if "num_classes" in model_args:
         out["num_classes"] = int(model_args["num_classes"])
-    folder = weights.parent.name
-    if not out.get("tag") and "." in folder and folder.split(".", 1)[0] in ZOO_TAGS:
-        out["tag"] = folder.split(".", 1)[1]
+    folder = parse_model_name(weights.parent.name)
+    if not out.get("tag") and folder.tag and folder.name in ARCHS:
+        out["tag"] = folder.tag
     return out
 
 
@@ -215,7 +216,7 @@ def resolve_pretrained(
     tag = pretrained_cfg
     if tag is None:
         default = next(iter(tags), None)
-        if default is not None and not is_local_cfg(tags[default]):
+        if default is not None and not isinstance(tags[default], LocalTag):
             return None, overlay or None, {}  # default is an official download
         entries = list_local(arch)
         if not entries:
@@ -224,7 +225,7 @@ def resolve_pretrained(
         best = entries[0]
         _logger.warning("mffzoo: %s pretrained=True -> local weights %s.%s (%s)", arch, arch, best.tag, best.path)
         return _entry_source(tags, best.tag, overlay, best.weights)
-    if tag in tags and not is_local_cfg(tags[tag]):
+    if tag in tags and not isinstance(tags[tag], LocalTag):
         return tag, overlay or None, {}
     path = entry_dir(arch, tag) / WEIGHTS_NAME
     if not path.is_file():
@@ -247,7 +248,7 @@ def _local_dir_source(folder: Any, overlay: dict[str, Any]) -> dict[str, Any]:
 
 
 def _entry_source(
-    tags: Mapping[str, Any], tag: str, overlay: dict[str, Any], path: Path
+    tags: Mapping[str, ZooTag], tag: str, overlay: dict[str, Any], path: Path
 ) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
     """A zoo entry: its registered tag's cfg, or for an unregistered tag the default cfg without the default
     weights' description (timm's base for the preprocessing the entry does not record)."""
@@ -257,73 +258,100 @@ def _entry_source(
     return None, {"description": None, "notes": None, "origin_url": None, **cfg}, args
 
 
-def parse_model_spec(spec: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """Map a user's MODEL argument to ``(timm name, create_model kwargs)``."""
-    s = str(spec)
-    if s.startswith("hf-hub:"):
-        return s, {"pretrained": True}
-    local_dir = s.startswith("local-dir:")
-    p = Path(s[len("local-dir:"):] if local_dir else s).expanduser()
-    if p.is_dir() or local_dir:
-        if not (p / CONFIG_NAME).is_file():
-            raise WeightsNotFoundError(
-                f"folder '{p}' has no {CONFIG_NAME}; pass a zoo/model folder (mffzoo convert writes one) or a name"
-            )
-        read_model_config(p)  # timm parses it next, and fails on a damaged one with a traceback
-        return f"local-dir:{p}", {"pretrained": True}
-    if p.suffix in (".pth", ".pt", ".bin", ".safetensors", ".ckpt") or p.is_file():
-        conv = convert_state_dict(load_checkpoint_file(p))
-        overlay, args = local_weights(p, conv)
-        return conv.arch_name(), {"pretrained": True, "pretrained_cfg_overlay": overlay, **args}
-    return s, {"pretrained": True}
+def _unknown(spec: Any) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"unknown model '{spec}'; see `mffzoo zoo` for names, or pass a model folder / checkpoint file")
+
+
+def _timm_args(ref: ModelRef, pretrained: bool) -> tuple[str, dict[str, Any]]:
+    """``(timm name, create_model kwargs)`` for a parsed MODEL. A folder or weights file keeps the architecture it
+    describes; ``pretrained`` adds its weights (timm's ``local-dir:`` loader, or the converted tensors)."""
+    if ref.kind == "missing":
+        raise _unknown(ref.spec)  # written as a path, and nothing is there: no timm name either
+    if ref.kind == "folder":
+        assert ref.path is not None
+        if not (ref.path / CONFIG_NAME).is_file():
+            raise WeightsNotFoundError(f"folder '{ref.path}' has no {CONFIG_NAME}; pass a zoo/model folder "
+                                       "(mffzoo convert writes one) or a name")
+        cfg = read_model_config(ref.path)  # timm parses it next, and fails on a damaged one with a traceback
+        if pretrained:
+            return ref.timm_name, {}
+        return cfg["architecture"], {**(cfg.get("model_args") or {}), "num_classes": cfg.get("num_classes", 0)}
+    if ref.kind == "file":
+        assert ref.path is not None
+        conv = convert_state_dict(load_checkpoint_file(ref.path))
+        overlay, args = local_weights(ref.path, conv)
+        return conv.arch_name(), ({"pretrained_cfg_overlay": overlay, **args} if pretrained else args)
+    return ref.timm_name, {}  # a name (timm resolves its tag, the zoo its local weights) or an hf-hub: repo
+
+
+def parse_model_spec(spec: str | os.PathLike[str] | ModelRef) -> tuple[str, dict[str, Any]]:
+    """Map a user's MODEL argument to ``(timm name, create_model kwargs)`` that load its weights."""
+    name, kwargs = _timm_args(parse_model_ref(spec), pretrained=True)
+    return name, {"pretrained": True, **kwargs}
+
+
+def _load_checkpoint(model: torch.nn.Module, checkpoint_path: str | os.PathLike[str]) -> None:
+    """timm's ``checkpoint_path=``: weights of any supported format into the architecture already built (a head of
+    another class count stays as initialised, as timm's loader leaves it)."""
+    path = check_path(checkpoint_path, "checkpoint_path", existing=True)
+    sd = convert_state_dict(load_checkpoint_file(path), target=model).backbone
+    own = model.state_dict()
+    extra = [k for k in sd if k not in own and not k.startswith("head.")]
+    if extra:
+        raise CheckpointError(f"checkpoint '{path}' has tensors the model lacks: {', '.join(extra[:4])}; pick the "
+                              "architecture that produced it (or pass the checkpoint itself as the model)")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
 
 
 def load_model(
-    spec: str | os.PathLike[str], *, pretrained: bool = True, random_init: bool = False, img_size: int | None = None,
+    spec: str | os.PathLike[str] | ModelRef, *, pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None, random_init: bool = False, img_size: int | None = None,
     seed: int | None = None, **kwargs: Any
 ) -> torch.nn.Module:
-    """Create a backbone from any MODEL spec: the one loader behind the CLI, eval and export (each adds its checks).
+    """Create a backbone from any MODEL spec (:func:`mffzoo.zoo.ref.parse_model_ref`): the one loader behind the
+    CLI, eval and export (each adds its checks). timm's ``create_model`` conventions: without ``pretrained=True``
+    the architecture the spec names (or a folder/checkpoint describes) is built without its weights;
+    ``checkpoint_path`` then loads weights of any supported format into it.
 
-    ``random_init`` builds the architecture a name, folder or checkpoint describes without its weights (after
-    ``torch.manual_seed(seed)`` when ``seed`` is given, so a smoke run is reproducible); ``img_size`` overrides the
-    input size. (The mff_* names are registered: importing this package imports
-    :mod:`mffzoo.zoo.mff_vision_transformer`.)
+    ``random_init`` is ``pretrained=False`` after ``torch.manual_seed(seed)`` when ``seed`` is given (a
+    reproducible smoke run); ``img_size`` overrides the input size. (The mff_* names are registered: importing
+    this package imports :mod:`mffzoo.zoo.mff_vision_transformer`.)
     """
     if random_init:
+        if checkpoint_path is not None:
+            raise ConfigError("random_init builds a model without weights, checkpoint_path loads some: pass one")
         pretrained = False
         if seed is not None:
             torch.manual_seed(seed)
     if img_size:
         kwargs["img_size"] = int(img_size)
-    s = str(spec)
-    check_path(s, "MODEL", existing=True)  # an over-long name: exists() itself would raise ENAMETOOLONG
-    looks_like_path = any(ch in s for ch in "/\\") or Path(s).expanduser().exists()
-    name, extra = parse_model_spec(spec) if (pretrained or looks_like_path) else (s, {})
-    if not pretrained:  # keep the architecture a folder/checkpoint describes, drop its weights
-        if name.startswith("local-dir:"):
-            cfg = read_model_config(name[len("local-dir:"):])
-            name = cfg["architecture"]
-            extra = {**(cfg.get("model_args") or {}), "num_classes": cfg.get("num_classes", 0)}
-        extra.pop("pretrained_cfg_overlay", None)
-    extra.update(kwargs)
-    extra["pretrained"] = pretrained
+    ref = parse_model_ref(spec)
+    name, extra = _timm_args(ref, pretrained)
+    model = _create(ref, name, {**extra, **kwargs, "pretrained": pretrained})
+    if checkpoint_path is not None:
+        _load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _create(ref: ModelRef, name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``timm.create_model`` with its failures told in one line naming the MODEL the user gave."""
+    spec = ref.spec
     try:
-        return timm.create_model(name, **extra)
+        return timm.create_model(name, **kwargs)
     except MffzooError:
         raise
     except RuntimeError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if msg.startswith("Unknown model"):
-            raise WeightsNotFoundError(
-                f"unknown model '{spec}'; see `mffzoo zoo` for names, or pass a model folder / checkpoint file"
-            ) from None
+            raise _unknown(spec) from None
         raise
     except FileNotFoundError as exc:
         raise WeightsNotFoundError(f"model '{spec}': {exc}; check the path") from None
     except SafetensorError:  # timm's own loader reading a folder's model.safetensors
-        file = (extra.get("pretrained_cfg_overlay") or {}).get("file")
-        if file is None and name.startswith("local-dir:"):
-            file = Path(name[len("local-dir:"):]) / WEIGHTS_NAME
+        file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if file is None and ref.kind == "folder":
+            file = Path(str(ref.path)) / WEIGHTS_NAME
         what = f"'{file}' {why_unreadable(file)}" if file else "their safetensors file is truncated or corrupt"
         raise CheckpointError(f"the weights of '{spec}' cannot be read: {what}; re-download or re-export them"
                               ) from None
