@@ -24,8 +24,8 @@ _logger = logging.getLogger("mffzoo")
 
 __all__ = ["ARCHS", "ARCH_LABELS", "PRETRAIN_DEFAULTS", "ALIASES", "TAGS", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS",
            "LOCAL_FILE", "LocalTag", "OfficialTag", "ZooTag", "canonical_arch", "check_fusion_layers",
-           "default_fusion_layers", "describe_arch", "is_local_cfg", "local_tag", "pretrain_heads", "published_tag",
-           "registered_schedule", "zoo_tag"]
+           "DENSE_LEVELS", "default_dense_levels", "default_fusion_layers", "describe_arch", "is_local_cfg",
+           "local_tag", "pretrain_heads", "published_tag", "registered_schedule", "zoo_tag"]
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD (copied: this module imports neither torch nor timm)
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -62,6 +62,27 @@ PRETRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mff_vit_large_patch16_224": dict(fusion_layers=[0, 4, 8, 12, 16, 23], decoder_dim=512, decoder_depth=8,
                                       decoder_heads=16),
 }
+
+# --- dense-task levels (`mffzoo export --features levels`): the blocks a segmentation/detection head reads ---
+# mmsegmentation's UperNet configs: MAE-B (configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py) takes
+# out_indices [3, 5, 7, 11] of 12 blocks, BEiT-L (configs/beit/upernet_beit-large_fp16_8x1_640x640_160k_ade20k.py)
+# [7, 11, 15, 23] of 24. ViT-S has 12 blocks too and reuses ViT-B's (mffzoo's choice: no ViT-S config exists).
+DENSE_LEVELS: dict[str, tuple[int, ...]] = {
+    "mff_vit_small_patch16_224": (3, 5, 7, 11),
+    "mff_vit_base_patch16_224": (3, 5, 7, 11),
+    "mff_vit_large_patch16_224": (7, 11, 15, 23),
+}
+
+
+def default_dense_levels(arch: str | None, depth: int) -> list[int]:
+    """The default ``--levels`` of a ``depth``-block encoder: ``arch``'s :data:`DENSE_LEVELS` when the encoder has
+    its registered depth; else the same relative depths (blocks ending at 1/3, 1/2, 2/3 and all of the encoder,
+    which is what both mmseg configs are; mffzoo's choice for other depths)."""
+    levels = DENSE_LEVELS.get(canonical_arch(arch)) if arch else None
+    if levels and levels[-1] == depth - 1:
+        return list(levels)
+    return sorted({max(round(depth * k / 12) - 1, 0) for k in (4, 6, 8, 12)})
+
 
 _MMPRETRAIN = "https://download.openmmlab.com/mmpretrain/v1.0/mff"
 _PAPER = dict(

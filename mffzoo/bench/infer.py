@@ -35,11 +35,11 @@ from ..errors import ConfigError
 from ..export.api import load_export_model
 from ..export.formats import FORMATS
 from ..export.inputs import default_image_root, load_image_batch, model_img_size
-from ..export.parity import compare, gate_failures
+from ..export.parity import compare_outputs, gate_failures, worst
 from ..export.pipeline import SigtermGuard, build_artefact
-from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig
+from ..export.profile import BatchRange, ExportProfile, GateSet, QuantizeConfig, SizeRange
 from ..export.sidecar import tool_versions
-from ..export.wrappers import TORCH_DTYPES, ExportModule, resolve_features
+from ..export.wrappers import TORCH_DTYPES, ExportModule, Features, feature_spec
 from ..io import write_json
 
 __all__ = ["backends", "BackendSpec", "available_backends", "run_infer_bench", "InferBenchResult"]
@@ -192,7 +192,10 @@ class _Backend:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def numpy(self, out: Any) -> np.ndarray:
+    def numpy(self, out: Any) -> np.ndarray | list[np.ndarray]:
+        """One output as numpy; several (levels) as a list of them."""
+        if isinstance(out, (list, tuple)):
+            return [self.numpy(o) for o in out]  # type: ignore[misc]
         return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
 
@@ -208,20 +211,20 @@ def _torch_backend(module: torch.nn.Module, device: str, autocast: torch.dtype |
     return _Backend(run, lambda a: torch.from_numpy(a).to(device), device)
 
 
-def _bench_profile(spec: BackendSpec, batch: int) -> ExportProfile:
+def _bench_profile(spec: BackendSpec, batch: int, dynamic_size: SizeRange | None = None) -> ExportProfile:
     """The export settings of an exported backend: the shipped defaults, tuned (TensorRT ``opt``) for ``batch``."""
     return ExportProfile(
         format=spec.format or "onnx", precision=spec.precision, batch=BatchRange(1, batch, max(batch, 64)),
-        quantize=QuantizeConfig(mode=spec.quantize))  # type: ignore[arg-type]
+        quantize=QuantizeConfig(mode=spec.quantize), dynamic_size=dynamic_size)  # type: ignore[arg-type]
 
 
-def _build(name: str, fp32: torch.nn.Module, features: str, tmp: Path, threads: int, calib: np.ndarray,
-           batch: int, onnx_cache: dict[tuple[Any, ...], Path]) -> _Backend:
+def _build(name: str, fp32: torch.nn.Module, features: Features, tmp: Path, threads: int, calib: np.ndarray,
+           batch: int, onnx_cache: dict[tuple[Any, ...], Path], dynamic_size: SizeRange | None = None) -> _Backend:
     spec = backends().get(name)
     if spec is None:
         raise ConfigError(f"unknown backend '{name}'")
     if spec.exported:  # built exactly as `mffzoo export` builds it (one shared pipeline)
-        built = build_artefact(fp32, features, _bench_profile(spec, batch), tmp, calibration=calib,
+        built = build_artefact(fp32, features, _bench_profile(spec, batch, dynamic_size), tmp, calibration=calib,
                                onnx_cache=onnx_cache)
         fmt = FORMATS[spec.format or "onnx"]
         run, prepare = fmt.bench_call(fmt.runner(built.artefact, spec.precision, device=spec.device, threads=threads))
@@ -300,8 +303,8 @@ def _select(wanted: list[str] | None, avail: dict[str, str | None]) -> list[str]
     return peers + [n for n in names if n not in peers]
 
 
-def _prepare_all(names: list[str], fp32: torch.nn.Module, features: str, tmp: Path, threads: int,
-                 calib: np.ndarray, batch: int, x1: np.ndarray, xb: np.ndarray,
+def _prepare_all(names: list[str], fp32: torch.nn.Module, features: Features, tmp: Path, threads: int,
+                 calib: np.ndarray, batch: int, x1: np.ndarray, xb: np.ndarray, dynamic_size: SizeRange | None,
                  ) -> tuple[dict[str, _Backend], dict[str, tuple[Any, Any]], dict[str, float]]:
     """Build every backend and warm it up (compilation included); none of it is timed."""
     built: dict[str, _Backend] = {}
@@ -311,7 +314,7 @@ def _prepare_all(names: list[str], fp32: torch.nn.Module, features: str, tmp: Pa
     for n in names:
         t = time.perf_counter()
         _logger.info("bench: preparing %s", n)
-        b = _build(n, fp32, features, tmp, threads, calib, batch, onnx_cache)
+        b = _build(n, fp32, features, tmp, threads, calib, batch, onnx_cache, dynamic_size)
         inputs[n] = (b.prepare(x1), b.prepare(xb))
         for x in inputs[n]:  # warm-up (and compilation), excluded
             for _ in range(2):
@@ -353,9 +356,10 @@ def _results(built: dict[str, _Backend], inputs: dict[str, tuple[Any, Any]], lat
     results = []
     for n, b in built.items():
         spec = backends()[n]
-        m = compare(b.numpy(b.run(inputs[n][1])), ref, classifier=classifier)
-        par: dict[str, Any] = {"peer": True} if n == ref_name else {
-            **dataclasses.asdict(m), "failures": gate_failures(m, gates.for_precision(spec.precision))}
+        ms = compare_outputs(b.numpy(b.run(inputs[n][1])), ref, classifier=classifier)  # per output (levels)
+        gate = gates.for_precision(spec.precision)
+        fails = [f"{f} [output {i}]" if len(ms) > 1 else f for i, m in enumerate(ms) for f in gate_failures(m, gate)]
+        par: dict[str, Any] = {"peer": True} if n == ref_name else {**dataclasses.asdict(worst(ms)), "failures": fails}
         results.append(BackendResult(
             name=n, device=spec.device, precision=spec.precision, description=spec.description,
             latency_ms_p50=float(np.percentile(lat[n], 50) * 1e3),
@@ -382,8 +386,16 @@ def run_infer_bench(
     json_path: str | os.PathLike[str] | None = None,
     model_args: dict[str, Any] | None = None,
     images: str | os.PathLike[str] | None = None,
+    features: str = "auto",
+    levels: list[int] | None = None,
+    levels_norm: bool = False,
+    dynamic_size: SizeRange | None = None,
 ) -> InferBenchResult:
-    """Measure every backend in ``backends`` (default: all that run here) on the same inputs, interleaved."""
+    """Measure every backend in ``backends`` (default: all that run here) on the same inputs, interleaved.
+
+    ``features``/``levels``/``levels_norm``/``dynamic_size`` are the export profile's keys of the same names
+    (e.g. ``features="levels"``: the dense-task artefact, each output compared with eager on its own); the
+    timing inputs are at the model's own size."""
     if batch < 1 or rounds < 1 or iters < 1:
         raise ConfigError(f"--batch, --rounds and --iters must be >= 1, got {batch}, {rounds}, {iters}")
     avail = available_backends()
@@ -391,9 +403,12 @@ def run_infer_bench(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
-    prof = ExportProfile(model=model, random_init=random_init, img_size=img_size, model_args=dict(model_args or {}))
+    prof = ExportProfile(model=model, random_init=random_init, img_size=img_size, model_args=dict(model_args or {}),
+                         features=features, levels=levels, levels_norm=levels_norm,  # type: ignore[arg-type]
+                         dynamic_size=dynamic_size)
+    prof.validate_dense()  # the rest of the profile is the bench's own, known good
     fp32 = load_export_model(prof)
-    features = resolve_features("auto", fp32)
+    spec = feature_spec(features, fp32, levels, levels_norm)
     root = images or default_image_root()
     xb = load_image_batch(root, batch, fp32)
     calib = load_image_batch(root, 32, fp32)
@@ -401,15 +416,17 @@ def run_infer_bench(
     tmp_ctx = tempfile.TemporaryDirectory(prefix="mffzoo-bench-", ignore_cleanup_errors=True)  # SIGTERM removes it
     with SigtermGuard() as guard, tmp_ctx as tmpdir, _strict_fp32():
         guard.remove_on_term(tmpdir)
-        built, inputs, setup = _prepare_all(names, fp32, features, Path(tmpdir), threads, calib, batch,
-                                            xb[:1].copy(), xb)
+        built, inputs, setup = _prepare_all(names, fp32, spec, Path(tmpdir), threads, calib, batch,
+                                            xb[:1].copy(), xb, dynamic_size)
         lat, per_round = _measure(built, inputs, batch, rounds, iters)
-        results = _results(built, inputs, lat, per_round, setup, features == "logits", gates)
+        results = _results(built, inputs, lat, per_round, setup, spec.kind == "logits", gates)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     meta = {
         "command": "mffzoo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("mffzoo", "__main__.py") else None,
         "model": model, "architecture": (fp32.pretrained_cfg or {}).get("architecture"), "random_init": random_init,
-        "features": features, "batch": batch, "img_size": list(model_img_size(fp32)), "threads": threads,
+        "features": spec.kind, "levels": list(spec.levels) or None, "outputs": spec.names,
+        "dynamic_size": dataclasses.asdict(dynamic_size) if dynamic_size else None,
+        "batch": batch, "img_size": list(model_img_size(fp32)), "threads": threads,
         "rounds": rounds, "iters": iters, "inputs": f"{batch} demo images from {root}",
         "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "gpu": gpu}, "tools": _tools(names),
         "peer": "PyTorch eager fp32 of the same device (eager, cuda-eager)", "parity_reference": names[0],

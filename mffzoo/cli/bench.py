@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .options import BATCH, IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count
+from .options import BATCH, FEATURES, IMG_SIZE, LEVELS, MODEL, OUT_PATH, FiniteFloat, count
 
 
 @click.group("bench")
@@ -32,8 +32,12 @@ def bench() -> None:
 @click.option("--threads", type=count(1), default=None, help="CPU threads for torch and ONNX Runtime (default: all).")
 @click.option("--img-size", type=IMG_SIZE, default=None)
 @click.option("--json", "json_path", type=OUT_PATH, default=None, help="Write the results here.")
+@click.option("--features", type=FEATURES, default="auto", show_default=True,
+              help="What the artefacts output, as `mffzoo export --features` (levels: the dense-task maps).")
+@click.option("--levels", type=LEVELS, default=None, help="With --features levels: 0-based encoder blocks.")
 def infer(model: str | None, random_init: bool, batch: int, backends: str | None, list_backends: bool, rounds: int,
-          iters: int, threads: int | None, img_size: int | None, json_path: Path | None) -> None:
+          iters: int, threads: int | None, img_size: int | None, json_path: Path | None, features: str,
+          levels: list[int] | None) -> None:
     """Inference latency (batch 1, p50/p90) and throughput (--batch) of MODEL on every backend, vs eager fp32."""
     from ..bench import infer as infer_bench
     from ..cpu import cpu_features
@@ -54,7 +58,8 @@ def infer(model: str | None, random_init: bool, batch: int, backends: str | None
     result = infer_bench.run_infer_bench(
         model, random_init=random_init, batch=batch,
         backends=[b.strip() for b in backends.split(",") if b.strip()] if backends else None,
-        rounds=rounds, iters=iters, threads=threads, img_size=img_size, json_path=json_path,
+        rounds=rounds, iters=iters, threads=threads, img_size=img_size, json_path=json_path, features=features,
+        levels=levels,
     )
     rows, header = result.table()
     print_table(rows, header)

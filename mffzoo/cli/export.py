@@ -9,7 +9,7 @@ import click
 
 from ..errors import ConfigError
 from ..table import print_table
-from .options import IMG_SIZE, IN_PATH, MODEL, OUT_PATH
+from .options import FEATURES, IMG_SIZE, IN_PATH, LEVELS, MODEL, OUT_PATH
 
 
 def _print_report(report: Any) -> None:
@@ -32,8 +32,17 @@ def _print_report(report: Any) -> None:
 @click.option("--output", "-o", type=OUT_PATH, default=None,
               help="Artefact path (default: exports/<model>-<features>-<precision>.onnx|.engine|.xml).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artefact (refused otherwise).")
-@click.option("--features", type=click.Choice(["auto", "pooled", "tokens", "logits"]), default=None,
-              help="Output: pooled embedding, all tokens, or logits (auto: logits for classifiers, else pooled).")
+@click.option("--features", type=FEATURES, default=None,
+              help="Output: pooled embedding, all tokens, logits (auto: logits for classifiers, else pooled), or "
+                   "levels: one (B, C, H/p, W/p) map per --levels block, for dense heads (docs/dense.md).")
+@click.option("--levels", type=LEVELS, default=None,
+              help="With --features levels: 0-based encoder blocks, increasing (default: the arch's, e.g. 3,5,7,11 "
+                   "for 12 blocks, 7,11,15,23 for 24).")
+@click.option("--levels-norm", is_flag=True, default=None,
+              help="With --features levels: apply the final norm to every level (default: off, as mmseg's MAE).")
+@click.option("--dynamic-size", default=None, metavar="MIN:OPT:MAX",
+              help="Any input height and width in MIN..MAX px (multiples of the patch size) in one artefact; "
+                   "OPT is what TensorRT tunes for (e.g. 224:512:1024).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20).")
 @click.option("--quantize", type=click.Choice(["dynamic", "static"]), default=None,
               help="int8 mode of ONNX Runtime (OpenVINO's NNCF int8 is always calibrated).")
@@ -51,9 +60,10 @@ def _print_report(report: Any) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any profile key.")
 def export(model: str | None, fmt: str | None, profile: str | None, weights: str | None, random_init: bool | None,
            precision: str | None, batch: str | None, img_size: int | None, output: Path | None, overwrite: bool,
-           features: str | None, opset: int | None, quantize: str | None, calib_images: Path | None,
-           check_images: Path | None, no_check: bool, check_only: Path | None, triton_repo: Path | None,
-           triton_preprocess: bool | None, overrides: tuple[str, ...]) -> None:
+           features: str | None, levels: list[int] | None, levels_norm: bool | None, dynamic_size: str | None,
+           opset: int | None, quantize: str | None, calib_images: Path | None, check_images: Path | None,
+           no_check: bool, check_only: Path | None, triton_repo: Path | None, triton_preprocess: bool | None,
+           overrides: tuple[str, ...]) -> None:
     """Export MODEL (name[.tag], model folder or checkpoint) to ONNX, TensorRT or OpenVINO, then check parity.
 
     Writes the artefact, <artefact>.json (sidecar: input, preprocessing, output, provenance, parity) and
@@ -61,14 +71,15 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
     """
     from ..export import check_artefact, export_model
     from ..export.parity import ParityFailed
-    from ..export.profile import BatchRange, load_profile
+    from ..export.profile import BatchRange, SizeRange, load_profile
 
     try:
         if check_only is not None:
             given = [flag for flag, v in (
                 ("MODEL", model), ("--format", fmt), ("--profile", profile), ("--weights", weights),
                 ("--random-init", random_init), ("--precision", precision), ("--batch", batch),
-                ("--img-size", img_size), ("--output", output), ("--features", features), ("--opset", opset),
+                ("--img-size", img_size), ("--output", output), ("--features", features), ("--levels", levels),
+                ("--levels-norm", levels_norm), ("--dynamic-size", dynamic_size), ("--opset", opset),
                 ("--quantize", quantize), ("--calib-images", calib_images), ("--overwrite", overwrite),
                 ("--no-check", no_check), ("--set", overrides),
                 ("--triton-repo", triton_repo), ("--triton-preprocess", triton_preprocess),
@@ -88,7 +99,8 @@ def export(model: str | None, fmt: str | None, profile: str | None, weights: str
         prof = load_profile(
             profile, list(overrides), model=model, format=fmt, weights=weights, random_init=random_init,
             precision=precision, batch=BatchRange.parse(batch) if batch else None, img_size=img_size, output=output,
-            features=features, opset=opset, check=check or None,
+            features=features, levels=levels, levels_norm=levels_norm,
+            dynamic_size=SizeRange.parse(dynamic_size) if dynamic_size else None, opset=opset, check=check or None,
             quantize={k: v for k, v in (("mode", quantize), ("calibration_images", calib_images)) if v} or None,
             triton={k: v for k, v in (("repo", triton_repo), ("preprocess", triton_preprocess)) if v} or None,
         )

@@ -19,7 +19,7 @@ from ..config import MAX_BATCH, MAX_IMG_SIZE, check_path
 
 __all__ = [
     "count", "BATCH", "IMG_SIZE", "FiniteFloat", "CheckedPath", "OUT_PATH", "IN_PATH", "ModelSpec", "MODEL",
-    "recipe_run",
+    "recipe_run", "LEVELS", "FEATURES",
 ]
 
 
@@ -78,6 +78,25 @@ class ModelSpec(click.ParamType):
 
 
 MODEL = ModelSpec()
+
+
+class BlockList(click.ParamType):
+    """``--levels 3,5,7,11`` -> [3, 5, 7, 11]: 0-based encoder blocks (the profile checks order and repeats, the
+    model the range, once they are known)."""
+
+    name = "I,J,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",")]
+        except ValueError:
+            self.fail(f"'{value}' is not a comma-separated list of block indices; write e.g. 3,5,7,11", param, ctx)
+
+
+LEVELS = BlockList()
+FEATURES = click.Choice(["auto", "pooled", "tokens", "logits", "levels"])
 
 
 def recipe_run(example: str) -> Any:

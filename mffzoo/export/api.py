@@ -45,10 +45,11 @@ from . import triton
 from .formats import ExportFormat, get_format
 from .inputs import default_image_root, load_image_batch, model_img_size, preprocessing, random_inputs
 from .onnx import read_metadata, write_metadata
-from .parity import ParityFailed, ParityReport, run_parity
+from .parity import InputSet, ParityFailed, ParityReport, run_parity
 from .pipeline import INPUT_NAME, Built, SigtermGuard, build_artefact
 from .profile import ExportProfile, load_profile
 from .sidecar import (
+    LATER_METADATA_KEYS,
     file_sha256,
     onnx_metadata,
     read_sidecar,
@@ -57,7 +58,7 @@ from .sidecar import (
     state_dict_sha256,
     tool_versions,
 )
-from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule, resolve_features
+from .wrappers import TORCH_DTYPES, ExportModule, Features, feature_spec, output_specs
 
 __all__ = ["ExportResult", "export_model", "check_artefact", "load_export_model"]
 
@@ -107,6 +108,8 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
             raise ExportError(f"--img-size {prof.img_size} is not divisible by the patch size {patch}; "
                               f"use a multiple of {patch} (e.g. {prof.img_size // patch * patch or patch})")
         kwargs["img_size"] = prof.img_size
+    if prof.dynamic_size is not None:  # the position embedding is interpolated to the input's grid in the graph
+        kwargs["dynamic_img_size"] = True
     spec = _model_spec(prof)
     if _missing_path(spec):
         raise WeightsNotFoundError(f"weights '{spec}' do not exist (no such file or folder); pass an existing model "
@@ -130,7 +133,24 @@ def load_export_model(prof: ExportProfile) -> torch.nn.Module:
     if h % p or w % p:
         raise ExportError(f"image size {h}x{w} is not divisible by the patch size {p}; pass --img-size a multiple "
                           f"of {p}")
+    _check_dynamic_size(prof, (h, w), p)
     return model.eval().float()
+
+
+def _check_dynamic_size(prof: ExportProfile, img: tuple[int, int], p: int) -> None:
+    """``--dynamic-size`` in whole patches, around the model's own size (what its preprocessing and check use)."""
+    d = prof.dynamic_size
+    if d is None:
+        return
+    given = f"--dynamic-size {d.min}:{d.opt}:{d.max}"
+    bad = [v for v in (d.min, d.opt, d.max) if v % p]
+    if bad:
+        fix = ":".join(str(max(v // p, 1) * p) for v in (d.min, d.opt, d.max))
+        raise ExportError(f"{given}: {bad[0]} is not a multiple of the patch size {p}; use multiples of {p}, e.g. "
+                          f"--dynamic-size {fix}")
+    if not all(d.min <= v <= d.max for v in img):
+        raise ExportError(f"{given} does not hold the model's input size {img[0]}x{img[1]} (its position-embedding "
+                          f"grid, preprocessing and main parity check); pass --img-size within {d.min}..{d.max}")
 
 
 def _unknown_model_arg(key: str) -> str:
@@ -141,17 +161,17 @@ def _unknown_model_arg(key: str) -> str:
             f"timm's VisionTransformer arguments, e.g. {', '.join(allowed[:8])}")
 
 
-def _default_output(prof: ExportProfile, model: torch.nn.Module, features: str) -> Path:
+def _default_output(prof: ExportProfile, model: torch.nn.Module, features: Features) -> Path:
     arch = (getattr(model, "pretrained_cfg", {}) or {}).get("architecture") or prof.model.split(".")[0]
     tag = (getattr(model, "pretrained_cfg", {}) or {}).get("tag") if not prof.random_init else "random"
-    stem = f"{arch}{'.' + str(tag) if tag else ''}-{features}-{prof.precision}"
+    stem = f"{arch}{'.' + str(tag) if tag else ''}-{features.kind}-{prof.precision}"
     # arch and tag come from the weights' config.json: a '/' or '..' there must not move the file out of exports/,
     # and a long tag must not make a name the file system refuses (after the export, at the rename)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[-(MAX_NAME_BYTES - 20):].lstrip(".")
     return Path("exports") / (stem + get_format(prof.format).suffix)
 
 
-def _references(model: torch.nn.Module, features: str, prof: ExportProfile) -> dict[str, torch.nn.Module]:
+def _references(model: torch.nn.Module, features: Features, prof: ExportProfile) -> dict[str, torch.nn.Module]:
     """fp32 PyTorch (gated) and, for low precision, PyTorch in that precision (reported: the precision's own error)."""
     refs = {"torch fp32": ExportModule(model, features, torch.float32)}
     if prof.precision in ("fp16", "bf16"):
@@ -180,29 +200,42 @@ def _torch_int8(model: torch.nn.Module, per_channel: bool) -> torch.nn.Module | 
         return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)  # a copy: model stays fp32
 
 
-def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Random tensors and real images, ``sum(batches)`` of each (each batch size sees different samples)."""
+def _check_inputs(prof: ExportProfile, model: torch.nn.Module) -> tuple[list[InputSet], dict[str, Any]]:
+    """Random tensors and real images, ``sum(batches)`` of each (each batch size sees different samples), at the
+    model's size; with ``dynamic_size`` also random tensors at :meth:`SizeRange.check_sizes` (the minimum and a
+    non-square size), at the smallest batch and the next (both dynamic axes at once)."""
     batches = prof.batch.check_batches()
     n = sum(batches)
     root = prof.check.images or default_image_root()
-    pools = {"random": random_inputs(n, model_img_size(model), prof.check.seed),
-             "images": load_image_batch(root, n, model)}
-    return pools, {"random": f"{n} x N(0,1), seed {prof.check.seed}", "images": str(Path(root).resolve()),
-                   "batches": batches}
+    img = model_img_size(model)
+    d = prof.dynamic_size
+    label = f"{img[0]}x{img[1]}" if d is not None else None
+    sets = [InputSet("random", random_inputs(n, img, prof.check.seed), batches, label),
+            InputSet("images", load_image_batch(root, n, model), batches, label)]
+    info: dict[str, Any] = {"random": f"{n} x N(0,1), seed {prof.check.seed}", "images": str(Path(root).resolve()),
+                            "batches": batches}
+    if d is not None:
+        b = prof.batch
+        few = sorted({b.min, min(b.min + 1, b.max)})
+        for h, w in d.check_sizes(img, _patch_size(model)):
+            sets.append(InputSet("random", random_inputs(sum(few), (h, w), prof.check.seed), few, f"{h}x{w}"))
+        info["sizes"] = {s.size: list(s.batches) for s in sets if s.name == "random"}
+    return sets, info
 
 
-def _parity(path: Path, model: torch.nn.Module, prof: ExportProfile, features: str,
-            pools: dict[str, np.ndarray], info: dict[str, Any]) -> ParityReport:
+def _parity(path: Path, model: torch.nn.Module, prof: ExportProfile, features: Features,
+            sets: list[InputSet], info: dict[str, Any]) -> ParityReport:
     """The one parity routine of every format: the format's runner on ``path`` against PyTorch."""
     fmt = get_format(prof.format)
     backend = fmt.backend
     runner = fmt.runner(path, prof.precision)
-    _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)", backend, prof.precision,
-                 info["batches"])
+    _logger.info("checking parity: %s %s vs PyTorch at batches %s (random + images)%s", backend, prof.precision,
+                 info["batches"], f", sizes (HxW) {', '.join(info['sizes'])}" if "sizes" in info else "")
     return run_parity(
-        runner, _references(model, features, prof), pools, batches=info["batches"],
-        gates=prof.check.gates.for_precision(prof.precision), classifier=features == "logits",
+        runner, _references(model, features, prof), sets, batches=info["batches"],
+        gates=prof.check.gates.for_precision(prof.precision), classifier=features.kind == "logits",
         backend=backend, precision=prof.precision, inputs_info=info,
+        outputs=features.names if len(features.names) > 1 else None,
     )
 
 
@@ -233,7 +266,7 @@ def export_model(
         triton.check_request(tri.repo, prof.format, preprocess=tri.preprocess, kind=tri.kind,
                              dynamic_batch=prof.batch.min != prof.batch.max)
     fp32 = load_export_model(prof)
-    features = resolve_features(prof.features, fp32)
+    features = feature_spec(prof.features, fp32, prof.levels, prof.levels_norm)  # levels: blocks of this encoder
     ExportModule(fp32, features)  # raises for logits on a backbone
     out = Path(prof.output or _default_output(prof, fp32, features)).expanduser()
     fmt.check_output(out)
@@ -256,13 +289,13 @@ def export_model(
         return _export_locked(prof, fp32, features, out, base, overwrite, locks)
 
 
-def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, base: Path,
+def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: Features, out: Path, base: Path,
                    overwrite: bool, locks: list[PathLock]) -> ExportResult:
     """:func:`export_model` once the inputs are checked and ``out`` (and the Triton repository) are locked."""
     tri = prof.triton
     if not overwrite:  # checked under the lock: an export that finished meanwhile is not replaced either
         _refuse_overwrite(out, prof.format)
-    pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ({}, {})
+    pools, info = _check_inputs(prof, fp32) if prof.check.enabled else ([], {})
     calib, calib_info = _calibration(prof, fp32)
 
     # Everything is written into a temp folder in the nearest existing folder (same file system: renames are
@@ -320,7 +353,7 @@ def _export_locked(prof: ExportProfile, fp32: torch.nn.Module, features: str, ou
     return result
 
 
-def _finish(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, built: Built,
+def _finish(prof: ExportProfile, fp32: torch.nn.Module, features: Features, out: Path, built: Built,
             report: ParityReport | None, export_s: float) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
     """The checked artefact's moves (artefact, then its companions) and its sidecar, hashing the final bytes."""
     fmt = get_format(prof.format)
@@ -382,13 +415,12 @@ def _existing_folder(out: Path) -> Path:
     return p
 
 
-def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Path, built: Built,
+def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: Features, out: Path, built: Built,
              report: ParityReport | None, export_s: float) -> dict[str, Any]:
-    """What a serving process needs (input, preprocessing, output) and where the artefact came from."""
+    """What a serving process needs (input, preprocessing, outputs) and where the artefact came from."""
     img = model_img_size(fp32)
-    out_name, meaning = OUTPUT_NAMES[features]
-    with torch.no_grad():
-        out_shape = list(ExportModule(fp32, features)(torch.zeros(1, 3, *img)).shape[1:])
+    d = prof.dynamic_size
+    outs = output_specs(fp32, features, img, dynamic=d is not None)
     cfg = getattr(fp32, "pretrained_cfg", {}) or {}
     return {
         "format": prof.format,
@@ -400,14 +432,16 @@ def _sidecar(prof: ExportProfile, fp32: torch.nn.Module, features: str, out: Pat
             "tag": None if prof.random_init else cfg.get("tag"), "random_init": prof.random_init,
             "seed": prof.seed if prof.random_init else None, "model_args": prof.model_args,
             "num_classes": int(getattr(fp32, "num_classes", 0)), "num_features": int(fp32.num_features),
-            "patch_size": _patch_size(fp32), "img_size": list(img),
+            "patch_size": _patch_size(fp32), "img_size": list(img), "depth": len(fp32.blocks),
         },
         "weights": {"sha256": state_dict_sha256(fp32), "hashed": "state dict (names, dtypes, shapes, bytes)",
                     "file": None if prof.random_init else cfg.get("file")},
         "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
-                  "shape": ["batch", 3, *img], "batch": to_dict(prof.batch)},
-        "output": {"name": out_name, "dtype": "float32", "shape": ["batch", *out_shape], "features": features,
-                   "meaning": meaning},
+                  "shape": ["batch", 3, *(("height", "width") if d else img)], "batch": to_dict(prof.batch),
+                  **({"dynamic_size": {**to_dict(d), "multiple_of": _patch_size(fp32)}} if d else {})},
+        "output": {"name": outs[0]["name"], "dtype": "float32", "shape": outs[0]["shape"], "features": features.kind,
+                   "meaning": outs[0]["meaning"]},
+        "outputs": outs,
         "preprocessing": preprocessing(fp32),
         "precision": prof.precision,
         "compute_dtype": get_format(prof.format).compute_dtype(prof.precision, built),
@@ -451,9 +485,10 @@ def check_artefact(
             changed |= file_sha256(companion) != triton.sidecar_lookup(side, facts.companion_sha256)
     if changed:
         _logger.warning("'%s' differs from the file that was exported (sha256 mismatch with its sidecar)", artefact)
-    pools, info = _check_inputs(prof, fp32)
+    sets, info = _check_inputs(prof, fp32)
     info["artefact_changed_since_export"] = changed
-    report = _parity(artefact, fp32, prof, side["output"]["features"], pools, info)
+    features = feature_spec(side["output"]["features"], fp32, prof.levels, prof.levels_norm)
+    report = _parity(artefact, fp32, prof, features, sets, info)
     write_json(report_path(artefact), report.to_dict())
     if not report.passed:
         raise ParityFailed(f"parity gate missed for {artefact}: {'; '.join(report.failures)}; report in "
@@ -469,7 +504,7 @@ def _check_metadata(artefact: Path, side: dict[str, Any]) -> None:
         _logger.warning("'%s' carries no mffzoo metadata (exported by an older mffzoo); re-export to embed it",
                         artefact)
         return
-    bad = [k for k in want if have.get(k) != want[k]]
+    bad = [k for k in want if have.get(k) != want[k] and (k in have or k not in LATER_METADATA_KEYS)]
     if bad:
         k = bad[0]
         raise ExportError(f"'{artefact}' embeds metadata that disagrees with its sidecar ({len(bad)} key(s), e.g. "

@@ -27,36 +27,80 @@ def export_onnx(
     *,
     img_size: tuple[int, int],
     input_name: str,
-    output_name: str,
+    output_name: str | Sequence[str],
     batch_min: int = 1,
     batch_max: int = 32,
     opset: int = 20,
     slim: bool = True,
+    size_range: tuple[int, int] | None = None,
+    patch: int = 16,
 ) -> Path:
     """Export ``module`` with a dynamic batch dimension into one self-contained ``.onnx`` file and check it.
 
     The example batch is 2 because the exporter specialises a batch of 1; the batch ``Dim`` keeps the graph
     valid for ``batch_min..batch_max``. Weights stay inside the file (``external_data=False``; fine below 2 GB).
+    ``size_range`` (min, max pixels) makes height and width dynamic too, each a multiple of ``patch``: the
+    dimensions are ``patch * Dim`` (the model asserts whole patches), and the example input is non-square with at
+    least two patches a side, so no size is specialised. ``output_name`` is one name or one per output.
     """
     path = Path(path)
-    if batch_min == batch_max:  # a fixed batch: nothing dynamic to declare
-        example, dyn = torch.randn(batch_min, 3, *img_size), None
-    else:
-        example = torch.randn(min(max(2, batch_min), batch_max), 3, *img_size)
-        dyn = {"x": {0: torch.export.Dim("batch", min=batch_min, max=batch_max)}}
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
+    example, dyn = _example_and_dims(img_size, batch_min, batch_max, size_range, patch)
     with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 module, (example,), str(path), dynamo=True, external_data=False, opset_version=opset,
-                input_names=[input_name], output_names=[output_name], dynamic_shapes=dyn, verbose=False,
+                input_names=[input_name], output_names=names, dynamic_shapes=dyn, verbose=False,
             )
         except ImportError as exc:
             raise ExportError(f"ONNX export needs onnx + onnxscript ({exc}); pip install 'mffzoo[onnx]'") from None
     if slim:
         _slim(path)
-    check_onnx(path, dynamic_batch=dyn is not None)
+    if size_range is not None:
+        _name_patch_dims(path)
+    check_onnx(path, dynamic_batch=batch_min != batch_max, dynamic_size=size_range is not None)
     return path
+
+
+def _name_patch_dims(path: Path) -> None:
+    """Give the outputs' grid dimensions of a dynamic-size export the input's names (``height_patches``,
+    ``width_patches``; the exporter calls them ``s61``...), wherever the graph uses those symbols."""
+    import onnx  # optional: mffzoo[onnx]
+
+    model = onnx.load(str(path))
+    names: dict[str, str] = {}
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) == 4:  # NCHW maps (levels)
+            for d, new in zip(dims[2:], ("height_patches", "width_patches")):
+                if d.dim_param:
+                    names.setdefault(d.dim_param, new)
+    if not names:
+        return
+    for v in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in names:
+                d.dim_param = names[d.dim_param]
+    onnx.save(model, str(path))
+
+
+def _example_and_dims(img_size: tuple[int, int], batch_min: int, batch_max: int,
+                      size_range: tuple[int, int] | None, patch: int) -> tuple[torch.Tensor, Any]:
+    """The example input and ``dynamic_shapes`` of :func:`export_onnx`."""
+    axes: dict[int, Any] = {}
+    batch = batch_min
+    if batch_min != batch_max:  # a fixed batch: nothing dynamic to declare
+        batch = min(max(2, batch_min), batch_max)
+        axes[0] = torch.export.Dim("batch", min=batch_min, max=batch_max)
+    h, w = img_size
+    if size_range is not None:
+        lo, hi = size_range[0] // patch, size_range[1] // patch
+        h = max(lo, 2) * patch
+        w = h + patch if h + patch <= hi * patch else h
+        axes[2] = patch * torch.export.Dim("height_patches", min=lo, max=hi)
+        axes[3] = patch * torch.export.Dim("width_patches", min=lo, max=hi)
+    return torch.randn(batch, 3, h, w), ({"x": axes} if axes else None)
 
 
 @contextlib.contextmanager
@@ -127,8 +171,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> None:
-    """``onnx.checker`` full check (with shape inference) plus: the batch dimension is still symbolic."""
+def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True, dynamic_size: bool = False) -> None:
+    """``onnx.checker`` full check (with shape inference) plus: the batch (and, ``dynamic_size``, the height and
+    width) dimensions are still symbolic."""
     import onnx  # optional: mffzoo[onnx]
 
     try:
@@ -138,6 +183,10 @@ def check_onnx(path: str | os.PathLike[str], *, dynamic_batch: bool = True) -> N
         raise ExportError(f"exported ONNX '{path}' fails onnx.checker: {first}") from None
     if dynamic_batch and not isinstance(onnx_batch_dim(path), str):
         raise ExportError(f"exported ONNX '{path}' lost its dynamic batch dimension (try slim: false)")
+    if dynamic_size:
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        if not all(d.dim_param for d in dims[2:4]):
+            raise ExportError(f"exported ONNX '{path}' lost its dynamic height/width (try slim: false)")
 
 
 def ort_supports(precision: str) -> tuple[bool, str]:
@@ -167,7 +216,7 @@ def ort_providers(requested: Sequence[str] | None, available: Sequence[str]) -> 
 
 
 class OrtRunner:
-    """An ONNX Runtime session with full graph optimisation: fp32 numpy NCHW in, fp32 numpy out.
+    """An ONNX Runtime session with full graph optimisation: fp32 numpy NCHW in, fp32 numpy out (one array per output).
 
     ``providers`` is what the session really runs on (``session.get_providers()``): ONNX Runtime falls back to
     the CPU in silence when the CUDA provider cannot load (e.g. an ``onnxruntime-gpu`` built for another CUDA
@@ -198,10 +247,13 @@ class OrtRunner:
                 "installed CUDA/cuDNN, see docs/export.md) and fell back silently")
             _logger.warning("warning: %s", self.notes[-1])
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.output_names[0]
         self.path = Path(path)
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | list[np.ndarray]:
+        """The output array; a list of them, in graph order, for an artefact with several (``levels``)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return outs[0] if len(outs) == 1 else list(outs)

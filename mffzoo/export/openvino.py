@@ -202,13 +202,17 @@ class OvRunner:
             raise ExportError(f"OpenVINO cannot load '{path}': {first}") from None
         self.request = self.compiled.create_infer_request()
         self.input_name = self.compiled.inputs[0].get_any_name()
-        self.output_name = self.compiled.outputs[0].get_any_name()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        self.output_name = self.output_names[0]
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really uses (an ov.Type)
         self.inference_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.path = path
 
-    def __call__(self, x: Any) -> np.ndarray:
+    def __call__(self, x: Any) -> np.ndarray | list[np.ndarray]:
+        """The output array; a list of them, in model order, for an IR with several outputs (``levels``)."""
         if not isinstance(x, np.ndarray):  # a torch tensor (the parity routine feeds numpy)
             x = x.detach().cpu().numpy()
         out = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(out[0], copy=True)  # the request reuses its output buffer on the next call
+        # copies: the request reuses its output buffers on the next call
+        outs = [np.array(out[i], copy=True) for i in range(len(self.output_names))]
+        return outs[0] if len(outs) == 1 else outs

@@ -25,8 +25,9 @@ from .formats import INPUT_NAME, Built, get_format
 from .formats.base import fresh_path
 from .inputs import model_img_size
 from .onnx import export_onnx
+from .posembed import traceable_pos_embed
 from .profile import ExportProfile
-from .wrappers import OUTPUT_NAMES, TORCH_DTYPES, ExportModule
+from .wrappers import TORCH_DTYPES, ExportModule, Features, feature_spec
 
 __all__ = ["INPUT_NAME", "Built", "build_artefact", "onnx_precision", "SigtermGuard"]
 
@@ -40,7 +41,7 @@ def onnx_precision(precision: str, fmt: str = "onnx") -> str:
 
 def build_artefact(
     fp32: torch.nn.Module,
-    features: str,
+    features: str | Features,
     prof: ExportProfile,
     workdir: Path,
     *,
@@ -50,24 +51,32 @@ def build_artefact(
     """Build ``prof``'s artefact from the fp32 model into ``workdir``; ``onnx_cache`` reuses identical ONNX exports.
 
     The ONNX export is shared by every format; the format's :meth:`~mffzoo.export.formats.ExportFormat.build`
-    makes the artefact from it.
+    makes the artefact from it. ``features`` names the output(s) (:class:`~mffzoo.export.wrappers.Features`:
+    levels are several); ``prof.dynamic_size`` makes height and width dynamic (``fp32`` must then have been
+    created with ``dynamic_img_size=True``, as :func:`~mffzoo.export.api.load_export_model` does).
     """
     fmt = get_format(prof.format)
     img = model_img_size(fp32)
-    b = prof.batch
+    spec = feature_spec(features, fp32)
+    b, d = prof.batch, prof.dynamic_size
+    sizes = (d.min, d.opt, d.max) if d is not None else None
     src = fmt.onnx_precision(prof.precision)
-    key = (features, src, b.min, b.max, prof.opset, prof.slim, img)
+    key = (spec, src, b.min, b.max, prof.opset, prof.slim, img, sizes)
     onnx_path = (onnx_cache or {}).get(key)
     if onnx_path is None:
         onnx_path = fresh_path(workdir, f"model-{src}", ".onnx")
-        _logger.info("exporting %s (%s, %s) to ONNX opset %d, batch %d..%d", prof.model, features, src, prof.opset,
-                     b.min, b.max)
-        export_onnx(ExportModule(fp32, features, TORCH_DTYPES[src]), onnx_path, img_size=img, input_name=INPUT_NAME,
-                    output_name=OUTPUT_NAMES[features][0], batch_min=b.min, batch_max=b.max, opset=prof.opset,
-                    slim=prof.slim)
+        _logger.info("exporting %s (%s, %s) to ONNX opset %d, batch %d..%d%s", prof.model, spec.kind, src,
+                     prof.opset, b.min, b.max, f", height and width {d.min}..{d.max} px" if d else "")
+        # dynamic size: the position-embedding resize as matrix products every runtime computes alike
+        with traceable_pos_embed(fp32) if d else contextlib.nullcontext():
+            export_onnx(ExportModule(fp32, spec, TORCH_DTYPES[src]), onnx_path, img_size=img,
+                        input_name=INPUT_NAME, output_name=spec.names, batch_min=b.min, batch_max=b.max,
+                        opset=prof.opset, slim=prof.slim, size_range=(d.min, d.max) if d else None,
+                        patch=int(fp32.patch_embed.patch_size[0]))
         if onnx_cache is not None:
             onnx_cache[key] = onnx_path
-    return fmt.build(Built(onnx_path, onnx_path), prof, workdir, calibration=calibration, img_size=img)
+    built = Built(onnx_path, onnx_path, outputs=spec.names, dynamic_size=sizes)
+    return fmt.build(built, prof, workdir, calibration=calibration, img_size=img)
 
 
 class SigtermGuard:

@@ -15,8 +15,8 @@ from ..config import MAX_BATCH, MAX_IMG_SIZE, check_name, check_path, load_confi
 from ..errors import ConfigError
 
 __all__ = [
-    "BatchRange", "Gates", "GateSet", "CheckConfig", "QuantizeConfig", "TrtConfig", "TritonConfig", "ExportProfile",
-    "PRECISIONS", "load_profile", "find_profile",
+    "BatchRange", "SizeRange", "Gates", "GateSet", "CheckConfig", "QuantizeConfig", "TrtConfig", "TritonConfig",
+    "ExportProfile", "PRECISIONS", "load_profile", "find_profile",
 ]
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -49,15 +49,51 @@ class BatchRange:
     @classmethod
     def parse(cls, text: str) -> BatchRange:
         """``"MIN:OPT:MAX"``, ``"MIN:MAX"`` (opt = max) or ``"N"`` (fixed)."""
-        try:
-            parts = [int(p) for p in str(text).split(":")]
-        except ValueError:
-            parts = []
-        if len(parts) not in (1, 2, 3):
-            raise ConfigError(f"--batch '{text}' is not MIN:OPT:MAX; write e.g. --batch 1:8:32")
-        lo, hi = parts[0], parts[-1]
-        opt = parts[1] if len(parts) == 3 else hi
-        out = cls(lo, opt, hi)
+        out = cls(*_range_parts(text, "--batch", "1:8:32", lengths=(1, 2, 3)))
+        out.validate()
+        return out
+
+
+def _range_parts(text: str, flag: str, example: str, lengths: tuple[int, ...]) -> tuple[int, int, int]:
+    """``"MIN:OPT:MAX"`` (or, where ``lengths`` allows, ``"MIN:MAX"``, opt = max, and ``"N"``) as three ints."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in lengths:
+        raise ConfigError(f"{flag} '{text}' is not MIN:OPT:MAX; write e.g. {flag} {example}")
+    return parts[0], (parts[1] if len(parts) == 3 else parts[-1]), parts[-1]
+
+
+@dataclass
+class SizeRange:
+    """``--dynamic-size MIN:OPT:MAX``: one artefact for any input height and width (each independently) in
+    MIN..MAX pixels, multiples of the patch size (checked where the model is known); ``opt`` is what TensorRT
+    tunes for. The position embedding is interpolated inside the graph (timm's ``dynamic_img_size``)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def validate(self) -> None:
+        require(1 <= self.min <= self.opt <= self.max <= MAX_IMG_SIZE, "dynamic_size",
+                f"needs 1 <= min <= opt <= max <= {MAX_IMG_SIZE}, got {self.min}:{self.opt}:{self.max}; write e.g. "
+                "--dynamic-size 224:512:1024")
+        require(self.min < self.max, "dynamic_size", f"min and max are both {self.min}: for one fixed size use "
+                f"--img-size {self.min} instead of --dynamic-size")
+
+    def check_sizes(self, native: tuple[int, int], patch: int) -> list[tuple[int, int]]:
+        """(height, width) pairs the parity check runs besides ``native`` (the full check there): the minimum
+        square, and a non-square one: 480x640 (HxW) where the range holds it, else min x opt (or min x max).
+        The maximum is not checked (at 1024 px a ViT-S check on a small CPU takes minutes)."""
+        lo, hi = self.min, self.max
+        wide = (480, 640) if lo <= 480 and 640 <= hi and 480 % patch == 0 and 640 % patch == 0 else \
+            (lo, self.opt if self.opt != lo else hi)
+        return [s for s in dict.fromkeys([(lo, lo), wide]) if s != native]
+
+    @classmethod
+    def parse(cls, text: str) -> SizeRange:
+        out = cls(*_range_parts(text, "--dynamic-size", "224:512:1024", lengths=(3,)))
         out.validate()
         return out
 
@@ -169,9 +205,13 @@ class ExportProfile:
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. a tiny test model
     format: str = "onnx"  # a name of mffzoo.export.formats.FORMATS: onnx | trt | openvino
     precision: Precision = "fp32"
-    features: Literal["auto", "pooled", "tokens", "logits"] = "auto"  # auto: logits for classifiers, else pooled
+    # auto: logits for classifiers, else pooled; levels: one NCHW map per block of ``levels`` (docs/dense.md)
+    features: Literal["auto", "pooled", "tokens", "logits", "levels"] = "auto"
+    levels: list[int] | None = None  # block indices (0-based) for features: levels; default: archs.DENSE_LEVELS
+    levels_norm: bool = False  # apply the final norm to every level (timm's norm=True); mmseg's MAE does not
     batch: BatchRange = field(default_factory=BatchRange)
-    img_size: int | None = None  # default: the model's
+    img_size: int | None = None  # default: the model's (with dynamic_size: its position-embedding grid)
+    dynamic_size: SizeRange | None = None  # any H and W in min..max px in one artefact; null: fixed img_size
     opset: int = 20
     slim: bool = True  # onnxslim pass (keeps the dynamic batch)
     output: Path | None = None  # default: exports/<model>-<features>-<precision>.<onnx|engine|xml>
@@ -204,6 +244,24 @@ class ExportProfile:
                 f"{self.precision}); add --precision int8 or drop --quantize {self.quantize.mode}")
         for p in PRECISIONS:
             self.check.gates.for_precision(p).check_range(f"check.gates.{p}")
+        self.validate_dense()
+
+    def validate_dense(self) -> None:
+        """``levels``/``levels_norm`` need ``features: levels``; an ``img_size`` must lie in ``dynamic_size``."""
+        for key, given, flag in (("levels", self.levels is not None, "--levels"),
+                                 ("levels_norm", self.levels_norm, "--levels-norm")):
+            require(not given or self.features == "levels", key, f"applies to features: levels only (this profile "
+                    f"has features: {self.features}); add --features levels or drop {flag}")
+        if self.levels is not None:
+            lv = self.levels
+            require(bool(lv) and min(lv) >= 0 and all(a < b for a, b in zip(lv, lv[1:])), "levels",
+                    f"must be block indices >= 0, increasing and without repeats, got {lv}; write e.g. "
+                    "--levels 3,5,7,11")
+        d = self.dynamic_size
+        if d is not None and self.img_size is not None:
+            require(d.min <= self.img_size <= d.max, "img_size",
+                    f"{self.img_size} lies outside dynamic_size {d.min}:{d.opt}:{d.max}; --img-size sets the "
+                    "position-embedding grid and must be a servable size: pass one in that range or drop it")
 
 
 def find_profile(name: str | os.PathLike[str]) -> Path:

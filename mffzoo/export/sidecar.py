@@ -19,7 +19,8 @@ from ..errors import ExportError
 from ..io import file_sha256, read_json_object
 
 __all__ = ["sidecar_path", "report_path", "read_sidecar", "state_dict_sha256", "file_sha256",
-           "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS"]
+           "tool_versions", "SIDECAR_KEYS", "onnx_metadata", "METADATA_KEYS", "LATER_METADATA_KEYS",
+           "sidecar_outputs"]
 
 # Keys every sidecar has (tests and serving code rely on them).
 SIDECAR_KEYS = (
@@ -31,8 +32,10 @@ SIDECAR_KEYS = (
 METADATA_KEYS = (
     "input_name", "input_layout", "input_dtype", "input_size", "batch", "value_range", "mean", "std",
     "interpolation", "crop_pct", "crop_mode", "output_name", "output_kind", "output_width", "architecture", "tag",
-    "precision", "weights_sha256", "mffzoo_version", "parity",
+    "precision", "weights_sha256", "mffzoo_version", "parity", "outputs", "dynamic_size",
 )
+# Keys added after the first release: an older artefact's file lacks them, which is not a disagreement.
+LATER_METADATA_KEYS = ("outputs", "dynamic_size")
 
 _TOOLS = ("mffzoo", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "onnxslim", "tensorrt")
 
@@ -129,12 +132,22 @@ def tool_versions() -> dict[str, str]:
     return {name: v for name in _TOOLS if (v := dist_version(name)) is not None}
 
 
+def sidecar_outputs(side: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every output a sidecar describes (``outputs``; a sidecar older than that key has its one ``output``)."""
+    outs = side.get("outputs")
+    return outs if isinstance(outs, list) and outs else [side["output"]]
+
+
 def onnx_metadata(side: dict[str, Any]) -> dict[str, str]:
     """The ONNX ``metadata_props`` of an artefact, derived from its sidecar only (one source of truth).
 
     Every value is JSON, so a server reads them all with ``json.loads`` and needs no sidecar to preprocess.
+    ``outputs`` lists every output (name, shape; for levels block, stride, channels); ``dynamic_size`` is the
+    height/width range in pixels (null: the one ``input_size``).
     """
     inp, out, pre = side["input"], side["output"], side["preprocessing"]
+    outs = sidecar_outputs(side)
+    keep = ("name", "shape", "layout", "block", "stride", "channels", "norm")
     parity = side.get("parity") or {}
     verdict = "not checked" if "passed" not in parity else ("passed" if parity["passed"] else "failed")
     meta = {
@@ -142,9 +155,10 @@ def onnx_metadata(side: dict[str, Any]) -> dict[str, str]:
         "input_size": pre["input_size"], "batch": inp["batch"], "value_range": pre["value_range"],
         "mean": pre["mean"], "std": pre["std"], "interpolation": pre["interpolation"], "crop_pct": pre["crop_pct"],
         "crop_mode": pre.get("crop_mode") or "center", "output_name": out["name"], "output_kind": out["features"],
-        "output_width": out["shape"][-1], "architecture": side["model"]["architecture"],
+        "output_width": outs[0].get("channels", out["shape"][-1]), "architecture": side["model"]["architecture"],
         "tag": side["model"]["tag"], "precision": side["precision"], "weights_sha256": side["weights"]["sha256"],
         "mffzoo_version": side["tools"].get("mffzoo"), "parity": verdict,
+        "outputs": [{k: o[k] for k in keep if k in o} for o in outs], "dynamic_size": inp.get("dynamic_size"),
     }
     assert tuple(meta) == METADATA_KEYS
     return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}  # one text per value, as the sidecar's

@@ -116,8 +116,9 @@ def _ir_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     inputs = [port_spec(lay.find("output/port"), lay.get("name", "")) for lay in layers.values()  # type: ignore
               if lay.get("type") == "Parameter"]
+    order = {lid: i for i, lid in enumerate(layers)}  # the model's outputs are its Result layers in file order
     outputs = []
-    for edge in root.iter("edge"):
+    for edge in sorted(root.iter("edge"), key=lambda e: order.get(e.get("to-layer"), -1)):
         to = layers.get(edge.get("to-layer"))
         if to is not None and to.get("type") == "Result":
             src = layers[edge.get("from-layer")]

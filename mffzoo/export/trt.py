@@ -119,8 +119,13 @@ def build_engine(
     timing_cache: str | os.PathLike[str] | None = None,
     tf32: bool = False,
     optimization_level: int = 3,
+    sizes: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
-    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine; returns build facts."""
+    """Parse ``onnx_path`` into a strongly typed network and write a serialized engine; returns build facts.
+
+    One optimisation profile on the input: batch ``(min, opt, max)`` at ``img_size``, or, with ``sizes`` (pixels
+    ``min, opt, max``; an ONNX with dynamic height and width), over batch x height x width, each dimension in its
+    own range (TensorRT's min/opt/max shapes are per dimension), tuned for ``opt`` x ``opt``."""
     require_trt()
     import tensorrt as trt  # optional: mffzoo[gpu]
 
@@ -139,7 +144,8 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; fp32 parity needs it off
     profile = builder.create_optimization_profile()
     lo, opt, hi = batch
-    profile.set_shape(input_name, (lo, 3, *img_size), (opt, 3, *img_size), (hi, 3, *img_size))
+    hw = [img_size] * 3 if sizes is None else [(s, s) for s in sizes]  # min, opt, max (height, width)
+    profile.set_shape(input_name, (lo, 3, *hw[0]), (opt, 3, *hw[1]), (hi, 3, *hw[2]))
     config.add_optimization_profile(profile)
     gpu = gpu_info()
     cache_path = timing_cache_file(timing_cache, trt.__version__, gpu["gpu"], gpu["compute_capability"])
@@ -166,7 +172,8 @@ def build_engine(
         tmp.unlink(missing_ok=True)
     return {"tensorrt": trt.__version__, **gpu, "timing_cache": str(cache_path),
             "workspace_gb": workspace_gb, "tf32": tf32, "optimization_level": optimization_level,
-            "profile": {"min": lo, "opt": opt, "max": hi}}
+            "profile": {"min": lo, "opt": opt, "max": hi,
+                        "shapes": {k: [b, 3, *s] for k, b, s in zip(("min", "opt", "max"), batch, hw)}}}
 
 
 _TORCH_DTYPE = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -199,35 +206,43 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.input_name, self.output_names = inputs[0], outputs  # every output (levels: one per block)
+        self.output_name = outputs[0]
         # the engine's own I/O types: a strongly typed fp16/bf16 engine takes fp16/bf16 input
         self.in_dtype = torch_dtype(self.engine.get_tensor_dtype(self.input_name).name)
-        self.out_dtype = torch_dtype(self.engine.get_tensor_dtype(self.output_name).name)
+        self.out_dtypes = [torch_dtype(self.engine.get_tensor_dtype(n).name) for n in outputs]
         self.providers = [f"TensorRT {trt.__version__} on {gpu_info()['gpu']}"]  # for the parity report
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)  # min, opt, max shapes of profile 0
-        self.batch_range = (int(lo[0]), int(hi[0]))
+        self.shape_range = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
+        self.batch_range = (self.shape_range[0][0], self.shape_range[1][0])
         self.stream = torch.cuda.Stream()  # execute_async_v3 must not run on the legacy default stream
 
-    def run_torch(self, x: torch.Tensor) -> torch.Tensor:
+    def run_torch(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The output tensor on the GPU; a list of them, in engine order, for an engine with several outputs."""
         x = x.to(device="cuda", dtype=self.in_dtype).contiguous()
         ctx = self.context
         if not ctx.set_input_shape(self.input_name, tuple(x.shape)):  # False: outside the optimisation profile
-            lo, hi = self.batch_range
-            raise ExportError(f"TensorRT engine rejects input shape {tuple(x.shape)}: it was built for batch {lo}..{hi}"
-                              f" at its export size; rebuild it with --batch covering {x.shape[0]} (or feed that size)")
-        out = torch.empty(tuple(ctx.get_tensor_shape(self.output_name)), dtype=self.out_dtype, device="cuda")
+            (b0, _, h0, w0), (b1, _, h1, w1) = self.shape_range
+            raise ExportError(f"TensorRT engine rejects input shape {tuple(x.shape)}: it was built for batch {b0}..{b1}"
+                              f" at height x width {h0}x{w0}..{h1}x{w1}; rebuild it with --batch (and --dynamic-size) "
+                              "covering it, or feed a shape in that range")
+        outs = [torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=dt, device="cuda")
+                for n, dt in zip(self.output_names, self.out_dtypes)]
         ctx.set_tensor_address(self.input_name, x.data_ptr())
-        ctx.set_tensor_address(self.output_name, out.data_ptr())
+        for n, out in zip(self.output_names, outs):
+            ctx.set_tensor_address(n, out.data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream())  # x may still be being written on the current stream
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise ExportError(f"TensorRT execution failed: {'; '.join(self._log.errors)[:200]}")
         torch.cuda.current_stream().wait_stream(self.stream)
-        x.record_stream(self.stream)
-        out.record_stream(self.stream)
-        return out
+        for t in (x, *outs):
+            t.record_stream(self.stream)
+        return outs[0] if len(outs) == 1 else outs
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray | list[np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
         out = self.run_torch(t)
         torch.cuda.current_stream().synchronize()
+        if isinstance(out, list):
+            return [o.float().cpu().numpy() for o in out]
         return out.float().cpu().numpy()

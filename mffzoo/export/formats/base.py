@@ -35,6 +35,8 @@ class Built:
     artefact: Path  # the file to serve (inside the work folder; companions such as an IR's .bin lie next to it)
     onnx: Path  # the ONNX it was made from (the artefact itself for fp32/fp16/bf16 ONNX)
     extra: dict[str, Any] = field(default_factory=dict)  # sidecar sections: "quantization" / "tensorrt" / "openvino"
+    outputs: list[str] = field(default_factory=list)  # output tensor names in order (levels: level0..levelN-1)
+    dynamic_size: tuple[int, int, int] | None = None  # (min, opt, max) px of height and width; None: fixed size
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class ExportFormat:
     # --- check and bench -----------------------------------------------------------------------------------------
     def runner(self, path: Path, precision: str, *, device: str | None = None, threads: int | None = None) -> Runner:
         """A callable on fp32 numpy NCHW batches: the parity routine's and the bench's way to run the artefact.
+        It returns the output array, or a list of them (graph order) for an artefact with several outputs.
 
         ``device`` None: the export's parity default (e.g. CUDA first where present); else that device only.
         """

@@ -58,7 +58,8 @@ class OnnxFormat(ExportFormat):
         built.artefact = quantize_onnx(built.onnx, fresh_path(workdir, f"model-int8-{q.mode}", ".onnx"), mode=q.mode,
                                        calibration=calibration, input_name=INPUT_NAME, per_channel=q.per_channel,
                                        reduce_range=reduce_range)
-        check_onnx(built.artefact, dynamic_batch=prof.batch.min != prof.batch.max)  # the served file is checked
+        check_onnx(built.artefact, dynamic_batch=prof.batch.min != prof.batch.max,  # the served file is checked
+                   dynamic_size=built.dynamic_size is not None)
         built.extra["quantization"] = {"mode": q.mode, "per_channel": q.per_channel, "reduce_range": reduce_range,
                                        "reduce_range_why": why, "weights": "int8 (7-bit)" if reduce_range else "int8",
                                        "activations": "uint8",

@@ -47,13 +47,14 @@ class TensorRtFormat(ExportFormat):
 
     def build(self, built: Built, prof: ExportProfile, workdir: Path, *, calibration: np.ndarray | None,
               img_size: tuple[int, int]) -> Built:
-        b, t = prof.batch, prof.trt
-        logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d)", b.min, b.opt, b.max)
+        b, t, sizes = prof.batch, prof.trt, built.dynamic_size
+        logger.info("building the TensorRT engine (strongly typed, batch %d:%d:%d%s)", b.min, b.opt, b.max,
+                    f", height and width {sizes[0]}:{sizes[1]}:{sizes[2]}" if sizes else "")
         built.artefact = fresh_path(workdir, built.onnx.stem, ".engine")
         built.extra["tensorrt"] = build_engine(
             built.onnx, built.artefact, input_name=INPUT_NAME, img_size=img_size, batch=(b.min, b.opt, b.max),
             workspace_gb=t.workspace_gb, timing_cache=t.timing_cache, tf32=t.tf32,
-            optimization_level=t.optimization_level)
+            optimization_level=t.optimization_level, sizes=sizes)
         return built
 
     def companion_sources(self, built: Built) -> dict[str, Path]:
