@@ -1,4 +1,4 @@
-"""``mffzoo eval`` (knn, linear, finetune), ``mffzoo analyze`` (freq, filter, fusion), ``mffzoo reproduce``.
+"""``mffzoo eval`` (knn, linear, seg, finetune), ``mffzoo analyze`` (freq, filter, fusion), ``mffzoo reproduce``.
 
 Thin click layers over :mod:`mffzoo.eval` and :mod:`mffzoo.analysis`: every command prints a table and writes
 JSON (and a PNG for analyses) so results can be compared and archived.
@@ -18,7 +18,7 @@ from ..config import check_path
 from ..errors import DataError
 from ..io import check_output_file, check_output_folder, write_json  # stdlib only: `mffzoo --help` stays torch-free
 from ..table import print_table
-from .options import IMG_SIZE, MODEL, OUT_PATH, FiniteFloat, count, recipe_run
+from .options import IMG_SIZE, LEVELS, MODEL, OUT_PATH, FiniteFloat, count, recipe_run
 
 POSITIVE = FiniteFloat(min=0, min_open=True)
 
@@ -165,6 +165,62 @@ def linear(model: str, data: str, img_size: int | None, random_init: bool, batch
                           batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache, device=device,
                           log=log)
     _emit(result, output, f"linear-{_slug(model)}.json", update_zoo, model)
+
+
+def _seg_data_help(cmd: click.Command) -> click.Command:
+    """The shared --data option, described for an ADE20K-layout folder."""
+    for p in cmd.params:
+        if p.name == "data" and isinstance(p, click.Option):
+            p.help = ("ADE20K-layout folder: images/{training,validation}/*.jpg and annotations/{training,validation}"
+                      "/*.png, label 0 = ignore ('demo': built-in data).")
+    return cmd
+
+
+@_seg_data_help
+@eval_group.command("seg")
+@_frozen_options
+@click.option("--levels", type=LEVELS, default=None,
+              help="Comma-separated encoder blocks the head reads (default: 3,5,7,11 of 12, 7,11,15,23 of 24).")
+@click.option("--num-classes", type=count(1), default=None,
+              help="Classes (mask labels 1..K; default: the demo's own, else 150 as ADE20K).")
+@click.option("--epochs", type=count(1), default=40, show_default=True)
+@click.option("--probe-batch", type=count(2), default=16, show_default=True, help="Batch size of the head.")
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=1e-4, show_default=True)
+@click.option("--warmup-epochs", type=count(0), default=None, help="Linear warm-up (default: 1; 0 with --epochs 1).")
+@click.option("--seed", type=count(0), default=0, show_default=True)
+def seg(model: str, data: str, img_size: int | None, random_init: bool, batch_size: int, workers: int, bf16: bool,
+        device: str, no_cache: bool, output: Path | None, update_zoo: bool, levels: list[int] | None,
+        num_classes: int | None, epochs: int, probe_batch: int, lr: float, optimizer: str, weight_decay: float,
+        warmup_epochs: int | None, seed: int) -> None:
+    """Linear segmentation probe (BatchNorm + 1x1 conv on frozen blocks, DINOv2-style): mIoU, pixel accuracy."""
+    from ..config import from_dict
+    from ..eval.results import update_zoo_metrics
+    from ..eval.seg import SegProbeConfig, demo_seg_data, seg_probe, seg_rows
+
+    _quiet_timm()
+    cfg = from_dict(SegProbeConfig, dict(epochs=epochs, batch_size=probe_batch, lr=lr, optimizer=optimizer,
+                                         weight_decay=weight_decay, seed=seed,
+                                         warmup_epochs=min(1, epochs - 1) if warmup_epochs is None else warmup_epochs))
+    cfg.levels = levels
+
+    def log(rec: dict[str, Any]) -> None:
+        if rec["epoch"] % 10 == 0 or rec["epoch"] == cfg.epochs or "miou" in rec:
+            miou = f"  mIoU {rec['miou']:.2f}" if "miou" in rec else ""
+            click.echo(f"epoch {rec['epoch']}/{cfg.epochs}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{miou}", err=True)
+
+    _check_result_path(output)
+    root = demo_seg_data() if data == "demo" else check_path(data, "--data", existing=True)
+    res = seg_probe(model, root, cfg, img_size=img_size, random_init=random_init,
+                    num_classes=num_classes, batch_size=batch_size, workers=workers, bf16=bf16, cache=not no_cache,
+                    device=device, log=log).to_dict()
+    rows, header = seg_rows(res)
+    print_table(rows, header)
+    path = write_json(output or DEFAULT_OUT / f"seg-{_slug(model)}.json", res)
+    click.echo(f"\nresults: {path}")
+    if update_zoo:
+        click.echo(f"zoo entry updated: {update_zoo_metrics(model, res) / 'mffzoo.json'}")
 
 
 @eval_group.command("finetune")
