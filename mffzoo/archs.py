@@ -24,7 +24,8 @@ _logger = logging.getLogger("mffzoo")
 
 __all__ = ["ARCHS", "ARCH_LABELS", "PRETRAIN_DEFAULTS", "ALIASES", "TAGS", "ZOO_TAGS", "CLASSIFIER_TAG_KWARGS",
            "LOCAL_FILE", "LocalTag", "OfficialTag", "ZooTag", "canonical_arch", "check_fusion_layers",
-           "DENSE_LEVELS", "default_dense_levels", "default_fusion_layers", "describe_arch", "is_local_cfg",
+           "DENSE_LEVELS", "default_dense_levels", "check_level_order",
+           "resolve_dense_levels", "default_fusion_layers", "describe_arch", "is_local_cfg",
            "local_tag", "pretrain_heads", "published_tag", "registered_schedule", "zoo_tag"]
 
 # timm.data.IMAGENET_DEFAULT_MEAN/STD (copied: this module imports neither torch nor timm)
@@ -82,6 +83,30 @@ def default_dense_levels(arch: str | None, depth: int) -> list[int]:
     if levels and levels[-1] == depth - 1:
         return list(levels)
     return sorted({max(round(depth * k / 12) - 1, 0) for k in (4, 6, 8, 12)})
+
+
+
+def check_level_order(levels: Sequence[int], key: str = "levels") -> list[int]:
+    """``levels`` as a list if they are block indices >= 0, increasing and without repeats, else a one-line
+    ConfigError naming ``key``: the check that needs no model (an export profile makes it
+    at load)."""
+    lv = [int(i) for i in levels]
+    require(bool(lv) and min(lv) >= 0 and all(a < b for a, b in zip(lv, lv[1:])), key,
+            f"must be block indices >= 0, increasing and without repeats, got {lv}; write e.g. --levels 3,5,7,11")
+    return lv
+
+
+def resolve_dense_levels(levels: Sequence[int] | None, depth: int, arch: str | None = None,
+                         key: str = "levels") -> list[int]:
+    """The blocks of a ``depth``-block encoder that ``levels`` names (ordered already: :func:`check_level_order`),
+    or :func:`default_dense_levels` for None; a one-line ConfigError for a block the encoder does not have."""
+    if levels is None:
+        return default_dense_levels(arch, depth)
+    bad = [i for i in levels if not 0 <= i < depth]
+    require(not bad, key, f"block {bad[0] if bad else ''} is not a block of this {depth}-block encoder "
+            f"(0..{depth - 1}): out of range; pass --levels within 0..{depth - 1}, e.g. "
+            f"{','.join(map(str, default_dense_levels(arch, depth)))}")
+    return [int(i) for i in levels]
 
 
 _MMPRETRAIN = "https://download.openmmlab.com/mmpretrain/v1.0/mff"

@@ -156,22 +156,30 @@ def _copy_run(run: Path, dest: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- locks
-def test_lock_is_refused_to_a_second_process_and_released_by_a_killed_one(tmp_path: Path) -> None:
-    """The primitive: another process's lock is refused with its pid; a SIGKILLed holder blocks nobody."""
-    target = tmp_path / "out" / "thing"
+@contextlib.contextmanager
+def _locked_by_another_process(path: Path) -> Iterator[subprocess.Popen]:
+    """A real second process holding ``path``'s lock (``mffzoo.io.exclusive``) until the block ends; killed then."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from mffzoo.io import exclusive\n"
-        f"lock = exclusive({str(target)!r}).acquire(); print('locked', flush=True); time.sleep(300)")],
+        "import time; from mffzoo.io import exclusive\n"
+        f"lock = exclusive({str(path)!r}).acquire(); print('locked', flush=True); time.sleep(300)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_is_refused_to_a_second_process_and_released_by_a_killed_one(tmp_path: Path) -> None:
+    """The primitive: another process's lock is refused with its pid; a SIGKILLed holder blocks nobody."""
+    target = tmp_path / "out" / "thing"
+    with _locked_by_another_process(target) as holder:
         with pytest.raises(InUseError, match=re.escape(f"'{target}' is in use by another mffzoo process "
                                                          f"(pid {holder.pid})")):
             exclusive(target, fix="wait").acquire()
         holder.kill()
         holder.wait()
-    finally:
-        holder.kill()
     assert lock_path(target).is_file()  # a killed holder leaves its file, but not its lock
     with exclusive(target):
         assert lock_path(target).read_text().strip() == str(os.getpid())
@@ -229,19 +237,11 @@ def test_publishing_into_a_zoo_entry_in_use_is_refused(interrupted: tuple[Path, 
     """`mffzoo convert` into a zoo tag folder another process is writing: refused in one line, entry untouched."""
     _, run, _ = interrupted
     entry = tmp_path / "zoo" / "mff_vit_small_patch16_224.x"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from mffzoo.io import exclusive\n"
-        f"lock = exclusive({str(entry)!r}).acquire(); print('locked', flush=True); time.sleep(300)")],
-        stdout=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with _locked_by_another_process(entry) as holder:
         line = _one_error_line(_mffzoo("convert", str(run / "checkpoints" / "checkpoint-00000002.pth"), str(entry),
                                        env=train_env(tmp_path / "zoo")))
         assert f"'{entry}' is in use by another mffzoo process (pid {holder.pid})" in line
         assert not entry.exists() and [p.name for p in entry.parent.iterdir()] == [lock_path(entry).name]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # --------------------------------------------------------------------------------------------- recipe.yaml

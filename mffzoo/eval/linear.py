@@ -128,12 +128,13 @@ def train_linear_head(
     # A small head step is microseconds of math: OpenMP threads only add spin-waiting (measured 25x slower with
     # 2 threads than 1 on a busy 2-core CPU), so tiny probes run single-threaded.
     small = dev.type == "cpu" and cfg.batch_size * dim * num_classes < 2**26
-    with _num_threads(1 if small else torch.get_num_threads()):
+    with num_threads(1 if small else torch.get_num_threads()):
         return _train_linear_head(dim, num_classes, epoch_batches, steps_per_epoch, cfg, evaluate, log, dev)
 
 
 @contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
+def num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (one thread is faster for a small head on a CPU)."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

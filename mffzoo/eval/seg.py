@@ -34,7 +34,7 @@ from timm.data import resolve_data_config
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from ..archs import default_dense_levels
+from ..archs import check_level_order, default_dense_levels, resolve_dense_levels
 from ..config import require
 from ..data.seg_demo import default_seg_demo_root, read_seg_demo_meta, write_seg_demo_dataset
 from ..errors import CheckpointError, ConfigError, DataError
@@ -42,7 +42,7 @@ from ..progress import Progress
 from ..zoo import atomic_torch_save, load_checkpoint_file
 from .data import make_loader, model_input_size
 from .features import dataset_fingerprint, feature_cache_dir, load_eval_model, model_fingerprint, resolve_device
-from .linear import _num_threads, tensor_batches
+from .linear import num_threads, tensor_batches
 from .seg_data import IGNORE_INDEX, SegDataset, check_labels, check_seg_folder, describe_pairs, to_targets
 
 _logger = logging.getLogger("mffzoo")
@@ -62,16 +62,8 @@ def default_levels(depth: int, arch: str | None = None) -> list[int]:
 
 def check_levels(levels: list[int] | None, depth: int, arch: str | None = None) -> list[int]:
     """``levels`` (or the default) if they are increasing block indices of a ``depth``-block encoder, else a
-    one-line :class:`ConfigError`."""
-    if levels is None:
-        return default_levels(depth, arch)
-    shown = ",".join(map(str, levels))
-    if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
-        example = ",".join(map(str, default_levels(depth, arch)))
-        raise ConfigError(f"--levels {shown}: must be increasing block indices (e.g. {example})")
-    if levels[0] < 0 or levels[-1] >= depth:
-        raise ConfigError(f"--levels {shown}: out of range; this encoder has {depth} blocks (indices 0..{depth - 1})")
-    return list(levels)
+    one-line :class:`ConfigError`: the same two checks as ``mffzoo export --features levels``."""
+    return resolve_dense_levels(None if levels is None else check_level_order(levels), depth, arch)
 
 
 @dataclass
@@ -361,7 +353,7 @@ def seg_probe(model: str | os.PathLike[str], data: str | os.PathLike[str], cfg: 
     # (measured 32 vs 135 ms a step on the 2-core CPU for the demo model's head); the encoder keeps them all.
     small = dev.type == "cpu" and cfg.batch_size * k * size * size < 2**25 and cached
     final: dict[str, Any] = {}  # the last evaluation (train_seg_head always evaluates after the last epoch)
-    with _num_threads(1 if small else torch.get_num_threads()):
+    with num_threads(1 if small else torch.get_num_threads()):
         _, history = train_seg_head(dim, k, train, steps, cfg, log=log, device=dev,
                                     evaluate=lambda h: final.update(evaluate_seg_head(h, val(0), k)) or final)
     best = max((h["miou"] for h in history if "miou" in h), default=final["miou"])

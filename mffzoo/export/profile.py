@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..archs import check_level_order
 from ..config import MAX_BATCH, MAX_IMG_SIZE, check_name, check_path, load_config, read_yaml, require, to_dict
 from ..errors import ConfigError
 
@@ -253,10 +254,7 @@ class ExportProfile:
             require(not given or self.features == "levels", key, f"applies to features: levels only (this profile "
                     f"has features: {self.features}); add --features levels or drop {flag}")
         if self.levels is not None:
-            lv = self.levels
-            require(bool(lv) and min(lv) >= 0 and all(a < b for a, b in zip(lv, lv[1:])), "levels",
-                    f"must be block indices >= 0, increasing and without repeats, got {lv}; write e.g. "
-                    "--levels 3,5,7,11")
+            check_level_order(self.levels)
         d = self.dynamic_size
         if d is not None and self.img_size is not None:
             require(d.min <= self.img_size <= d.max, "img_size",

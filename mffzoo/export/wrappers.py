@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..archs import default_dense_levels
-from ..errors import ConfigError, ExportError
+from ..archs import resolve_dense_levels
+from ..errors import ExportError
 
 __all__ = ["ExportModule", "Features", "OUTPUT_NAMES", "feature_spec", "output_specs", "resolve_features",
            "TORCH_DTYPES"]
@@ -70,13 +70,7 @@ def feature_spec(features: str | Features, model: nn.Module, levels: Sequence[in
         return Features(kind)
     depth = len(model.blocks)
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    chosen = tuple(int(i) for i in levels) if levels is not None else tuple(default_dense_levels(arch, depth))
-    bad = [i for i in chosen if not 0 <= i < depth]
-    if bad:
-        raise ConfigError(f"config key 'levels': block {bad[0]} is not a block of this {depth}-block encoder "
-                          f"(0..{depth - 1}); pass --levels within 0..{depth - 1}, e.g. "
-                          f"{','.join(map(str, default_dense_levels(arch, depth)))}")
-    return Features("levels", chosen, bool(norm))
+    return Features("levels", tuple(resolve_dense_levels(levels, depth, arch)), bool(norm))
 
 
 class ExportModule(nn.Module):
